@@ -1,0 +1,1 @@
+"""The load benchmark: workloads, closed and open loop runners, report, reconciliation and plots."""

@@ -1,0 +1,172 @@
+"""The model catalog: which models are served, from where, on which hardware profile, with which limits.
+
+Declared once as pydantic models, loaded from YAML and validated at start-up; an error names the bad field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class CatalogError(ValueError):
+    """The catalog is invalid; the message names the entry and the field."""
+
+
+class ModelSource(BaseModel):
+    """Where the weights come from: a local directory, or a Hub repo id at a revision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="a local directory; relative paths are under model_store")
+    repo_id: str | None = None
+    revision: str = "main"
+    prepare: str | None = Field(
+        default=None, description="a built-in builder that creates `path` when it is missing (tiny defaults)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.path is None) == (self.repo_id is None):
+            raise ValueError("give exactly one of source.path or source.repo_id")
+        if self.prepare and not self.path:
+            raise ValueError("source.prepare needs source.path")
+        return self
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=2, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas is below min_replicas")
+        return self
+
+
+class Batching(BaseModel):
+    """Dynamic batching of concurrent requests into one forward pass (`@serve.batch`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+
+
+class Limits(BaseModel):
+    """Per-model limits; a request past one gets a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_pixels: int = Field(default=1024 * 1024, ge=1)
+    max_steps: int = Field(default=50, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    max_batch_inputs: int = Field(default=64, ge=1)
+    max_input_chars: int = Field(default=100_000, ge=1)
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelSpec(BaseModel):
+    """One served model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+    task: str = Field(description="the Hub pipeline tag; selects the runner")
+    tasks: list[str] | None = Field(
+        default=None, description="operations served (default: all the runner supports)"
+    )
+    source: ModelSource
+    hardware_profile: str = "cpu-basic"
+    dtype: Dtype = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    replicas: int | None = Field(default=1, ge=0)
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(default=8, ge=1)
+    batching: Batching | None = None
+    limits: Limits = Field(default_factory=Limits)
+    defaults: dict[str, Any] = Field(default_factory=dict, description="default task parameters")
+    options: dict[str, Any] = Field(default_factory=dict, description="runner-specific load options")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> ModelSpec:
+        if self.autoscaling is not None:
+            self.replicas = None
+        elif self.replicas is None:
+            raise ValueError("give replicas or autoscaling")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        """A Serve deployment name derived from the id (Serve names may not contain '/')."""
+        return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.id.replace("/", "--"))
+
+
+class ModelCatalog(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModelCatalog:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.id.lower() in seen:
+                raise ValueError(f"model {m.id} is listed twice")
+            seen.add(m.id.lower())
+        return self
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        wanted = model_id.lower()
+        for m in self.models:
+            if m.id.lower() == wanted:
+                return m
+        return None
+
+
+def default_catalog_path() -> Path:
+    return Path(__file__).parent / "catalog" / "default.yaml"
+
+
+def _describe(err: ValidationError, data: Any, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = list(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(root)"
+        # Name the model by id rather than by list index where we can.
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            try:
+                model_id = data["models"][loc[1]].get("id", f"#{loc[1]}")
+            except (KeyError, IndexError, TypeError, AttributeError):
+                model_id = f"#{loc[1]}"
+            where = f"models[{model_id}]." + ".".join(str(p) for p in loc[2:])
+        lines.append(f"{source}: field {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_catalog(data: Any, source: str = "catalog") -> ModelCatalog:
+    if isinstance(data, list):
+        data = {"models": data}
+    try:
+        return ModelCatalog.model_validate(data)
+    except ValidationError as err:
+        raise CatalogError(_describe(err, data, source)) from None
+
+
+def load_catalog(path: Path | str | None = None) -> ModelCatalog:
+    path = Path(path) if path else default_catalog_path()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise CatalogError(f"{path}: cannot read the catalog: {err}") from None
+    return parse_catalog(data, str(path))

@@ -1,0 +1,166 @@
+"""The executor: one loaded runner on one replica, timed on the replica's monotonic clock.
+
+Compute is serialised by a lock (one forward pass at a time on a device), so the wait for the lock is queue
+time and the work under it is compute time. Plain Python and threads: the Serve deployment wraps it, and unit
+tests drive it without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from metering.timing import Stopwatch, Timings, split_batch_ns
+from models.base import TaskRunner
+from models.catalog import ModelSpec
+from models.errors import GenerationError, ServiceError
+from models.loading import LoadOptions, resolve_source
+from models.registry import runner_class
+from models.types import RunResult, StreamChunk, TaskRequest
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: ModelSpec) -> str:
+    if spec.device != "auto":
+        return spec.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(spec: ModelSpec, device: str) -> Any:
+    import torch
+
+    if spec.dtype == "auto":
+        # bf16 on GPUs; fp32 on the CPU, where bf16 is far slower.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, spec.dtype)
+
+
+class ModelExecutor:
+    """Loads a model once and runs requests against it, returning outputs with their timings."""
+
+    def __init__(self, spec: ModelSpec, options: LoadOptions, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.spec = spec
+        started = time.perf_counter()
+        self.source = resolve_source(spec, options)
+        self.device = resolve_device(spec)
+        cls: type[TaskRunner] = runner_class(spec.task)
+        self.runner: TaskRunner = cls(spec, self.source.directory, self.device, resolve_dtype(spec, self.device))
+        self.runner.load()
+        self.load_seconds = time.perf_counter() - started
+        self._lock = threading.Lock()
+        log.info("loaded %s (%s) on %s in %.1fs", spec.id, self.source.revision, self.device, self.load_seconds)
+
+    @property
+    def revision(self) -> str:
+        return self.source.revision
+
+    def tasks(self) -> tuple[str, ...]:
+        allowed = self.runner.supported_tasks()
+        if self.spec.tasks:
+            return tuple(t for t in allowed if t in self.spec.tasks)
+        return allowed
+
+    def validate(self, request: TaskRequest) -> None:
+        self.runner.validate(request)
+
+    def _guard(self, err: Exception) -> ServiceError:
+        if isinstance(err, ServiceError):
+            return err
+        log.exception("model %s failed", self.spec.id, exc_info=err)
+        return GenerationError("unknown error")
+
+    def run(self, request: TaskRequest) -> RunResult:
+        """Validate and run one request; compute time covers validation, the model and post-processing."""
+        arrived = time.perf_counter_ns()
+        with self._lock:
+            queue_ns = time.perf_counter_ns() - arrived
+            watch = Stopwatch(self.runner.device_sync).start()
+            try:
+                self.runner.validate(request)
+                output, usage = self.runner.run(request)
+            except Exception as err:
+                raise self._guard(err) from None
+            compute_ns = watch.elapsed_ns()
+        timings = Timings(compute_ns=compute_ns, queue_ns=queue_ns,
+                          work_units=self.runner.work_units(request))
+        return RunResult(output=output, timings=timings, usage=usage)
+
+    def run_batch(self, requests: list[TaskRequest], queue_ns: list[int] | None = None
+                  ) -> list[RunResult | ServiceError]:
+        """Run requests as one batch; the batch's compute time is split by each request's share of the work.
+
+        Requests that fail validation get their error back and take no share; the rest run together.
+        """
+        results: list[RunResult | ServiceError | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, req in enumerate(requests):
+            try:
+                self.runner.validate(req)
+                valid.append(i)
+            except Exception as err:
+                results[i] = self._guard(err)
+        if valid:
+            self._run_valid_batch(requests, valid, results, queue_ns or [0] * len(requests))
+        return [r for r in results if r is not None]
+
+    def _run_valid_batch(self, requests: list[TaskRequest], valid: list[int],
+                         results: list[Any], queue_ns: list[int]) -> None:
+        batch = [requests[i] for i in valid]
+        arrived = time.perf_counter_ns()
+        with self._lock:
+            wait_ns = time.perf_counter_ns() - arrived
+            watch = Stopwatch(self.runner.device_sync).start()
+            try:
+                outputs = self.runner.run_batch(batch)
+            except Exception as err:
+                guarded = self._guard(err)
+                for i in valid:
+                    results[i] = guarded
+                return
+            batch_ns = watch.elapsed_ns()
+        weights = [self.runner.work_units(r) for r in batch]
+        shares = split_batch_ns(batch_ns, weights)
+        batch_id = uuid.uuid4().hex
+        for i, (output, usage), share, weight in zip(valid, outputs, shares, weights, strict=True):
+            timings = Timings(compute_ns=share, queue_ns=queue_ns[i] + wait_ns, batch_size=len(batch),
+                              batch_compute_ns=batch_ns, work_units=weight, batch_id=batch_id)
+            results[i] = RunResult(output=output, timings=timings, usage=usage)
+
+    def stream(self, request: TaskRequest) -> Iterator[StreamChunk | RunResult]:
+        """Yield chunks as they are generated, each stamped with the compute consumed so far, then a RunResult.
+
+        Closing the generator (a client that went away) stops generation at the next token.
+        """
+        arrived = time.perf_counter_ns()
+        stop = threading.Event()
+        with self._lock:
+            queue_ns = time.perf_counter_ns() - arrived
+            watch = Stopwatch(self.runner.device_sync).start()
+            try:
+                self.runner.validate(request)
+                final: dict[str, Any] = {}
+                for item in self.runner.stream(request, stop.is_set):
+                    if isinstance(item, StreamChunk):
+                        item.elapsed_ns = watch.elapsed_ns()
+                        yield item
+                    else:
+                        final = item
+            except GeneratorExit:
+                stop.set()
+                raise
+            except Exception as err:
+                raise self._guard(err) from None
+            compute_ns = watch.elapsed_ns()
+        timings = Timings(compute_ns=compute_ns, queue_ns=queue_ns, work_units=self.runner.work_units(request))
+        yield RunResult(output=final.get("output"), timings=timings, usage=final.get("usage", {}))

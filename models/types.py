@@ -1,0 +1,62 @@
+"""Plain, picklable request and result types that cross Ray handles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from metering.timing import Timings
+
+# Operations a runner can serve. Hub pipeline tags, plus the OpenAI-shaped operations of generation models.
+TEXT_TO_IMAGE = "text-to-image"
+TEXT_GENERATION = "text-generation"
+CHAT_COMPLETION = "chat-completion"
+COMPLETION = "completion"
+FEATURE_EXTRACTION = "feature-extraction"
+SENTENCE_SIMILARITY = "sentence-similarity"
+TEXT_CLASSIFICATION = "text-classification"
+
+
+@dataclass
+class TaskRequest:
+    """One validated request for one operation of one model."""
+
+    task: str
+    inputs: Any
+    parameters: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    accept: str | None = None  # the client's Accept header, for tasks that answer with media
+
+    def input_characters(self) -> int:
+        """Characters of text input, summed over every string in `inputs` (x-compute-characters)."""
+        return _count_chars(self.inputs)
+
+
+def _count_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_count_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_chars(v) for v in value)
+    return 0
+
+
+@dataclass
+class RunResult:
+    """A runner's output with the replica's timings and, for generation, token counts."""
+
+    output: Any
+    timings: Timings
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class StreamChunk:
+    """One streamed piece of generated text. The last item of a stream is a RunResult instead."""
+
+    text: str
+    token_id: int | None = None
+    special: bool = False
+    logprob: float | None = None
+    elapsed_ns: int = 0  # compute consumed so far: what a client that disconnects here is charged

@@ -1,0 +1,1 @@
+"""The Ray Serve application: ingress (FastAPI), routes per task family, model deployments, build_app()."""
