@@ -1,16 +1,90 @@
-"""Billing settings. Part of the service settings (serving/config.py)."""
+"""Billing settings. Part of the service settings (serving/config.py).
+
+Money is integer nano-USD (10^-9 USD) everywhere, like the metering ledger: $1.00 is 1_000_000_000.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NANOUSD_PER_USD = 10**9
+
+
+class TierPolicy(BaseModel):
+    """What one user tier or organization plan gets each calendar month (UTC)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    included_nanousd: int = Field(ge=0, description="monthly included credits (per seat for a per-seat plan)")
+    pay_as_you_go: bool = Field(description="may keep spending once the included credits are used")
+    per_seat: bool = Field(default=False, description="organizations: included credits x seats, pooled")
+    billable: bool = Field(default=True, description="organizations: may be billed with X-HF-Bill-To")
+
+
+def _default_user_tiers() -> dict[str, TierPolicy]:
+    # Hugging Face's published figures: free a few cents ("subject to change"), PRO $2.00 and pay-as-you-go.
+    return {
+        "free": TierPolicy(included_nanousd=100_000_000, pay_as_you_go=False),
+        "pro": TierPolicy(included_nanousd=2 * NANOUSD_PER_USD, pay_as_you_go=True),
+    }
+
+
+def _default_org_plans() -> dict[str, TierPolicy]:
+    # An organization without a paid plan cannot be billed; enterprise gets $2.00 per seat, pooled.
+    return {
+        "free": TierPolicy(included_nanousd=0, pay_as_you_go=False, billable=False),
+        "enterprise": TierPolicy(
+            included_nanousd=2 * NANOUSD_PER_USD, pay_as_you_go=True, per_seat=True, billable=True
+        ),
+    }
 
 
 class BillingSettings(BaseModel):
+    """Accounts, tiers, admission and the Hugging Face Hub integration."""
+
     model_config = ConfigDict(extra="forbid")
 
     # "open": no tokens needed, everything is billed to one local account (a laptop);
     # "tokens": callers need a token issued by `hfi accounts` (or a Hugging Face token, when routed).
     mode: Literal["open", "tokens"] = "open"
     local_account: str = "local"
+
+    user_tiers: dict[str, TierPolicy] = Field(default_factory=_default_user_tiers)
+    org_plans: dict[str, TierPolicy] = Field(default_factory=_default_org_plans)
+    default_user_tier: str = "free"
+
+    # Admission. A request is admitted while (settled + open reservations + its estimate) stays within the cap
+    # plus this allowance, so a month's spend stays within cap + allowance as long as each true cost is within
+    # its estimate (a request that ran is always charged in full; any excess over its estimate adds to it).
+    overshoot_allowance_nanousd: int = Field(default=0, ge=0)
+    min_estimate_nanousd: int = Field(default=1, ge=1, description="floor of a reservation")
+    reservation_ttl_s: float = Field(
+        default=3600, gt=0, description="an open reservation older than this is released (a crashed ingress)"
+    )
+
+    token_prefix: str = Field(default="hfi_", min_length=2, max_length=16)
+    # The admin API also accepts this secret (set it from a secret store, not in a committed file).
+    admin_token: str | None = None
+
+    # Routed Hugging Face traffic: tokens that are not ours are checked with the Hub's whoami endpoint.
+    accept_hf_tokens: bool = False
+    hub_url: str = "https://huggingface.co"
+    hub_timeout_s: float = Field(default=10, gt=0)
+    hub_whoami_cache_s: float = Field(default=60, ge=0)
+    hub_whoami_negative_cache_s: float = Field(default=10, ge=0)
+    routed_account_prefix: str = "hf:"
+    # The Hub's partner API (hfi hub sync).
+    hub_provider: str = "hf-inference-selfhosted"
+    hub_sync_exclude: list[str] = Field(
+        default_factory=lambda: ["local/*"], description="catalog ids (glob) never registered on the Hub"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BillingSettings:
+        if self.default_user_tier not in self.user_tiers:
+            raise ValueError(f"default_user_tier {self.default_user_tier!r} is not one of user_tiers")
+        if not self.token_prefix.endswith("_"):
+            raise ValueError("token_prefix must end with '_'")
+        return self

@@ -1,0 +1,127 @@
+"""The billing tables (SQLAlchemy 2), in the same database as the metering ledger.
+
+Every table is prefixed `billing_`; billing's Alembic migrations keep their own version table
+(`billing_alembic_version`) so they never meet metering's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+VERSION_TABLE = "billing_alembic_version"
+
+
+class Base(DeclarativeBase):
+    """Declarative base with billing's own metadata."""
+
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class User(Base):
+    """A user: a tier, and optionally a monthly pay-as-you-go spending limit."""
+
+    __tablename__ = "billing_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(96), unique=True)
+    tier: Mapped[str] = mapped_column(String(32))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    spending_limit_nanousd: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Org(Base):
+    """An organization: a plan, seats, a spending limit; members and disabled models in their own tables."""
+
+    __tablename__ = "billing_orgs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(96), unique=True)
+    plan: Mapped[str] = mapped_column(String(32))
+    seats: Mapped[int] = mapped_column(Integer)
+    spending_limit_nanousd: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OrgMember(Base):
+    """Membership of a user in an organization (an org admin manages its limit, models and usage)."""
+
+    __tablename__ = "billing_org_members"
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("billing_orgs.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("billing_users.id", ondelete="CASCADE"), primary_key=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class DisabledModel(Base):
+    """A model an organization refuses to be billed for (lower-case: ids match case-insensitively)."""
+
+    __tablename__ = "billing_org_disabled_models"
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("billing_orgs.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class Token(Base):
+    """An access token: only its SHA-256 is stored; `id` is a public handle for listing and revoking."""
+
+    __tablename__ = "billing_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("billing_users.id", ondelete="CASCADE"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    hint: Mapped[str] = mapped_column(String(16))  # prefix + first characters, for listings
+    label: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class MonthSpend(Base):
+    """The admission gate: settled costs plus open reservations of one account in one month (UTC)."""
+
+    __tablename__ = "billing_month_spend"
+
+    account: Mapped[str] = mapped_column(String(120), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    committed_nanousd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Reservation(Base):
+    """One admitted request: its estimate while open, its true cost once settled, nothing once released."""
+
+    __tablename__ = "billing_reservations"
+    __table_args__ = (Index("ix_billing_reservations_account_month_state", "account", "month", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(120))
+    user: Mapped[str] = mapped_column(String(120))
+    kind: Mapped[str] = mapped_column(String(16))
+    model_id: Mapped[str] = mapped_column(String(200))
+    month: Mapped[str] = mapped_column(String(7))
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    estimate_nanousd: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(10))  # open | settled | released
+    cost_nanousd: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    hardware_profile: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -1,0 +1,252 @@
+"""The billing facade the ingress calls: admit before compute, settle or release after.
+
+billing = BillingService(settings.billing, settings.metering.database_url)
+admission = billing.admit(token, bill_to, model_id, estimate_nanousd, started_at)   # 401/402/403 raise here
+try:
+    ... run ...
+except BaseException:
+    billing.release(admission); raise
+billing.settle(admission, charge.cost_nanousd, request_id=..., hardware_profile=...)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from billing.accounts import AccountStore, BilledAccount, Caller
+from billing.config import BillingSettings
+from billing.db import as_utc, make_engine, upgrade, utcnow
+from billing.errors import Forbidden, PaymentRequired, Unauthorized
+from billing.hub import WhoamiCache
+from billing.reports import check_month, usage_report
+from billing.spend import SpendBook, month_of
+
+FREE_TIER_MESSAGE = (
+    "You have exceeded your monthly included credits for Inference Providers. "
+    "Subscribe to PRO to get 20x more monthly included credits."
+)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted request: plain and picklable, handed from admit() to settle() or release()."""
+
+    user: str
+    billed_account: str
+    kind: Literal["local", "hf-routed"]
+    model_id: str
+    started_at: dt.datetime
+    month: str  # YYYY-MM (UTC): the month the request is charged in
+    reservation_id: str | None
+    estimate_nanousd: int
+
+
+def _refusal(account: BilledAccount) -> PaymentRequired:
+    if not account.pay_as_you_go:
+        if account.kind == "user":
+            return PaymentRequired(FREE_TIER_MESSAGE)
+        return PaymentRequired(
+            f"The organization {account.name} has used its monthly included credits for Inference Providers."
+        )
+    return PaymentRequired(
+        f"The monthly spending limit of {account.name} has been reached. "
+        "An administrator can raise it to continue."
+    )
+
+
+class BillingService:
+    """Accounts, admission, settlement and reports on one database (the ledger's)."""
+
+    def __init__(
+        self,
+        settings: BillingSettings,
+        database_url: str,
+        clock: Callable[[], dt.datetime] | None = None,
+        *,
+        migrate: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._clock_fn = clock or utcnow
+        self.engine = make_engine(database_url)
+        if migrate:
+            upgrade(self.engine)
+        self.accounts = AccountStore(self.engine, settings, clock=self.now)
+        self.spend = SpendBook(
+            self.engine,
+            allowance_nanousd=settings.overshoot_allowance_nanousd,
+            reservation_ttl_s=settings.reservation_ttl_s,
+            clock=self.now,
+        )
+        self._whoami: WhoamiCache | None = None
+
+    def now(self) -> dt.datetime:
+        """The service clock, aware UTC."""
+        return as_utc(self._clock_fn())
+
+    @property
+    def whoami(self) -> WhoamiCache:
+        """The Hub whoami client (created on first use)."""
+        if self._whoami is None:
+            s = self.settings
+            self._whoami = WhoamiCache(
+                s.hub_url,
+                ttl_s=s.hub_whoami_cache_s,
+                negative_ttl_s=s.hub_whoami_negative_cache_s,
+                timeout_s=s.hub_timeout_s,
+            )
+        return self._whoami
+
+    # --- admission
+
+    def admit(
+        self,
+        token: str | None,
+        bill_to: str | None,
+        model_id: str,
+        estimate_nanousd: int,
+        started_at: dt.datetime,
+    ) -> Admission:
+        """Decide before any compute: 401 token, 403 bill-to or disabled model, 402 credits or limit."""
+        started_at = as_utc(started_at)
+        estimate = max(int(estimate_nanousd), self.settings.min_estimate_nanousd)
+        if self.settings.mode == "open":
+            local = self.settings.local_account
+            return self._reserve(local, None, local, model_id, estimate, started_at)
+        token = (token or "").strip()
+        if not token:
+            raise Unauthorized("Missing credentials: send Authorization: Bearer <token>")
+        if token.startswith(self.settings.token_prefix):
+            caller = self.accounts.resolve_token(token)
+            account = self.accounts.billed_account(caller, (bill_to or "").strip() or None, model_id)
+            reservation = self._reserve(
+                account.name, account.cap_nanousd, caller.name, model_id, estimate, started_at
+            )
+            if reservation is None:
+                raise _refusal(account)
+            return reservation
+        if self.settings.accept_hf_tokens:
+            return self._admit_routed(token, bill_to, model_id, started_at)
+        raise Unauthorized("Invalid credentials in Authorization header")
+
+    def _reserve(
+        self, account: str, cap: int | None, user: str, model_id: str, estimate: int, started_at: dt.datetime
+    ) -> Admission | None:
+        rid = self.spend.reserve(
+            account=account,
+            cap_nanousd=cap,
+            user=user,
+            kind="local",
+            model_id=model_id,
+            started_at=started_at,
+            estimate_nanousd=estimate,
+        )
+        if rid is None:
+            return None
+        return Admission(
+            user=user,
+            billed_account=account,
+            kind="local",
+            model_id=model_id,
+            started_at=started_at,
+            month=month_of(started_at),
+            reservation_id=rid,
+            estimate_nanousd=estimate,
+        )
+
+    def _admit_routed(
+        self, token: str, bill_to: str | None, model_id: str, started_at: dt.datetime
+    ) -> Admission:
+        ident = self.whoami.identify(token)
+        prefix = self.settings.routed_account_prefix
+        bill_to = (bill_to or "").strip() or None
+        billed = ident.name
+        if bill_to and bill_to != ident.name:
+            if bill_to not in ident.orgs:
+                raise Forbidden(f"You cannot bill the organization {bill_to!r}: you are not a member of it")
+            billed = bill_to
+        # Routed traffic is billed by Hugging Face from the ledger's cost look-up: no credits or limits here.
+        return Admission(
+            user=prefix + ident.name,
+            billed_account=prefix + billed,
+            kind="hf-routed",
+            model_id=model_id,
+            started_at=started_at,
+            month=month_of(started_at),
+            reservation_id=None,
+            estimate_nanousd=0,
+        )
+
+    def settle(
+        self,
+        admission: Admission,
+        cost_nanousd: int,
+        *,
+        request_id: str | None = None,
+        hardware_profile: str | None = None,
+    ) -> None:
+        """Charge the true cost of an admitted request that ran, in the month it started."""
+        if admission.reservation_id is None:
+            return
+        self.spend.settle(
+            admission.reservation_id, cost_nanousd, request_id=request_id, hardware_profile=hardware_profile
+        )
+
+    def release(self, admission: Admission) -> None:
+        """Give back the whole reservation of a request that failed (nothing charged). Idempotent."""
+        if admission.reservation_id is None:
+            return
+        self.spend.release(admission.reservation_id)
+
+    # --- callers of the account API
+
+    def authenticate(self, token: str | None) -> Caller:
+        """The caller behind one of our tokens, or the admin secret from settings; Unauthorized otherwise."""
+        token = (token or "").strip()
+        if not token:
+            raise Unauthorized("Missing credentials: send Authorization: Bearer <token>")
+        admin = self.settings.admin_token
+        if admin and _same(token, admin):
+            return Caller(name="(admin)", tier="", is_admin=True)
+        if not token.startswith(self.settings.token_prefix):
+            raise Unauthorized("Invalid credentials in Authorization header")
+        return self.accounts.resolve_token(token)
+
+    def require_admin(self, token: str | None) -> Caller:
+        """A server administrator, or Forbidden."""
+        caller = self.authenticate(token)
+        if not caller.is_admin:
+            raise Forbidden("This operation needs an administrator token")
+        return caller
+
+    def can_manage(self, caller: Caller, account: str) -> bool:
+        """Server admins manage everything; an org admin manages the org's limit, models and usage."""
+        return caller.is_admin or caller.name == account or self.accounts.is_org_admin(caller.name, account)
+
+    def usage(self, caller: Caller, account: str | None = None, month: str | None = None) -> dict[str, Any]:
+        """A month's usage that `caller` may see: their own, or an org's for its admins (per member)."""
+        month = check_month(month) if month else self.now().strftime("%Y-%m")
+        account = account or caller.name
+        kind = self.accounts.account_kind(account)
+        allowed = caller.is_admin or (
+            caller.name == account if kind == "user" else self.accounts.is_org_admin(caller.name, account)
+        )
+        if not allowed:
+            raise Forbidden(f"You cannot see the usage of {account!r}")
+        return usage_report(
+            self.engine, self.accounts.account_policy(account), month, per_member=kind == "org"
+        )
+
+    def close(self) -> None:
+        """Release the database connections and the Hub client."""
+        if self._whoami is not None:
+            self._whoami.close()
+        self.engine.dispose()
+
+
+def _same(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
