@@ -1,14 +1,66 @@
-"""Metering settings: where charges go. Part of the service settings (serving/config.py)."""
+"""Metering settings: where charges go. Part of the service settings (serving/config.py).
+
+Every field is optional with a default that works on a laptop: SQLite ledger and spool under
+~/.local/share/hfi, no usage events, no collector.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_DATABASE_URL = "sqlite:///~/.local/share/hfi/ledger.db"
 
 
 class MeteringSettings(BaseModel):
+    """Where charges are spooled, stored and streamed, and how often."""
+
     model_config = ConfigDict(extra="forbid")
 
+    # False: record() only prices (headers still work); nothing is spooled, stored or streamed.
     enabled: bool = True
-    # SQLite by default (nothing to set up); postgresql+psycopg://... for a cluster.
-    database_url: str = "sqlite:///~/.local/share/hfi/ledger.db"
+    # SQLite by default (nothing to set up; `~` is expanded and the directory created);
+    # postgresql+psycopg://user@host/db for a cluster.
+    database_url: str = DEFAULT_DATABASE_URL
     spool_dir: str = "~/.local/share/hfi/spool"
+    # fsync each spool append before record() returns (concurrent callers share one fsync). False trades the
+    # crash guarantee (a power cut may lose the last charges) for latency.
+    spool_fsync: bool = True
+    # The active spool file is truncated once fully delivered and at least this large.
+    spool_compact_bytes: int = Field(default=1024 * 1024, ge=0)
+    # How often the background threads look for new charges, and how many they move at once.
+    drain_interval_s: float = Field(default=0.2, gt=0)
+    drain_batch_size: int = Field(default=500, ge=1)
+    # Back-off between retries when the database or the collector fails: doubles from initial to max.
+    retry_initial_s: float = Field(default=0.2, gt=0)
+    retry_max_s: float = Field(default=10.0, gt=0)
+    # close() waits this long for the spool to drain; what is left is replayed at the next start.
+    close_timeout_s: float = Field(default=5.0, ge=0)
+    # Usage events (CloudEvents 1.0): `source` of each event, a JSON-lines file, an HTTP collector.
+    events_source: str = "hf-inference-backend"
+    events_type: str = "inference.usage"
+    events_file: str | None = None
+    collector_url: str | None = Field(default=None, description="e.g. http://openmeter:8888/api/v1/events")
+    collector_token: str | None = Field(default=None, description="sent as Authorization: Bearer")
+    collector_batch_size: int = Field(default=100, ge=1)
+    collector_timeout_s: float = Field(default=10.0, gt=0)
+    # The Hugging Face provider billing endpoint (POST {"requestIds": [...]}) accepts only this secret;
+    # None disables the endpoint.
+    provider_secret: str | None = None
+    cost_lookup_max_ids: int = Field(default=1000, ge=1)
+
+    def resolved_database_url(self) -> str:
+        """The database URL with `~` expanded in a SQLite path (whose directory is created by the ledger)."""
+        return expand_sqlite_url(self.database_url)
+
+    def resolved_spool_dir(self) -> Path:
+        return Path(self.spool_dir).expanduser()
+
+
+def expand_sqlite_url(url: str) -> str:
+    """Expand `~` in the file path of a sqlite URL; other URLs are returned unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url[len(prefix) :].startswith("~"):
+        return prefix + str(Path(url[len(prefix) :]).expanduser())
+    return url

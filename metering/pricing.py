@@ -1,47 +1,89 @@
 """Exact pricing: compute time x the profile's price in force, in integer nano-USD.
 
-Rounding, stated once: compute is billed in whole milliseconds, rounded half-up from the measured nanoseconds
-(what x-compute-time shows); the cost is that many milliseconds times the exact price per second, rounded
-half-up to a whole nano-USD. No binary floating point anywhere.
+Rounding, stated once:
+
+1. Compute is billed in whole milliseconds, rounded half-up from the measured nanoseconds (what x-compute-time
+   shows): 1.4999 ms bills 1 ms, 1.5 ms bills 2 ms, under 0.5 ms bills 0 ms.
+2. The cost is those milliseconds times the exact price per second (a fraction: $4.50/h is exactly 1/800 $/s),
+   rounded half-up to a whole nano-USD. So each charge is within 0.5 nano-USD of the exact product of its
+   billed milliseconds and its price, and sums of charges are exact integer sums.
+3. The price is the profile's price point in force on the UTC date of `started_at` (see `PricePoint`).
+
+No binary floating point anywhere: integers, `Fraction` and `Decimal` only.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal, localcontext
 from fractions import Fraction
 
-from hardware_profiles import HardwareProfile
+from hardware_profiles import HardwareProfile, PricePoint, ProfileCatalog
+from metering.errors import InvalidUsage
 from metering.records import Charge, UsageRecord
 
 NANO = 10**9
 NS_PER_MS = 10**6
+MS_PER_SECOND = 1000
+SECONDS_PER_HOUR = 3600
 
 
 def round_half_up(value: Fraction) -> int:
+    """Round a non-negative exact value to the nearest integer, halves up."""
     if value < 0:
         raise ValueError("cannot price a negative amount")
     return int(value + Fraction(1, 2))
 
 
 def billed_ms(compute_ns: int) -> int:
+    """Billed whole milliseconds of `compute_ns` nanoseconds, rounded half-up."""
     return round_half_up(Fraction(compute_ns, NS_PER_MS))
 
 
 def cost_nanousd(compute_ms: int, usd_per_second: Fraction) -> int:
-    return round_half_up(Fraction(compute_ms, 1000) * usd_per_second * NANO)
+    """The cost of `compute_ms` milliseconds at `usd_per_second`, in nano-USD rounded half-up."""
+    return round_half_up(Fraction(compute_ms, MS_PER_SECOND) * usd_per_second * NANO)
+
+
+def usd_per_hour_str(point: PricePoint) -> str:
+    """The price point per hour as an exact decimal string (a per-second price times 3600 stays exact)."""
+    if point.usd_per_hour is not None:
+        value = point.usd_per_hour
+    else:
+        assert point.usd_per_second is not None
+        with localcontext() as ctx:
+            ctx.prec = 60
+            value = point.usd_per_second * SECONDS_PER_HOUR
+    return _plain(value)
+
+
+def _plain(value: Decimal) -> str:
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
 
 
 def price(usage: UsageRecord, profile: HardwareProfile) -> Charge:
     """Price one usage record with the profile's price in force when the request started."""
-    point = profile.price_at(usage.started_at)
+    try:
+        point = profile.price_at(usage.started_at_utc)
+    except LookupError as err:
+        raise InvalidUsage(str(err)) from None
     ms = billed_ms(usage.compute_ns)
-    usd_per_hour = (
-        point.usd_per_hour if point.usd_per_hour is not None else point.usd_per_second_exact * 3600
-    )
     return Charge(
         usage=usage,
         compute_ms=ms,
-        price_usd_per_hour=str(usd_per_hour) if not isinstance(usd_per_hour, Fraction)
-        else f"{usd_per_hour.numerator}/{usd_per_hour.denominator}",
+        price_usd_per_hour=usd_per_hour_str(point),
         price_effective_from=point.effective_from,
         cost_nanousd=cost_nanousd(ms, point.usd_per_second_exact),
     )
+
+
+def price_in_catalog(usage: UsageRecord, profiles: ProfileCatalog) -> Charge:
+    """Validate `usage`, find its profile in the catalog and price it; InvalidUsage if impossible."""
+    usage.validate()
+    if usage.hardware_profile not in profiles:
+        raise InvalidUsage(
+            f"unknown hardware profile {usage.hardware_profile!r} (known: {', '.join(profiles.names())})"
+        )
+    return price(usage, profiles.get(usage.hardware_profile))

@@ -1,17 +1,38 @@
-"""What the ingress hands to metering for each request that ran, and the charge metering makes of it."""
+"""What the ingress hands to metering for each request that ran, and the charge metering makes of it.
+
+Both are plain dataclasses (picklable, JSON round-trippable): the charge is what the spool, the ledger, the
+usage events and the response headers all carry. Money is an integer number of nano-USD; nothing here is a
+binary float except the audio length, which is a measurement and not money.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
+from typing import Any
+
+from metering.errors import InvalidUsage
+
+NANOUSD_PER_USD = 10**9
+NS_PER_SECOND = 10**9
+
+STATUS_OK = "ok"
+STATUS_CLIENT_DISCONNECTED = "client_disconnected"
+STATUSES = (STATUS_OK, STATUS_CLIENT_DISCONNECTED)
 
 
 @dataclass
 class UsageRecord:
-    """One request that reached compute, as measured: the input to pricing."""
+    """One request that reached compute, as measured: the input to pricing.
+
+    Times are integer nanoseconds on a monotonic clock. `compute_ns` is the billed phase (for a batched
+    request, its share of the batch, see `metering.timing.split_batch_ns`); `queue_ns` and `total_ns` are
+    recorded for transparency and are never billed.
+    """
 
     request_id: str  # the idempotency key of the charge (our Inference-Id, a UUID)
-    started_at: dt.datetime  # UTC, when the ingress accepted the request: picks the price and the month
+    started_at: dt.datetime  # when the ingress accepted the request (UTC): picks the price and the day
     model_id: str
     revision: str
     task: str
@@ -25,9 +46,47 @@ class UsageRecord:
     input_audio_seconds: float = 0.0
     user: str = "local"
     billed_account: str = "local"
-    status: str = "ok"  # ok | client_disconnected
+    status: str = STATUS_OK  # ok | client_disconnected (a 5xx is never charged: do not record it)
     client_request_id: str | None = None  # the caller's X-Request-Id, when it sent one
-    extra: dict[str, object] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable details (tokens, steps, ...)
+
+    def validate(self) -> None:
+        """Raise InvalidUsage when the record cannot be priced (a bug in the caller, never a client error)."""
+        if not self.request_id or len(self.request_id) > 128:
+            raise InvalidUsage("request_id must be 1..128 characters")
+        if not isinstance(self.started_at, dt.datetime):
+            raise InvalidUsage("started_at must be a datetime")
+        for name in ("compute_ns", "queue_ns", "total_ns", "input_characters", "input_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidUsage(f"{name} must be a non-negative integer, got {value!r}")
+        if self.batch_size < 1:
+            raise InvalidUsage("batch_size must be at least 1")
+        if self.input_audio_seconds < 0:
+            raise InvalidUsage("input_audio_seconds cannot be negative")
+        if self.status not in STATUSES:
+            raise InvalidUsage(f"status must be one of {', '.join(STATUSES)}, got {self.status!r}")
+
+    @property
+    def started_at_utc(self) -> dt.datetime:
+        """`started_at` as an aware UTC datetime (a naive one is taken to be UTC already)."""
+        if self.started_at.tzinfo is None:
+            return self.started_at.replace(tzinfo=dt.timezone.utc)
+        return self.started_at.astimezone(dt.timezone.utc)
+
+
+def seconds_str(ns: int, places: int = 9) -> str:
+    """Nanoseconds as an exact decimal string of seconds with `places` decimals (truncated)."""
+    scaled = ns // 10 ** (9 - places)
+    whole, frac = divmod(scaled, 10**places)
+    return f"{whole}.{frac:0{places}d}" if places else str(whole)
+
+
+def usd_str(nanousd: int) -> str:
+    """Nano-USD as an exact decimal string of USD with 9 decimals ("0.001250000")."""
+    sign = "-" if nanousd < 0 else ""
+    whole, frac = divmod(abs(nanousd), NANOUSD_PER_USD)
+    return f"{sign}{whole}.{frac:09d}"
 
 
 @dataclass(frozen=True)
@@ -37,8 +96,8 @@ class Charge:
     usage: UsageRecord
     compute_ms: int  # billed compute, whole milliseconds (what x-compute-time shows)
     price_usd_per_hour: str  # the price used, as an exact decimal string
-    price_effective_from: dt.date
-    cost_nanousd: int
+    price_effective_from: dt.date  # the price point used (the profile's price in force at started_at)
+    cost_nanousd: int  # the charge: integer nano-USD (10^-9 USD)
 
     @property
     def request_id(self) -> str:
@@ -52,4 +111,45 @@ class Charge:
     @property
     def cost_usd_header(self) -> str:
         """The charge in USD as an exact decimal string with 9 places."""
-        return f"{self.cost_nanousd // 10**9}.{self.cost_nanousd % 10**9:09d}"
+        return usd_str(self.cost_nanousd)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        """The charge in USD, exact."""
+        return Decimal(self.cost_nanousd).scaleb(-9)
+
+    @property
+    def compute_seconds(self) -> Decimal:
+        """Billed compute seconds, exact (whole milliseconds)."""
+        return Decimal(self.compute_ms).scaleb(-3)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat JSON-ready dict: every usage field, the price used and the cost (spool, events)."""
+        data = asdict(self.usage)
+        data["started_at"] = self.usage.started_at_utc.isoformat().replace("+00:00", "Z")
+        data.update(
+            compute_ms=self.compute_ms,
+            compute_seconds=self.compute_time_header,
+            queue_seconds=seconds_str(self.usage.queue_ns, 6),
+            total_seconds=seconds_str(self.usage.total_ns, 6),
+            price_usd_per_hour=self.price_usd_per_hour,
+            price_effective_from=self.price_effective_from.isoformat(),
+            cost_nanousd=self.cost_nanousd,
+            cost_usd=self.cost_usd_header,
+        )
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Charge:
+        """The inverse of `to_dict` (derived fields are recomputed, not trusted)."""
+        names = {f.name for f in fields(UsageRecord)}
+        usage_data = {k: v for k, v in data.items() if k in names}
+        started = str(usage_data["started_at"]).replace("Z", "+00:00")
+        usage_data["started_at"] = dt.datetime.fromisoformat(started)
+        return cls(
+            usage=UsageRecord(**usage_data),
+            compute_ms=int(data["compute_ms"]),
+            price_usd_per_hour=str(data["price_usd_per_hour"]),
+            price_effective_from=dt.date.fromisoformat(str(data["price_effective_from"])),
+            cost_nanousd=int(data["cost_nanousd"]),
+        )

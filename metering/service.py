@@ -1,24 +1,290 @@
 """The metering facade the ingress calls: price a usage record and record the charge exactly once.
 
-This first version prices only; the durable spool, ledger, events and metrics plug in behind `record()`.
+`record()` prices the usage, updates the Prometheus counters and appends the charge to the process's durable
+spool (fsync'd) before it returns. Background consumers then move spooled charges to the ledger (idempotent by
+request id) and to the event sinks (at-least-once with stable ids). If the database is down, charges wait in
+the spool; a crash leaves the spool for the next start to replay. See metering/spool.py and metering/drain.py.
+
+Cheap to construct (no database connection, no heavy import): the first connection and the migrations happen
+in the ledger consumer's thread. Thread-safe.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import hmac
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
 from hardware_profiles import ProfileCatalog
+from metering import metrics
 from metering.config import MeteringSettings
-from metering.pricing import price
+from metering.drain import SpoolConsumer
+from metering.errors import InvalidLookup, LedgerUnavailable
+from metering.events import EventSink, HttpCollectorSink, JsonLinesSink, charge_event
+from metering.ledger import Ledger
+from metering.pricing import price_in_catalog
 from metering.records import Charge, UsageRecord
+from metering.reports import UsageReport, UsageRow
+from metering.spool import Spool
+
+log = logging.getLogger(__name__)
+
+LEDGER = "ledger"
 
 
 class MeteringService:
-    def __init__(self, settings: MeteringSettings, profiles: ProfileCatalog) -> None:
+    """Prices usage, spools charges durably, and drains them to the ledger and the usage-event sinks.
+
+    `sinks` adds event sinks by consumer name (the name keys the sink's spool offset, so keep it stable);
+    `events_file` and `collector_url` in the settings add the file and HTTP sinks.
+    """
+
+    def __init__(
+        self,
+        settings: MeteringSettings,
+        profiles: ProfileCatalog,
+        *,
+        sinks: dict[str, EventSink] | None = None,
+    ) -> None:
         self.settings = settings
         self.profiles = profiles
+        self._ledger: Ledger | None = None
+        self._ledger_lock = threading.Lock()
+        self._pending: dict[str, int] = {}  # request id -> cost of spooled charges not yet in the ledger
+        self._pending_lock = threading.Lock()
+        self._closed = False
+        self.sinks: dict[str, EventSink] = {}
+        self.spool: Spool | None = None
+        self.consumers: list[SpoolConsumer] = []
+        if not settings.enabled:
+            return
+        self.sinks = self._configured_sinks(sinks)
+        self.spool = Spool(
+            settings.resolved_spool_dir(),
+            [LEDGER, *self.sinks],
+            fsync=settings.spool_fsync,
+            compact_bytes=settings.spool_compact_bytes,
+        )
+        self.consumers = [self._consumer(LEDGER, self._deliver_to_ledger, settings.drain_batch_size)]
+        for name, sink in self.sinks.items():
+            size = (
+                settings.collector_batch_size
+                if isinstance(sink, HttpCollectorSink)
+                else settings.drain_batch_size
+            )
+            self.consumers.append(self._consumer(name, self._sink_delivery(sink), size))
+        for consumer in self.consumers:
+            consumer.start()
+
+    # Construction helpers
+
+    def _configured_sinks(self, extra: dict[str, EventSink] | None) -> dict[str, EventSink]:
+        s = self.settings
+        sinks: dict[str, EventSink] = {}
+        if s.events_file:
+            sinks["events-file"] = JsonLinesSink(s.events_file)
+        if s.collector_url:
+            sinks["events-http"] = HttpCollectorSink(
+                s.collector_url, token=s.collector_token, timeout_s=s.collector_timeout_s
+            )
+        for name, sink in (extra or {}).items():
+            if name == LEDGER or name in sinks:
+                raise ValueError(f"sink name {name!r} is taken")
+            sinks[name] = sink
+        return sinks
+
+    def _consumer(self, name: str, deliver: Any, batch_size: int) -> SpoolConsumer:
+        s = self.settings
+        return SpoolConsumer(
+            name,
+            self.spool,  # type: ignore[arg-type]
+            deliver,
+            batch_size=batch_size,
+            interval_s=s.drain_interval_s,
+            retry_initial_s=s.retry_initial_s,
+            retry_max_s=s.retry_max_s,
+        )
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger (created on first use; its engine connects lazily)."""
+        with self._ledger_lock:
+            if self._ledger is None:
+                self._ledger = Ledger(self.settings.resolved_database_url())
+            return self._ledger
+
+    # Recording
 
     def record(self, usage: UsageRecord) -> Charge:
-        """Price `usage` and record the charge durably before returning it. Never raises for a valid record."""
-        return price(usage, self.profiles.get(usage.hardware_profile))
+        """Price `usage` and spool the charge durably before returning it.
+
+        Raises InvalidUsage (a caller bug: unknown profile, no price in force, negative time) and nothing
+        else: a failure to spool is logged with the whole charge and counted, and the charge is still
+        returned. Blocks for one fsync of the spool (about 0.1-2 ms on an SSD; concurrent callers share it):
+        call it from a worker thread (`record_async`) in an event loop that must not block.
+        """
+        charge = price_in_catalog(usage, self.profiles)
+        try:
+            metrics.observe_charge(charge)
+        except Exception:  # metrics must never lose a charge
+            log.exception("metering: metrics update failed")
+        if self.spool is None:
+            return charge
+        data = charge.to_dict()
+        with self._pending_lock:
+            self._pending[charge.request_id] = charge.cost_nanousd
+        try:
+            self.spool.append(data)
+        except Exception:
+            metrics.observe_error("spool")
+            log.exception("metering: could not spool charge, recover it from this line: %s", data)
+        return charge
+
+    async def record_async(self, usage: UsageRecord) -> Charge:
+        """`record` in a worker thread, so the event loop does not wait for the fsync."""
+        return await asyncio.to_thread(self.record, usage)
+
+    def _deliver_to_ledger(self, records: list[dict[str, Any]]) -> None:
+        charges = []
+        for data in records:
+            try:
+                charges.append(Charge.from_dict(data))
+            except (KeyError, TypeError, ValueError) as err:
+                metrics.observe_error("spool-decode")
+                log.error("metering: skipping an unreadable spooled charge (%s): %s", err, data)
+        self.ledger.insert(charges)
+        with self._pending_lock:
+            for c in charges:
+                self._pending.pop(c.request_id, None)
+
+    def _sink_delivery(self, sink: EventSink) -> Any:
+        source, event_type = self.settings.events_source, self.settings.events_type
+
+        def deliver(records: list[dict[str, Any]]) -> None:
+            sink.emit([charge_event(r, source=source, event_type=event_type) for r in records])
+
+        return deliver
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Deliver everything spooled so far to the ledger and every sink now; False if that took too long."""
+        if self.spool is None:
+            return True
+        for consumer in self.consumers:
+            consumer.wake()
+        return self.spool.wait_drained([c.name for c in self.consumers], timeout_s)
+
+    # Reading
+
+    def usage_report(
+        self,
+        since: dt.datetime | dt.date | None = None,
+        until: dt.datetime | dt.date | None = None,
+        *,
+        account: str | None = None,
+    ) -> UsageReport:
+        """Usage per account, model, task, profile and UTC day over [since, until), with exact totals."""
+        since_dt, until_dt = to_utc(since), to_utc(until)
+        try:
+            grouped = self.ledger.grouped_usage(since_dt, until_dt, account=account)
+        except OperationalError as err:
+            raise _unavailable(err) from err
+        return UsageReport(since_dt, until_dt, account, [UsageRow(**g) for g in grouped])
+
+    def charges(
+        self,
+        since: dt.datetime | dt.date | None = None,
+        until: dt.datetime | dt.date | None = None,
+        *,
+        account: str | None = None,
+        limit: int | None = None,
+    ) -> list[Charge]:
+        """The raw charges (one per request) with since <= started_at < until, oldest first."""
+        try:
+            return self.ledger.charges(to_utc(since), to_utc(until), account=account, limit=limit)
+        except OperationalError as err:
+            raise _unavailable(err) from err
+
+    def cost_lookup(self, request_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """`[{"requestId", "costNanoUsd"}]` for Hugging Face's billing endpoint, integers from the ledger.
+
+        In the order asked, each id once. An id that is not in the ledger is omitted (unknown, or still in
+        another process's spool: ask again later); an id this process recorded but has not drained yet is
+        answered with its cost. Raises InvalidLookup (400) for a body that is not a list of strings or is
+        longer than `cost_lookup_max_ids`, LedgerUnavailable (503) when the database cannot be read.
+        """
+        ids = validate_request_ids(request_ids, self.settings.cost_lookup_max_ids)
+        try:
+            found = self.ledger.costs(ids)
+        except OperationalError as err:
+            raise _unavailable(err) from err
+        with self._pending_lock:
+            for rid in ids:
+                if rid not in found and rid in self._pending:
+                    found[rid] = self._pending[rid]
+        return [{"requestId": rid, "costNanoUsd": int(found[rid])} for rid in ids if rid in found]
+
+    def check_provider_secret(self, presented: str | None) -> bool:
+        """True when the billing endpoint's caller presented the provider secret (constant time)."""
+        secret = self.settings.provider_secret
+        if not secret or not presented:
+            return False
+        return hmac.compare_digest(secret.encode(), presented.encode())
+
+    # Life cycle
 
     def close(self) -> None:
-        pass
+        """Drain what can be drained within close_timeout_s, stop the threads, release the spool."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.spool is not None:
+            if not self.flush(self.settings.close_timeout_s):
+                log.warning("metering: closing with undelivered charges; the next start replays them")
+            for consumer in self.consumers:
+                consumer.stop()
+            self.spool.close()
+        for sink in self.sinks.values():
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+        with self._ledger_lock:
+            if self._ledger is not None:
+                self._ledger.close()
+
+    def __enter__(self) -> MeteringService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def to_utc(value: dt.datetime | dt.date | None) -> dt.datetime | None:
+    """A date (midnight UTC) or datetime (naive means UTC) as an aware UTC datetime."""
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime):
+        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+def validate_request_ids(request_ids: Iterable[Any], max_ids: int) -> list[str]:
+    """The ids as a de-duplicated list of strings; InvalidLookup (400) when they are not."""
+    if isinstance(request_ids, (str, bytes)) or not isinstance(request_ids, (list, tuple)):
+        raise InvalidLookup("requestIds must be a list of strings")
+    if len(request_ids) > max_ids:
+        raise InvalidLookup(f"requestIds: at most {max_ids} ids per request, got {len(request_ids)}")
+    if not all(isinstance(r, str) for r in request_ids):
+        raise InvalidLookup("requestIds must be a list of strings")
+    return list(dict.fromkeys(request_ids))
+
+
+def _unavailable(err: OperationalError) -> LedgerUnavailable:
+    return LedgerUnavailable(f"the ledger database cannot be reached: {type(err.orig).__name__}")

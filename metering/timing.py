@@ -60,6 +60,8 @@ def split_batch_ns(total_ns: int, weights: list[int]) -> list[int]:
         raise ValueError("total_ns cannot be negative")
     if not weights:
         return []
+    if any(w < 0 for w in weights):
+        raise ValueError("weights cannot be negative")
     ws = [max(1, int(w)) for w in weights]
     total_w = sum(ws)
     parts = [total_ns * w // total_w for w in ws]

@@ -1,0 +1,328 @@
+"""The ledger: one row per charge, keyed by a unique request id, in SQLite or PostgreSQL (SQLAlchemy 2).
+
+The schema is owned by the Alembic migrations in metering/migrations (version table
+`metering_alembic_version`, so billing can keep its own migrations in the same database). Inserting a request
+id that is already there is a no-op, which is what makes spool replays and retries safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    TypeDecorator,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from metering.config import expand_sqlite_url
+from metering.records import Charge, UsageRecord
+
+log = logging.getLogger(__name__)
+
+VERSION_TABLE = "metering_alembic_version"
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_INSERT_CHUNK_ROWS = 200  # 26 columns x 200 rows stays far below SQLite's bound-parameter limit
+_LOOKUP_CHUNK_IDS = 500
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp stored as naive UTC (portable across SQLite and PostgreSQL) and read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+_BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the metering tables."""
+
+
+class ChargeRow(Base):
+    """One charge. Money in integer nano-USD, times in integer nanoseconds / milliseconds."""
+
+    __tablename__ = "metering_charges"
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    day: Mapped[dt.date] = mapped_column(Date)  # UTC date of started_at: the reports group by it
+    model_id: Mapped[str] = mapped_column(String(256))
+    revision: Mapped[str] = mapped_column(String(128))
+    task: Mapped[str] = mapped_column(String(64))
+    hardware_profile: Mapped[str] = mapped_column(String(64))
+    price_usd_per_hour: Mapped[str] = mapped_column(String(40))
+    price_effective_from: Mapped[dt.date] = mapped_column(Date)
+    compute_ns: Mapped[int] = mapped_column(BigInteger)
+    compute_ms: Mapped[int] = mapped_column(BigInteger)
+    queue_ns: Mapped[int] = mapped_column(BigInteger)
+    total_ns: Mapped[int] = mapped_column(BigInteger)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    input_characters: Mapped[int] = mapped_column(BigInteger)
+    input_images: Mapped[int] = mapped_column(Integer)
+    input_audio_seconds: Mapped[float] = mapped_column(Float)
+    cost_nanousd: Mapped[int] = mapped_column(BigInteger)
+    user: Mapped[str] = mapped_column(String(256))
+    billed_account: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(32))
+    client_request_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    extra: Mapped[str | None] = mapped_column(String, nullable=True)  # JSON text
+    recorded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+charges_table = ChargeRow.__table__
+
+
+def charge_to_row(charge: Charge, recorded_at: dt.datetime) -> dict[str, Any]:
+    """The ledger row of a charge."""
+    import json
+
+    u = charge.usage
+    started = u.started_at_utc
+    return {
+        "request_id": u.request_id,
+        "started_at": started,
+        "day": started.date(),
+        "model_id": u.model_id,
+        "revision": u.revision,
+        "task": u.task,
+        "hardware_profile": u.hardware_profile,
+        "price_usd_per_hour": charge.price_usd_per_hour,
+        "price_effective_from": charge.price_effective_from,
+        "compute_ns": u.compute_ns,
+        "compute_ms": charge.compute_ms,
+        "queue_ns": u.queue_ns,
+        "total_ns": u.total_ns,
+        "batch_size": u.batch_size,
+        "input_characters": u.input_characters,
+        "input_images": u.input_images,
+        "input_audio_seconds": float(u.input_audio_seconds),
+        "cost_nanousd": charge.cost_nanousd,
+        "user": u.user,
+        "billed_account": u.billed_account,
+        "status": u.status,
+        "client_request_id": u.client_request_id,
+        "extra": json.dumps(u.extra, sort_keys=True, default=str) if u.extra else None,
+        "recorded_at": recorded_at,
+    }
+
+
+def row_to_charge(row: Any) -> Charge:
+    """The charge a ledger row holds."""
+    import json
+
+    m = row._mapping
+    usage = UsageRecord(
+        request_id=m["request_id"],
+        started_at=m["started_at"],
+        model_id=m["model_id"],
+        revision=m["revision"],
+        task=m["task"],
+        hardware_profile=m["hardware_profile"],
+        compute_ns=int(m["compute_ns"]),
+        queue_ns=int(m["queue_ns"]),
+        total_ns=int(m["total_ns"]),
+        batch_size=int(m["batch_size"]),
+        input_characters=int(m["input_characters"]),
+        input_images=int(m["input_images"]),
+        input_audio_seconds=float(m["input_audio_seconds"]),
+        user=m["user"],
+        billed_account=m["billed_account"],
+        status=m["status"],
+        client_request_id=m["client_request_id"],
+        extra=json.loads(m["extra"]) if m["extra"] else {},
+    )
+    return Charge(
+        usage=usage,
+        compute_ms=int(m["compute_ms"]),
+        price_usd_per_hour=m["price_usd_per_hour"],
+        price_effective_from=m["price_effective_from"],
+        cost_nanousd=int(m["cost_nanousd"]),
+    )
+
+
+def make_engine(database_url: str) -> Engine:
+    """An engine for `database_url`: SQLite gets its directory created, WAL and a busy timeout."""
+    url = make_url(expand_sqlite_url(database_url))
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer (several replicas, reports)
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the metering tables to the latest migration (idempotent; safe to race: losers retry)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Ledger:
+    """The charge ledger in one database: idempotent inserts, reports and look-ups."""
+
+    def __init__(self, database_url: str, *, engine: Engine | None = None) -> None:
+        self.database_url = database_url
+        self.engine = engine or make_engine(database_url)
+        self._migrated = False
+        self._migrate_lock = threading.Lock()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def ensure_schema(self) -> None:
+        """Run the migrations once per Ledger object."""
+        with self._migrate_lock:
+            if not self._migrated:
+                migrate(self.engine)
+                self._migrated = True
+
+    def insert(self, charges: Sequence[Charge]) -> list[str]:
+        """Insert charges whose request id is new; return the ids actually inserted (replays: none)."""
+        self.ensure_schema()
+        if not charges:
+            return []
+        now = dt.datetime.now(dt.timezone.utc)
+        rows = list({c.request_id: charge_to_row(c, now) for c in charges}.values())
+        insert = self._dialect_insert()
+        inserted: list[str] = []
+        with self.engine.begin() as conn:
+            for i in range(0, len(rows), _INSERT_CHUNK_ROWS):
+                stmt = (
+                    insert(charges_table)
+                    .values(rows[i : i + _INSERT_CHUNK_ROWS])
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                    .returning(charges_table.c.request_id)
+                )
+                inserted.extend(r[0] for r in conn.execute(stmt))
+        return inserted
+
+    def _dialect_insert(self) -> Any:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - guarded by the supported URLs
+            raise ValueError(f"unsupported ledger database {self.dialect!r} (use sqlite or postgresql)")
+        return insert
+
+    def costs(self, request_ids: Iterable[str]) -> dict[str, int]:
+        """cost_nanousd by request id, for the ids that are in the ledger."""
+        self.ensure_schema()
+        ids = list(dict.fromkeys(request_ids))
+        found: dict[str, int] = {}
+        t = charges_table
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), _LOOKUP_CHUNK_IDS):
+                chunk = ids[i : i + _LOOKUP_CHUNK_IDS]
+                stmt = select(t.c.request_id, t.c.cost_nanousd).where(t.c.request_id.in_(chunk))
+                found.update((r[0], int(r[1])) for r in conn.execute(stmt))
+        return found
+
+    def charges(
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        *,
+        account: str | None = None,
+        limit: int | None = None,
+    ) -> list[Charge]:
+        """The raw charges with since <= started_at < until, oldest first."""
+        self.ensure_schema()
+        t = charges_table
+        stmt = _filtered(select(t), since, until, account).order_by(t.c.started_at, t.c.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.engine.connect() as conn:
+            return [row_to_charge(r) for r in conn.execute(stmt)]
+
+    def grouped_usage(
+        self, since: dt.datetime | None, until: dt.datetime | None, *, account: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requests, billed compute and cost summed per account, model, task, profile and UTC day."""
+        self.ensure_schema()
+        t = charges_table
+        keys = (t.c.billed_account, t.c.model_id, t.c.task, t.c.hardware_profile, t.c.day)
+        stmt = select(
+            *keys,
+            func.count().label("requests"),
+            func.sum(t.c.compute_ms).label("compute_ms"),
+            func.sum(t.c.cost_nanousd).label("cost_nanousd"),
+        )
+        stmt = _filtered(stmt, since, until, account).group_by(*keys).order_by(t.c.day, *keys[:4])
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "account": r.billed_account,
+                    "model_id": r.model_id,
+                    "task": r.task,
+                    "hardware_profile": r.hardware_profile,
+                    "day": r.day if isinstance(r.day, dt.date) else dt.date.fromisoformat(str(r.day)),
+                    "requests": int(r.requests),
+                    "compute_ms": int(r.compute_ms),
+                    "cost_nanousd": int(r.cost_nanousd),
+                }
+                for r in conn.execute(stmt)
+            ]
+
+    def count(self) -> int:
+        """How many charges the ledger holds."""
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(charges_table)).scalar_one())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _filtered(stmt: Any, since: dt.datetime | None, until: dt.datetime | None, account: str | None) -> Any:
+    t = charges_table
+    if since is not None:
+        stmt = stmt.where(t.c.started_at >= since)
+    if until is not None:
+        stmt = stmt.where(t.c.started_at < until)
+    if account is not None:
+        stmt = stmt.where(t.c.billed_account == account)
+    return stmt

@@ -1,0 +1,126 @@
+"""Prometheus metrics of the ingress process, in a registry of their own (serve it with `render()`).
+
+The ingress calls `observe_request` once per request (every status, errors included); `MeteringService.record`
+calls `observe_charge` once per charge. Cost is exported as a float counter of USD: that is monitoring, the
+ledger holds the exact amounts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from metering.records import Charge
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LABELS = ("model", "task", "hardware_profile")
+# From 1 ms to 5 min: embeddings take milliseconds, image generation seconds to minutes.
+_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+
+REQUESTS = Counter(
+    "hfi_requests",
+    "Requests by model, task, hardware profile and status",
+    (*_LABELS, "status"),
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "hfi_request_duration_seconds",
+    "Total time of a request in the ingress",
+    _LABELS,
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+QUEUE_SECONDS = Histogram(
+    "hfi_queue_duration_seconds",
+    "Time a request waited before its compute began (not billed)",
+    _LABELS,
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+COMPUTE_SECONDS = Histogram(
+    "hfi_compute_duration_seconds",
+    "Compute time of a request (the billed phase, batch share included)",
+    _LABELS,
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+BILLED_COMPUTE_SECONDS = Counter(
+    "hfi_billed_compute_seconds", "Billed compute seconds (whole milliseconds)", _LABELS, registry=REGISTRY
+)
+COST_USD = Counter(
+    "hfi_cost_usd", "Charged cost in USD (exact amounts are in the ledger)", _LABELS, registry=REGISTRY
+)
+CHARGES = Counter("hfi_charges", "Charges recorded, by status", (*_LABELS, "status"), registry=REGISTRY)
+METERING_ERRORS = Counter(
+    "hfi_metering_errors",
+    "Metering failures by stage (price, spool, ledger, sink)",
+    ("stage",),
+    registry=REGISTRY,
+)
+SPOOL_PENDING_BYTES = Gauge(
+    "hfi_metering_spool_pending_bytes",
+    "Spooled bytes not yet delivered, by consumer",
+    ("consumer",),
+    registry=REGISTRY,
+)
+EVENTS_DROPPED = Counter(
+    "hfi_metering_events_dropped", "Usage events refused for good by a sink", ("sink",), registry=REGISTRY
+)
+
+
+def observe_request(
+    *,
+    model_id: str,
+    task: str,
+    hardware_profile: str,
+    status: str | int,
+    total_seconds: float,
+    queue_seconds: float | None = None,
+    compute_seconds: float | None = None,
+) -> None:
+    """Count one request and observe its latency; queue and compute apart when they are known."""
+    labels = (model_id, task, hardware_profile)
+    REQUESTS.labels(*labels, str(status)).inc()
+    REQUEST_SECONDS.labels(*labels).observe(total_seconds)
+    if queue_seconds is not None:
+        QUEUE_SECONDS.labels(*labels).observe(queue_seconds)
+    if compute_seconds is not None:
+        COMPUTE_SECONDS.labels(*labels).observe(compute_seconds)
+
+
+def observe_charge(charge: Charge) -> None:
+    """Add one charge's billed compute seconds and cost to the counters."""
+    u = charge.usage
+    labels = (u.model_id, u.task, u.hardware_profile)
+    BILLED_COMPUTE_SECONDS.labels(*labels).inc(charge.compute_ms / 1000)
+    COST_USD.labels(*labels).inc(charge.cost_nanousd / 1e9)
+    CHARGES.labels(*labels, u.status).inc()
+
+
+def observe_error(stage: str) -> None:
+    """Count a metering failure (the request itself went on)."""
+    METERING_ERRORS.labels(stage).inc()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of every metric and its content type, for GET /metrics."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,1 @@
+"""Alembic migrations of the metering tables (version table: metering_alembic_version)."""

@@ -1,0 +1,1 @@
+"""Metering migration scripts, oldest first."""
