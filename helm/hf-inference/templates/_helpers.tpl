@@ -1,0 +1,256 @@
+{{/* Names and labels. */}}
+{{- define "hfi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "hfi.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "hfi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hfi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "hfi.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "hfi.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "hfi.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "hfi.serveServiceName" -}}
+{{- printf "%s-serve" (include "hfi.fullname" .) -}}
+{{- end -}}
+
+{{- define "hfi.postgresName" -}}
+{{- printf "%s-postgresql" (include "hfi.fullname" .) -}}
+{{- end -}}
+
+{{/* A profile's worker group name: a DNS label. */}}
+{{- define "hfi.groupName" -}}
+{{- . | replace "." "-" | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The shape of one profile's worker pods, as YAML: gpus (whole GPUs per pod), replicasPerPod (how many replicas of
+the profile one pod holds: 2 for a half-GPU profile), rayCpus, memory (a quantity).
+*/}}
+{{- define "hfi.workerShape" -}}
+{{- $p := . -}}
+{{- $w := $p.worker | default dict -}}
+{{- $gpus := 0 -}}
+{{- $perPod := 1 -}}
+{{- if $p.accelerator -}}
+{{- $gpus = int (ceil $p.accelerator.count) -}}
+{{- $perPod = max 1 (int (floor (divf $gpus $p.accelerator.count))) -}}
+{{- end -}}
+{{- $cpus := default 1 $p.cpus -}}
+{{- $rayCpus := int (ceil (mulf $cpus $perPod)) -}}
+{{- if hasKey $w "rayCpus" -}}{{- $rayCpus = int $w.rayCpus -}}{{- end -}}
+{{- $memory := "" -}}
+{{- if $p.memory_gb -}}
+{{- $memory = printf "%vGi" (mulf $p.memory_gb $perPod) -}}
+{{- else if and $w.resources $w.resources.limits $w.resources.limits.memory -}}
+{{- $memory = $w.resources.limits.memory -}}
+{{- else -}}
+{{- fail (printf "profiles[%s]: set memory_gb (or worker.resources.limits.memory) so its worker pods get a memory limit" $p.name) -}}
+{{- end -}}
+gpus: {{ $gpus }}
+replicasPerPod: {{ $perPod }}
+rayCpus: {{ $rayCpus }}
+memory: {{ $memory | quote }}
+{{- end -}}
+
+{{/*
+Checks a schema cannot make: names that must match across lists, and sizes that must fit. Each failure names the
+field and says what to change.
+*/}}
+{{- define "hfi.validate" -}}
+{{- $profiles := dict -}}
+{{- $hasCpuProfile := false -}}
+{{- range $p := .Values.profiles -}}
+{{- if hasKey $profiles $p.name -}}
+{{- fail (printf "profiles: profile %q is declared twice" $p.name) -}}
+{{- end -}}
+{{- $_ := set $profiles $p.name $p -}}
+{{- $w := $p.worker | default dict -}}
+{{- if and (hasKey $w "minReplicas") (hasKey $w "maxReplicas") (gt (int $w.minReplicas) (int $w.maxReplicas)) -}}
+{{- fail (printf "profiles[%s].worker: minReplicas (%v) is above maxReplicas (%v)" $p.name $w.minReplicas $w.maxReplicas) -}}
+{{- end -}}
+{{- if $p.accelerator -}}
+{{- if not (or $w.nodeSelector (hasKey $.Values.gpuNodeSelectors $p.accelerator.type)) -}}
+{{- fail (printf "profiles[%s]: no node selector for GPU type %q: add it to gpuNodeSelectors or set profiles[%s].worker.nodeSelector" $p.name $p.accelerator.type $p.name) -}}
+{{- end -}}
+{{- else -}}
+{{- $hasCpuProfile = true -}}
+{{- end -}}
+{{- $_ := include "hfi.workerShape" $p -}}
+{{- end -}}
+{{- $ids := dict -}}
+{{- $minByProfile := dict -}}
+{{- range $m := .Values.models -}}
+{{- $key := lower $m.id -}}
+{{- if hasKey $ids $key -}}
+{{- fail (printf "models: model %q is listed twice" $m.id) -}}
+{{- end -}}
+{{- $_ := set $ids $key true -}}
+{{- if not (hasKey $profiles $m.hardware_profile) -}}
+{{- fail (printf "models[%s].hardware_profile: unknown profile %q; declared profiles: %s (each profile in values.profiles becomes a Ray worker group)" $m.id $m.hardware_profile (keys $profiles | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $min := 1 -}}
+{{- if $m.autoscaling -}}
+{{- $min = int (default 1 $m.autoscaling.min_replicas) -}}
+{{- if hasKey $m.autoscaling "min_replicas" -}}{{- $min = int $m.autoscaling.min_replicas -}}{{- end -}}
+{{- if and (hasKey $m.autoscaling "max_replicas") (gt $min (int $m.autoscaling.max_replicas)) -}}
+{{- fail (printf "models[%s].autoscaling: min_replicas (%d) is above max_replicas (%v)" $m.id $min $m.autoscaling.max_replicas) -}}
+{{- end -}}
+{{- else if hasKey $m "replicas" -}}
+{{- $min = int $m.replicas -}}
+{{- end -}}
+{{- $_ := set $minByProfile $m.hardware_profile (add (get $minByProfile $m.hardware_profile | default 0) $min) -}}
+{{- end -}}
+{{- range $name, $needed := $minByProfile -}}
+{{- $p := get $profiles $name -}}
+{{- $w := $p.worker | default dict -}}
+{{- if hasKey $w "maxReplicas" -}}
+{{- $shape := include "hfi.workerShape" $p | fromYaml -}}
+{{- $room := mul (int $w.maxReplicas) (int $shape.replicasPerPod) -}}
+{{- if gt (int $needed) (int $room) -}}
+{{- fail (printf "profiles[%s].worker.maxReplicas: its models need at least %d replicas but %v pods hold only %d; raise maxReplicas or lower the models' replicas" $name $needed $w.maxReplicas $room) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $ingressCpus := mulf .Values.serve.ingress.numCpus .Values.serve.ingress.replicas -}}
+{{- if and (lt (float64 .Values.head.rayCpus) $ingressCpus) (not $hasCpuProfile) -}}
+{{- fail (printf "head.rayCpus (%v) is below the ingress's %v CPUs and no CPU profile is declared: the ingress deployment would have nowhere to run" .Values.head.rayCpus $ingressCpus) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Serve config (serveConfigV2): one application built by serving.app:build_app from these args. */}}
+{{- define "hfi.serveConfig" -}}
+{{- $profiles := list -}}
+{{- range .Values.profiles -}}
+{{- $profiles = append $profiles (omit . "worker") -}}
+{{- end -}}
+{{- $args := dict
+  "models" .Values.models
+  "profiles" $profiles
+  "billing" (dict "mode" .Values.serve.billingMode)
+  "hf_cache_dir" (printf "%s/huggingface/hub" .Values.modelCache.mountPath)
+  "model_store" (printf "%s/models" .Values.modelCache.mountPath)
+  "offline" .Values.serve.offline
+  "ingress_replicas" .Values.serve.ingress.replicas
+  "ingress_num_cpus" .Values.serve.ingress.numCpus
+-}}
+{{- $app := dict "name" "hf-inference" "route_prefix" "/" "import_path" "serving.app:build_app" "args" $args -}}
+{{- $config := dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" .Values.serve.port)
+  "applications" (list $app)
+-}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* Environment of every Ray container. Secrets only by reference. */}}
+{{- define "hfi.env" -}}
+{{- if .Values.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.hfToken.existingSecret | quote }}, key: {{ .Values.hfToken.key | quote }}}
+{{- end }}
+{{- if eq .Values.database.type "external" }}
+- name: HFI_DATABASE_URL
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.database.external.existingSecret | quote }}, key: {{ .Values.database.external.key | quote }}}
+{{- else }}
+- name: HFI_DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.database.bundled.existingSecret | quote }}, key: {{ .Values.database.bundled.passwordKey | quote }}}
+{{- with .Values.database.bundled }}
+# Kubernetes expands $(HFI_DATABASE_PASSWORD) from the variable above: the password stays in its Secret.
+- name: HFI_DATABASE_URL
+  value: {{ printf "postgresql+psycopg://%s:$(HFI_DATABASE_PASSWORD)@%s.%s.svc:5432/%s" .user (include "hfi.postgresName" $) $.Release.Namespace .database | quote }}
+{{- end }}
+{{- end }}
+- name: HFI_SPOOL_DIR
+  value: {{ .Values.spool.mountPath | quote }}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" .Values.modelCache.mountPath | quote }}
+- name: HF_HUB_CACHE
+  value: {{ printf "%s/huggingface/hub" .Values.modelCache.mountPath | quote }}
+- name: HFI_MODEL_STORE
+  value: {{ printf "%s/models" .Values.modelCache.mountPath | quote }}
+{{- if .Values.serve.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "hfi.volume" -}}
+{{- $v := .volume -}}
+- name: {{ .name }}
+{{- if eq $v.type "existingClaim" }}
+  persistentVolumeClaim:
+    claimName: {{ $v.existingClaim | quote }}
+{{- else if eq $v.type "ephemeral" }}
+  ephemeral:
+    volumeClaimTemplate:
+      spec:
+        accessModes: [ReadWriteOnce]
+        {{- with $v.storageClass }}
+        storageClassName: {{ . | quote }}
+        {{- end }}
+        resources:
+          requests:
+            storage: {{ $v.size | quote }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ $v.size | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "hfi.volumes" -}}
+{{ include "hfi.volume" (dict "name" "spool" "volume" .Values.spool.volume) }}
+{{ include "hfi.volume" (dict "name" "model-cache" "volume" .Values.modelCache.volume) }}
+# Ray's object store lives in shared memory; the container default (64 MiB) is too small.
+- name: dshm
+  emptyDir:
+    medium: Memory
+{{- end -}}
+
+{{- define "hfi.volumeMounts" -}}
+- {name: spool, mountPath: {{ .Values.spool.mountPath | quote }}}
+- {name: model-cache, mountPath: {{ .Values.modelCache.mountPath | quote }}}
+- {name: dshm, mountPath: /dev/shm}
+{{- end -}}
+
+{{/* Pod-level fields every Ray pod shares. */}}
+{{- define "hfi.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  {{- include "hfi.volumes" . | nindent 2 }}
+{{- end -}}
