@@ -59,6 +59,7 @@ class Settings(BaseModel):
     model_wait_timeout_s: float = Field(default=300, gt=0)
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     ingress_replicas: int = Field(default=1, ge=1)
+    ingress_max_ongoing_requests: int = Field(default=256, ge=1)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
 

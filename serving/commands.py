@@ -1,0 +1,113 @@
+"""`hfi serve`, `hfi prepare`, `hfi catalog`: run the service and look at what it serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+USAGE = """
+The hf-inference backend is up on {url}
+
+  Python:  from huggingface_hub import InferenceClient
+           InferenceClient(base_url="{url}/models/local/tiny-flux").text_to_image("a cat", seed=1).save("cat.png")
+           InferenceClient(base_url="{url}/v1").chat_completion(
+               model="HuggingFaceTB/SmolLM2-135M-Instruct",
+               messages=[{{"role": "user", "content": "Hello!"}}])
+  OpenAI:  OpenAI(base_url="{url}/v1", api_key="-").chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", ...)
+  curl:    curl {url}/models/sentence-transformers/all-MiniLM-L6-v2 -d '{{"inputs": "hello"}}'
+
+Models: {models}
+Ctrl-C stops it.
+"""
+
+
+def _settings_args(config: Optional[Path], host: Optional[str], port: Optional[int],
+                   catalog: Optional[Path]) -> dict:
+    import os
+
+    if config:
+        os.environ["HFI_CONFIG"] = str(config)
+    args: dict = {}
+    if host:
+        args["host"] = host
+    if port:
+        args["port"] = port
+    if catalog:
+        args["catalog_file"] = str(catalog)
+    return args
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        config: Optional[Path] = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
+        host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
+        port: Optional[int] = typer.Option(None, help="HTTP port (default 8000)"),
+        catalog: Optional[Path] = typer.Option(None, help="a model catalog YAML (default: the built-in one)"),
+    ) -> None:
+        """Start Ray and Serve on this machine and serve the catalog's models until Ctrl-C."""
+        import signal
+        import time
+
+        from serving import local
+        from serving.config import Settings, SettingsError
+
+        args = _settings_args(config, host, port, catalog)
+        try:
+            settings = Settings.load(args)
+            catalog_models, _ = settings.validated()
+        except SettingsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        started = time.perf_counter()
+        url = local.start(args)
+        typer.echo(USAGE.format(url=url, models=", ".join(m.id for m in catalog_models.models)))
+        typer.echo(f"(ready in {time.perf_counter() - started:.1f}s)")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+        finally:
+            local.stop()
+
+    @app.command()
+    def prepare(
+        config: Optional[Path] = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
+        catalog: Optional[Path] = typer.Option(None, help="a model catalog YAML"),
+    ) -> None:
+        """Build or fetch every catalog model's files once (the defaults are built from code, no download)."""
+        from models.loading import resolve_source
+        from serving.config import Settings, SettingsError
+
+        try:
+            settings = Settings.load(_settings_args(config, None, None, catalog))
+            catalog_models, _ = settings.validated()
+        except SettingsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        for spec in catalog_models.models:
+            source = resolve_source(spec, settings.load_options())
+            typer.echo(f"{spec.id}: {source.directory} ({source.revision[:12]})")
+
+    @app.command("catalog")
+    def show_catalog(
+        config: Optional[Path] = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
+        catalog: Optional[Path] = typer.Option(None, help="a model catalog YAML"),
+    ) -> None:
+        """Validate the model catalog against the hardware profiles and list it."""
+        from serving.config import Settings, SettingsError
+
+        try:
+            settings = Settings.load(_settings_args(config, None, None, catalog))
+            catalog_models, profiles = settings.validated()
+        except SettingsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        for spec in catalog_models.models:
+            profile = profiles.get(spec.hardware_profile)
+            where = spec.source.repo_id or spec.source.path
+            typer.echo(f"{spec.id:45} {spec.task:20} {profile.name:12} {where}")

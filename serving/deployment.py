@@ -1,0 +1,143 @@
+"""The Ray Serve deployments: one ModelDeployment per catalog model, and the HTTP Ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from hardware_profiles import HardwareProfile
+from models.catalog import ModelSpec
+from models.errors import ServiceError
+from models.executor import ModelExecutor
+from models.types import RunResult, StreamChunk, TaskRequest
+from serving.config import Settings
+
+log = logging.getLogger("serving.deployment")
+
+_DONE = object()
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Drive a blocking generator on a worker thread and hand its items to the event loop as they come.
+
+    If the consumer stops early (a cancelled request), the generator is closed on its own thread, which
+    lets the runner stop generating at the next token.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[Any] = asyncio.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        gen = make()
+        try:
+            for item in gen:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+                if stop.is_set():
+                    break
+        except BaseException as err:
+            loop.call_soon_threadsafe(items.put_nowait, err)
+        finally:
+            gen.close()
+            loop.call_soon_threadsafe(items.put_nowait, _DONE)
+
+    worker = threading.Thread(target=work, daemon=True, name="stream-worker")
+    worker.start()
+    try:
+        while (item := await items.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+@serve.deployment
+class ModelDeployment:
+    """One replica of one model: loads it once, runs requests (batched where configured), times them."""
+
+    def __init__(self, spec: dict[str, Any], profile: dict[str, Any], settings: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.spec = ModelSpec.model_validate(spec)
+        self.profile = HardwareProfile.model_validate(profile)
+        options = Settings.load(settings).load_options()  # secrets (HF_TOKEN) come from this replica's env
+        self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
+        batching = self.spec.batching
+        self.batched = bool(batching and self.executor.runner.batchable)
+        if self.batched and batching is not None:
+            self._run_batch.set_max_batch_size(batching.max_batch_size)
+            self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    async def info(self) -> dict[str, Any]:
+        return {"revision": self.executor.revision, "tasks": list(self.executor.tasks()),
+                "device": self.executor.device, "load_seconds": self.executor.load_seconds,
+                "batching": self.batched}
+
+    async def run(self, request: TaskRequest) -> RunResult:
+        if self.batched:
+            result = await self._run_batch((request, time.perf_counter_ns()))
+            if isinstance(result, ServiceError):
+                raise result
+            return result
+        return await asyncio.to_thread(self.executor.run, request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _run_batch(self, items: list[tuple[TaskRequest, int]]) -> list[RunResult | ServiceError]:
+        started = time.perf_counter_ns()
+        requests = [r for r, _ in items]
+        queue_ns = [started - arrived for _, arrived in items]
+        return await asyncio.to_thread(self.executor.run_batch, requests, queue_ns)
+
+    async def stream(self, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
+        async for item in iterate_in_thread(lambda: self.executor.stream(request)):
+            yield item
+
+    def check_health(self) -> None:
+        pass
+
+
+class RayBackend:
+    """The ingress's view of the model deployments: Serve handles by model id."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = handles
+
+    async def info(self, model_id: str) -> dict[str, Any]:
+        return await self.handles[model_id].info.remote()
+
+    async def run(self, model_id: str, request: TaskRequest) -> RunResult:
+        return await self.handles[model_id].run.remote(request)
+
+    async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
+        gen = self.handles[model_id].options(stream=True).stream.remote(request)
+        finished = False
+        try:
+            async for item in gen:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                gen.cancel()  # the client went away: stop the replica's generation too
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The HTTP entry point: the FastAPI app of serving/http.py over Ray handles to the models."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
+        from serving.ingress import IngressCore
+
+        logging.basicConfig(level=logging.INFO)
+        self.core = IngressCore(Settings.load(settings), RayBackend(handles))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serving.http import create_app
+
+        return create_app(self.core)

@@ -1,0 +1,86 @@
+"""The one place errors become HTTP responses.
+
+Typed errors (models.errors.ServiceError, and billing's errors, which carry `status_code` and `message`) keep
+their status and message. Anything else is a bug: logged with its traceback, answered `500 unknown error`.
+Errors raised in a replica arrive wrapped by Ray; the cause is unwrapped here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import ModelLoading, ServiceError
+
+log = logging.getLogger("serving.errors")
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """The original exception behind Ray's RayTaskError wrappers, where there is one."""
+    seen = 0
+    while seen < 5:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException) and cause is not err:
+            err, seen = cause, seen + 1
+            continue
+        break
+    return err
+
+
+def error_body(err: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, JSON body, extra headers) for an exception; never leaks a 5xx's details."""
+    err = unwrap(err)
+    status = getattr(err, "status_code", None)
+    message = getattr(err, "message", None)
+    if isinstance(status, int) and isinstance(message, str) and 400 <= status < 600:
+        if status >= 500 and not isinstance(err, (ModelLoading,)) and status != 503:
+            log.error("internal error: %s", message, exc_info=err)
+            return 500, {"error": "unknown error"}, {}
+        body: dict[str, Any] = {"error": message}
+        error_type = getattr(err, "error_type", None)
+        if error_type:
+            body["error_type"] = error_type
+        extra = getattr(err, "extra", None) or {}
+        body.update({k: v for k, v in extra.items() if k in ("estimated_time",)})
+        headers = {str(k): str(v) for k, v in (getattr(err, "headers", None) or {}).items()}
+        return status, body, headers
+    log.error("unhandled error", exc_info=err)
+    return 500, {"error": "unknown error"}, {}
+
+
+def error_response(err: BaseException, request_id: str | None = None) -> JSONResponse:
+    status, body, headers = error_body(err)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers: typed errors, FastAPI's own validation and routing errors, and the rest."""
+
+    def rid(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, err: ServiceError) -> JSONResponse:
+        return error_response(err, rid(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"error": f"{where}: {first.get('msg')}", "error_type": "validation"},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _other(request: Request, err: Exception) -> JSONResponse:
+        return error_response(err, rid(request))

@@ -1,0 +1,125 @@
+"""The FastAPI routes of the wire contract, on top of an IngressCore."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from models.errors import ModelNotFound
+from models.types import CHAT_COMPLETION, COMPLETION
+from serving import errors
+from serving.ingress import EXPOSED_HEADERS, IngressCore
+from serving.routes.base import json_response
+
+PREFIX = "/hf-inference"
+
+# Suffixes of /models/{id}... that name an operation rather than part of the model id.
+_POST_SUFFIXES = (
+    ("/v1/chat/completions", CHAT_COMPLETION), ("/chat/completions", CHAT_COMPLETION),
+    ("/v1/completions", COMPLETION), ("/completions", COMPLETION),
+)
+
+
+class StripPrefix:
+    """Pure ASGI: serve every route under /hf-inference too, for clients that rewrite the router's host."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] == PREFIX or scope["path"].startswith(PREFIX + "/")):
+            scope = dict(scope)
+            scope["path"] = scope["path"][len(PREFIX):] or "/"
+            scope["raw_path"] = scope["path"].encode()
+        await self.app(scope, receive, send)
+
+
+def split_model_path(path: str) -> tuple[str, str | None]:
+    """`ORG/NAME/pipeline/TASK` or `ORG/NAME/v1/chat/completions` -> (model id, task hint)."""
+    path = path.strip("/")
+    for suffix, task in _POST_SUFFIXES:
+        if path.endswith(suffix):
+            return path[: -len(suffix)], task
+    if "/pipeline/" in path:
+        model_id, _, task = path.rpartition("/pipeline/")
+        return model_id, task
+    return path, None
+
+
+def create_app(core: IngressCore) -> FastAPI:
+    app = FastAPI(title="hf-inference backend", docs_url="/docs", redoc_url=None)
+    app.state.core = core
+    app.state.metering = core.metering
+    errors.install(app)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
+                       expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(StripPrefix)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": [m.id for m in core.catalog.models]}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.id, "object": "model", "created": 0, "owned_by": m.id.split("/")[0],
+             "task": m.task, "hardware_profile": m.hardware_profile}
+            for m in core.catalog.models
+        ]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await core.handle(request, None, CHAT_COMPLETION)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await core.handle(request, None, COMPLETION)
+
+    @app.post("/pipeline/{task}/{model_id:path}")
+    async def legacy_pipeline(task: str, model_id: str, request: Request) -> Response:
+        return await core.handle(request, model_id, task)
+
+    @app.post("/models/{path:path}")
+    async def model_post(path: str, request: Request) -> Response:
+        model_id, hint = split_model_path(path)
+        return await core.handle(request, model_id, hint)
+
+    @app.get("/models/{path:path}")
+    async def model_get(path: str) -> Response:
+        path = path.strip("/")
+        if path.endswith("/info"):
+            return json_response(await model_description(path.removesuffix("/info")))
+        if path.endswith("/health"):
+            spec = core.spec(path.removesuffix("/health"))
+            await core.model_info(spec)
+            return json_response({"status": "ok", "model": spec.id})
+        raise ModelNotFound(path)
+
+    @app.get("/api/models/{model_id:path}")
+    async def hub_model(model_id: str) -> Response:
+        """A small emulation of the Hub's model endpoint, for tools that look a model up first."""
+        spec = core.spec(model_id)
+        return json_response({
+            "id": spec.id, "pipeline_tag": spec.task, "tags": [spec.task],
+            "inferenceProviderMapping": [{"provider": "hf-inference", "providerId": spec.id,
+                                          "status": "live", "task": spec.task}],
+        })
+
+    async def model_description(model_id: str) -> dict[str, Any]:
+        spec = core.spec(model_id)
+        info = await core.model_info(spec)
+        profile = core.profiles.get(spec.hardware_profile)
+        return {
+            "id": spec.id, "task": spec.task, "tasks": list(info["tasks"]), "sha": info.get("revision"),
+            "revision": spec.source.revision if spec.source.repo_id else None,
+            "source": spec.source.model_dump(exclude_none=True), "hardware_profile": profile.name,
+            "accelerator": profile.accelerator.model_dump() if profile.accelerator else None,
+            "device": info.get("device"), "dtype": spec.dtype, "limits": spec.limits.model_dump(),
+            "max_ongoing_requests": spec.max_ongoing_requests,
+            "batching": spec.batching.model_dump() if spec.batching else None,
+        }
+
+    return app

@@ -1,0 +1,234 @@
+"""The ingress: HTTP in (the wire contract), one model call through a backend, metering, HTTP out.
+
+`IngressCore` is plain async Python over a `ModelBackend` (Ray deployment handles in production, in-process
+executors in unit tests); `create_app` puts the FastAPI routes on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi import Request, Response
+
+from metering.records import Charge, UsageRecord
+from metering.service import MeteringService
+from models.catalog import ModelSpec
+from models.errors import InvalidInput, ModelLoading, ModelNotFound, PayloadTooLarge, UnprocessableRequest
+from models.types import RunResult, StreamChunk, TaskRequest
+from serving.config import Settings
+from serving.errors import error_body
+from serving.routes.base import Parsed, RequestContext, sse
+from serving.routes.registry import ADAPTERS, choose_task
+
+log = logging.getLogger("serving.ingress")
+
+EXPOSED_HEADERS = [
+    "x-compute-type", "x-compute-time", "x-compute-characters", "x-request-id", "x-sha", "inference-id",
+    "x-hfi-cost-usd", "x-queue-time", "x-inference-time", "x-total-time", "x-prompt-tokens",
+    "x-generated-tokens",
+]
+
+
+class ModelBackend(Protocol):
+    """Where model work runs: `info` waits for a ready replica, `run` and `stream` do the work."""
+
+    async def info(self, model_id: str) -> dict[str, Any]: ...
+
+    async def run(self, model_id: str, request: TaskRequest) -> RunResult: ...
+
+    def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]: ...
+
+
+def _seconds(ns: int) -> str:
+    return f"{ns / 1e9:.3f}"
+
+
+class IngressCore:
+    """Routes a request to its model, meters it, and shapes the response."""
+
+    def __init__(self, settings: Settings, backend: ModelBackend, metering: MeteringService | None = None
+                 ) -> None:
+        self.settings = settings
+        self.catalog, self.profiles = settings.validated()
+        self.backend = backend
+        self.metering = metering or MeteringService(settings.metering, self.profiles)
+        self._info: dict[str, dict[str, Any]] = {}
+
+    # Looking things up
+
+    def spec(self, model_id: str) -> ModelSpec:
+        model_id = model_id.removesuffix(":hf-inference")
+        spec = self.catalog.get(model_id)
+        if spec is None:
+            raise ModelNotFound(model_id)
+        return spec
+
+    async def model_info(self, spec: ModelSpec) -> dict[str, Any]:
+        """The model's revision and tasks, from a ready replica; waits (bounded) while replicas start."""
+        info = self._info.get(spec.id)
+        if info is not None:
+            return info
+        try:
+            info = await asyncio.wait_for(self.backend.info(spec.id), self.settings.model_wait_timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelLoading(f"Model {spec.id} is currently loading",
+                               estimated_time=self.settings.model_wait_timeout_s) from None
+        self._info[spec.id] = info
+        return info
+
+    # Requests
+
+    def context(self, request: Request, spec: ModelSpec) -> RequestContext:
+        headers = request.headers
+        client_id = headers.get("x-request-id") or headers.get("x-amzn-trace-id")
+        inference_id = str(uuid.uuid4())
+        ctx = RequestContext(
+            request_id=client_id or inference_id, inference_id=inference_id, model_id=spec.id,
+            started_at=dt.datetime.now(dt.timezone.utc), user_agent=headers.get("user-agent", ""),
+            accept=headers.get("accept"), user=self.settings.billing.local_account,
+            billed_account=self.settings.billing.local_account,
+        )
+        request.state.request_id = ctx.request_id
+        return ctx
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise PayloadTooLarge(f"the request body is {length} bytes, more than the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body is more than the limit of {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise InvalidInput("the request body is empty: send JSON with inputs")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InvalidInput(f"the request body is not valid JSON: {err}") from None
+
+    async def handle(self, request: Request, model_id: str | None, hint: str | None = None) -> Response:
+        """Serve one inference request: the model from the URL (or, when None, the body's `model`); the task
+        from `hint`, else the body's shape, else the model's own."""
+        if model_id is not None:
+            spec = self.spec(model_id)
+            body = await self.read_json(request)
+        else:
+            body = await self.read_json(request)
+            name = body.get("model") if isinstance(body, dict) else None
+            if not isinstance(name, str) or not name:
+                raise UnprocessableRequest("model: a model id is required")
+            spec = self.spec(name)
+        ctx = self.context(request, spec)
+        info = await self.model_info(spec)
+        task = choose_task(tuple(info["tasks"]), spec.task, body, hint)
+        adapter = ADAPTERS[task]
+        parsed = adapter.parse(body, spec, ctx)
+        headers = self.base_headers(ctx, spec, info, parsed)
+        if parsed.stream:
+            if not adapter.can_stream:
+                raise InvalidInput(f"task {task} does not stream")
+            return self.streaming_response(adapter, parsed, ctx, spec, info, headers)
+        result = await self.backend.run(spec.id, parsed.request)
+        charge = await self.charge(ctx, spec, info, parsed, result.timings.compute_ns, result)
+        response = adapter.render(result, parsed, ctx)
+        response.headers.update(headers)
+        response.headers.update(self.result_headers(result, charge, ctx))
+        return response
+
+    def base_headers(self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed
+                     ) -> dict[str, str]:
+        chars = parsed.characters if parsed.characters is not None else parsed.request.input_characters()
+        return {
+            "x-request-id": ctx.request_id, "inference-id": ctx.inference_id,
+            "x-compute-type": spec.hardware_profile, "x-sha": str(info.get("revision", "")),
+            "x-compute-characters": str(chars),
+        }
+
+    @staticmethod
+    def result_headers(result: RunResult, charge: Charge | None, ctx: RequestContext) -> dict[str, str]:
+        t = result.timings
+        headers = {
+            "x-queue-time": _seconds(t.queue_ns), "x-inference-time": _seconds(t.compute_ns),
+            "x-total-time": _seconds(time.perf_counter_ns() - ctx.started_ns),
+        }
+        if charge is not None:
+            headers["x-compute-time"] = charge.compute_time_header
+            headers["x-hfi-cost-usd"] = charge.cost_usd_header
+        else:
+            headers["x-compute-time"] = _seconds(t.compute_ns)
+        if "prompt_tokens" in result.usage:
+            headers["x-prompt-tokens"] = str(result.usage["prompt_tokens"])
+            headers["x-generated-tokens"] = str(result.usage.get("completion_tokens", 0))
+        return headers
+
+    async def charge(self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed,
+                     compute_ns: int, result: RunResult | None, status: str = "ok") -> Charge | None:
+        """Record the charge for a request that ran; a metering fault is logged, never the client's problem."""
+        timings = result.timings if result is not None else None
+        usage = UsageRecord(
+            request_id=ctx.inference_id, started_at=ctx.started_at, model_id=spec.id,
+            revision=str(info.get("revision", "")), task=parsed.request.task,
+            hardware_profile=spec.hardware_profile, compute_ns=compute_ns,
+            queue_ns=timings.queue_ns if timings else 0, total_ns=time.perf_counter_ns() - ctx.started_ns,
+            batch_size=timings.batch_size if timings else 1,
+            input_characters=parsed.characters if parsed.characters is not None
+            else parsed.request.input_characters(),
+            user=ctx.user, billed_account=ctx.billed_account, status=status,
+            client_request_id=ctx.request_id if ctx.request_id != ctx.inference_id else None,
+        )
+        try:
+            return await asyncio.to_thread(self.metering.record, usage)
+        except Exception:
+            log.exception("metering failed for request %s", ctx.inference_id)
+            return None
+
+    def streaming_response(self, adapter: Any, parsed: Parsed, ctx: RequestContext, spec: ModelSpec,
+                           info: dict[str, Any], headers: dict[str, str]) -> Response:
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(self._metered_stream(adapter, parsed, ctx, spec, info),
+                                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+    async def _metered_stream(self, adapter: Any, parsed: Parsed, ctx: RequestContext, spec: ModelSpec,
+                              info: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Stream the model's chunks; charge after the last token, or for what ran if the client left."""
+        consumed_ns = 0
+        final: RunResult | None = None
+        finished = False
+
+        async def items() -> AsyncIterator[StreamChunk | RunResult]:
+            nonlocal consumed_ns, final
+            async for item in self.backend.stream(spec.id, parsed.request):
+                if isinstance(item, RunResult):
+                    final, consumed_ns = item, item.timings.compute_ns
+                else:
+                    consumed_ns = item.elapsed_ns
+                yield item
+
+        errored = False
+        try:
+            async for data in adapter.render_stream(items(), parsed, ctx):
+                yield data
+            finished = True
+        except Exception as err:  # headers are gone: report the error as the stream's last event
+            errored = True
+            _, body, _ = error_body(err)
+            yield sse(body)
+        finally:
+            if final is not None:
+                await asyncio.shield(self.charge(ctx, spec, info, parsed, final.timings.compute_ns, final))
+            elif not (finished or errored) and consumed_ns > 0:
+                # The client went away mid-stream: charge the compute it consumed, flagged as such.
+                await asyncio.shield(self.charge(ctx, spec, info, parsed, consumed_ns, None,
+                                                 status="client_disconnected"))
