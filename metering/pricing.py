@@ -47,13 +47,11 @@ def cost_nanousd(compute_ms: int, usd_per_second: Fraction) -> int:
 def usd_per_hour_str(point: PricePoint) -> str:
     """The price point per hour as an exact decimal string (a per-second price times 3600 stays exact)."""
     if point.usd_per_hour is not None:
-        value = point.usd_per_hour
-    else:
-        assert point.usd_per_second is not None
-        with localcontext() as ctx:
-            ctx.prec = 60
-            value = point.usd_per_second * SECONDS_PER_HOUR
-    return _plain(value)
+        return format(point.usd_per_hour, "f")  # as written in the catalog: "4.50"
+    assert point.usd_per_second is not None
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return _plain(point.usd_per_second * SECONDS_PER_HOUR)
 
 
 def _plain(value: Decimal) -> str:

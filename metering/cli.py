@@ -1,0 +1,151 @@
+"""`hfi usage` and `hfi profiles`: usage reports from the ledger, and the hardware profiles with their prices.
+
+Imports stay inside the commands so that `hfi --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import typer
+
+
+def parse_when(value: str | None, *, end: bool = False) -> dt.datetime | None:
+    """An ISO date (midnight UTC; with `end`, the next midnight so the day is included) or datetime (UTC)."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            day = dt.date.fromisoformat(value)
+            start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
+            return start + dt.timedelta(days=1) if end else start
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an ISO date or datetime: {value!r}") from None
+    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+
+
+def month_start(now: dt.datetime | None = None) -> dt.datetime:
+    """Midnight UTC on the first day of the current month."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return dt.datetime(now.year, now.month, 1, tzinfo=dt.timezone.utc)
+
+
+def resolve_database_url(option: str | None) -> str:
+    """--database-url, else $HFI_DATABASE_URL, else the MeteringSettings default."""
+    from metering.config import MeteringSettings, expand_sqlite_url
+
+    return expand_sqlite_url(option or os.environ.get("HFI_DATABASE_URL") or MeteringSettings().database_url)
+
+
+def usage_text(
+    database_url: str,
+    *,
+    account: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    fmt: str,
+    charges: bool,
+) -> str:
+    """The report (or the raw charges) read from the ledger at `database_url`, rendered in `fmt`."""
+    from metering.ledger import Ledger
+    from metering.reports import UsageReport, UsageRow, render_charges, render_report
+
+    ledger = Ledger(database_url)
+    try:
+        if charges:
+            return render_charges(ledger.charges(since, until, account=account), fmt)
+        rows = [UsageRow(**g) for g in ledger.grouped_usage(since, until, account=account)]
+        return render_report(UsageReport(since, until, account, rows), fmt)
+    finally:
+        ledger.close()
+
+
+def profiles_rows(profiles_dir: str | None, on: dt.date | None = None) -> list[dict[str, Any]]:
+    """One row per hardware profile: accelerator, CPUs, memory and the price in force on `on` (today)."""
+    from hardware_profiles import load_profiles
+    from metering.pricing import usd_per_hour_str
+
+    on = on or dt.datetime.now(dt.timezone.utc).date()
+    catalog = load_profiles(profiles_dir)
+    rows = []
+    for name in catalog.names():
+        p = catalog.get(name)
+        acc = p.accelerator
+        try:
+            point = p.price_at(on)
+            usd_h, since = usd_per_hour_str(point), point.effective_from.isoformat()
+        except LookupError:
+            usd_h, since = "-", "-"
+        later = [pp.effective_from.isoformat() for pp in p.prices if pp.effective_from > on]
+        rows.append(
+            {
+                "name": name,
+                "accelerator": f"{acc.count:g}x {acc.type}" if acc else "cpu",
+                "gpu_memory_gb": f"{acc.memory_gb:g}" if acc and acc.memory_gb else "-",
+                "cpus": f"{p.cpus:g}",
+                "memory_gb": f"{p.memory_gb:g}" if p.memory_gb else "-",
+                "usd_per_hour": usd_h,
+                "price_since": since,
+                "next_price_change": later[0] if later else "-",
+            }
+        )
+    return rows
+
+
+def register(app: typer.Typer) -> None:
+    """Add `usage` and `profiles` to the `hfi` command line."""
+    import typer
+
+    @app.command("usage")
+    def usage(
+        account: str | None = typer.Option(None, "--account", help="only this billed account"),
+        since: str | None = typer.Option(
+            None, "--since", help="ISO date or datetime, UTC, inclusive (default: start of this month)"
+        ),
+        until: str | None = typer.Option(None, "--until", help="ISO date (inclusive) or datetime (exclusive)"),
+        fmt: str = typer.Option("table", "--format", help="table, json or csv"),
+        charges: bool = typer.Option(False, "--charges", help="the raw charges, one per request"),
+        database_url: str | None = typer.Option(
+            None, "--database-url", help="the ledger (default: $HFI_DATABASE_URL, then the local SQLite ledger)"
+        ),
+    ) -> None:
+        """Usage per account, model, task, hardware profile and day, with exact USD totals."""
+        if fmt not in ("table", "json", "csv"):
+            raise typer.BadParameter("use table, json or csv", param_hint="--format")
+        try:
+            since_dt = parse_when(since) if since else month_start()
+            until_dt = parse_when(until, end=True)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        url = resolve_database_url(database_url)
+        typer.echo(usage_text(url, account=account, since=since_dt, until=until_dt, fmt=fmt, charges=charges))
+
+    @app.command("profiles")
+    def profiles(
+        profiles_dir: str | None = typer.Option(
+            None, "--profiles-dir", help="a directory of profile YAML files (default: the packaged catalog)"
+        ),
+        fmt: str = typer.Option("table", "--format", help="table or json"),
+    ) -> None:
+        """The hardware profiles: accelerator, CPUs, memory and the price in force today."""
+        import json
+
+        from hardware_profiles.loader import ProfileError
+
+        try:
+            rows = profiles_rows(profiles_dir or os.environ.get("HFI_PROFILES_DIR"))
+        except ProfileError as err:
+            typer.echo(str(err), err=True)
+            raise typer.Exit(2) from None
+        if fmt == "json":
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        columns = list(rows[0])
+        widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns]
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+        for r in rows:
+            typer.echo("  ".join(r[c].ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())

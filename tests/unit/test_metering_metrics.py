@@ -1,0 +1,65 @@
+"""Prometheus metrics: a registry of our own, request and charge metrics with their labels."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from prometheus_client import REGISTRY as GLOBAL_REGISTRY
+
+from hardware_profiles import load_profiles
+from metering import metrics
+from metering.pricing import price_in_catalog
+from metering.records import UsageRecord
+
+
+def sample(name: str, **labels: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_request_metrics_keep_queue_apart_from_compute() -> None:
+    labels = {"model": "org/metrics-test", "task": "text-to-image", "hardware_profile": "nvidia-h100"}
+    before = sample("hfi_requests_total", **labels, status="200")
+    metrics.observe_request(
+        model_id="org/metrics-test",
+        task="text-to-image",
+        hardware_profile="nvidia-h100",
+        status=200,
+        total_seconds=1.5,
+        queue_seconds=0.25,
+        compute_seconds=1.2,
+    )
+    assert sample("hfi_requests_total", **labels, status="200") == before + 1
+    assert sample("hfi_request_duration_seconds_sum", **labels) >= 1.5
+    assert sample("hfi_queue_duration_seconds_sum", **labels) >= 0.25
+    assert sample("hfi_compute_duration_seconds_sum", **labels) >= 1.2
+    assert sample("hfi_queue_duration_seconds_bucket", **labels, le="0.25") >= 1
+
+
+def test_charge_metrics_count_billed_seconds_and_cost() -> None:
+    usage = UsageRecord(
+        "m1",
+        dt.datetime(2026, 1, 1),
+        "org/metrics-charge",
+        "r",
+        "feature-extraction",
+        "nvidia-h100",
+        2 * 10**9,
+    )
+    charge = price_in_catalog(usage, load_profiles())
+    labels = {"model": "org/metrics-charge", "task": "feature-extraction", "hardware_profile": "nvidia-h100"}
+    metrics.observe_charge(charge)
+    assert sample("hfi_billed_compute_seconds_total", **labels) == 2.0
+    assert abs(sample("hfi_cost_usd_total", **labels) - 0.0025) < 1e-12
+    assert sample("hfi_charges_total", **labels, status="ok") == 1
+
+
+def test_render_is_prometheus_text_from_our_registry_only() -> None:
+    metrics.observe_error("spool")
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=")
+    text = body.decode()
+    assert "# TYPE hfi_requests_total counter" in text
+    assert 'hfi_metering_errors_total{stage="spool"}' in text
+    assert "python_gc_objects_collected_total" not in text  # the default registry is not mixed in
+    assert GLOBAL_REGISTRY.get_sample_value("hfi_requests_total") is None

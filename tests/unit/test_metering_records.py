@@ -1,0 +1,98 @@
+"""The charge record: every field the spec lists, JSON round trip, header formats."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pickle
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hardware_profiles import load_profiles
+from metering.pricing import price_in_catalog
+from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str, usd_str
+
+UTC = dt.timezone.utc
+CATALOG = load_profiles()
+
+
+def test_charge_dict_carries_every_field_the_spec_lists() -> None:
+    u = UsageRecord(
+        "6f1c0a7e-1111-4a4a-9c9c-000000000001",
+        dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC),
+        "org/model",
+        "abc123",
+        "text-generation",
+        "nvidia-l4",
+        compute_ns=2_345_678_901,
+        queue_ns=12_000_000,
+        total_ns=2_400_000_000,
+        batch_size=4,
+        input_characters=42,
+        user="alice",
+        billed_account="acme",
+        status=STATUS_CLIENT_DISCONNECTED,
+    )
+    data = price_in_catalog(u, CATALOG).to_dict()
+    expected = {
+        "request_id": u.request_id,
+        "started_at": "2026-03-01T12:00:00.123456Z",
+        "model_id": "org/model",
+        "revision": "abc123",
+        "task": "text-generation",
+        "hardware_profile": "nvidia-l4",
+        "price_usd_per_hour": "0.80",
+        "price_effective_from": "2025-01-01",
+        "compute_ms": 2346,
+        "compute_seconds": "2.346",
+        "queue_seconds": "0.012000",
+        "total_seconds": "2.400000",
+        "batch_size": 4,
+        "input_characters": 42,
+        "input_images": 0,
+        "input_audio_seconds": 0.0,
+        "cost_nanousd": 521_333,  # 2.346 s * 0.8/3600 $/s = 521333.33 nano-USD
+        "cost_usd": "0.000521333",
+        "user": "alice",
+        "billed_account": "acme",
+        "status": "client_disconnected",
+    }
+    assert {k: data[k] for k in expected} == expected
+    json.dumps(data)  # JSON-ready as is
+
+
+@given(
+    st.integers(min_value=0, max_value=10**13),
+    st.integers(min_value=0, max_value=10**12),
+    st.datetimes(min_value=dt.datetime(2025, 1, 1), max_value=dt.datetime(2100, 1, 1)),
+    st.text(min_size=1, max_size=40),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
+def test_to_dict_from_dict_round_trip(
+    compute: int, queue: int, when: dt.datetime, account: str, extra
+) -> None:
+    u = UsageRecord(
+        "rid", when.replace(tzinfo=UTC), "m", "r", "t", "nvidia-h100", compute, queue_ns=queue,
+        billed_account=account, extra=extra,
+    )  # fmt: skip
+    charge = price_in_catalog(u, CATALOG)
+    again = Charge.from_dict(json.loads(json.dumps(charge.to_dict())))
+    assert again == charge
+    assert pickle.loads(pickle.dumps(charge)) == charge
+
+
+def test_naive_started_at_is_taken_as_utc() -> None:
+    u = UsageRecord("r", dt.datetime(2026, 1, 1, 5), "m", "r", "t", "cpu-basic", 1)
+    assert u.started_at_utc == dt.datetime(2026, 1, 1, 5, tzinfo=UTC)
+
+
+def test_header_and_amount_formats() -> None:
+    charge = price_in_catalog(
+        UsageRecord("r", dt.datetime(2026, 1, 1), "m", "r", "t", "nvidia-h100", 593_400_000), CATALOG
+    )
+    assert charge.compute_time_header == "0.593"
+    assert charge.cost_usd_header == "0.000741250"
+    assert usd_str(12_345_678_901) == "12.345678901"
+    assert usd_str(-5) == "-0.000000005"
+    assert seconds_str(1_234_567_891, 3) == "1.234"
