@@ -1,23 +1,19 @@
 """Typed billing errors: each carries its HTTP `status_code` and a `message` safe to show to the client.
 
-They pickle with their message intact (they may cross a Ray handle); serving/errors.py maps them to HTTP.
+They are models.errors.ServiceError subclasses: they pickle with their message intact (they may cross a Ray
+handle) and serving/errors.py maps them to HTTP like every other typed error.
 """
 
 from __future__ import annotations
 
+from models.errors import ServiceError
 
-class BillingError(Exception):
-    """Base of the errors a caller can trigger in billing."""
+
+class BillingError(ServiceError):
+    """Base of the errors a caller can trigger in billing (a ServiceError: serving maps it like the others)."""
 
     status_code: int = 500
     error_type: str | None = None
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __reduce__(self):  # keep the subclass and the message across pickling
-        return (type(self), (self.message,))
 
 
 class Unauthorized(BillingError):

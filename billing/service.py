@@ -229,6 +229,11 @@ class BillingService:
         """A month's usage that `caller` may see: their own, or an org's for its admins (per member)."""
         month = check_month(month) if month else self.now().strftime("%Y-%m")
         account = account or caller.name
+        if account == self.settings.local_account and self.settings.mode == "open":
+            if not caller.is_admin:
+                raise Forbidden(f"You cannot see the usage of {account!r}")
+            local = BilledAccount(account, "user", "open", 0, True, None)  # open mode: no credits, no limit
+            return usage_report(self.engine, local, month)
         kind = self.accounts.account_kind(account)
         allowed = caller.is_admin or (
             caller.name == account if kind == "user" else self.accounts.is_org_admin(caller.name, account)
