@@ -1,0 +1,139 @@
+"""The chart against Ray and the project's own code: what it renders must build, schedule and scale.
+
+- serveConfigV2 parses with Ray's own Serve config schema;
+- the RayCluster config gives the Ray autoscaler (its own KubeRay config reader) a node type for every model's
+  profile whose resources hold one replica, and the head room for the ingress;
+- the rendered application args build with serving.app:build_app (the same import_path) into one deployment
+  per model placed by its profile, plus the ingress. Ray is not started and no model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hardware_profiles.schema import HardwareProfile
+from models.catalog import parse_catalog
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "hf-inference"
+VALUE_SETS = {"default": [], "ci-two-gpu-profiles": [CHART / "ci" / "two-gpu-profiles-values.yaml"]}
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rayservice(request, helm) -> dict[str, Any]:
+    result = helm.template(values=VALUE_SETS[request.param], namespace="inference")
+    assert result.returncode == 0, result.stderr
+    return result.one("RayService")
+
+
+def _serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def _app_args(rayservice: dict[str, Any]) -> dict[str, Any]:
+    (app,) = _serve_config(rayservice)["applications"]
+    return app["args"]
+
+
+def test_serve_config_parses_with_rays_schema(rayservice):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.parse_obj(_serve_config(rayservice))
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    assert app.route_prefix == "/"
+    assert schema.http_options.host == "0.0.0.0"
+    assert schema.http_options.port == 8000
+
+
+def test_autoscaler_sees_a_node_type_for_every_models_profile(rayservice):
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    ray_cluster = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": rayservice["metadata"]["name"], "namespace": "inference"},
+        "spec": rayservice["spec"]["rayClusterConfig"],
+    }
+    config = _derive_autoscaling_config_from_ray_cr(ray_cluster)
+    node_types = config["available_node_types"]
+    args = _app_args(rayservice)
+    profiles = {p["name"]: HardwareProfile.model_validate(p) for p in args["profiles"]}
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for spec in parse_catalog({"models": args["models"]}).models:
+        profile = profiles[spec.hardware_profile]
+        node = node_types[spec.hardware_profile]
+        options = profile.ray_actor_options()
+        assert node["resources"]["CPU"] >= options["num_cpus"], spec.id
+        assert node["max_workers"] == groups[spec.hardware_profile]["maxReplicas"]
+        if profile.accelerator is not None:
+            # The autoscaler can only scale this group up from zero if it knows the group has this GPU type.
+            assert node["resources"]["GPU"] == math.ceil(profile.accelerator.count)
+            assert node["resources"][f"accelerator_type:{profile.accelerator.type}"] == 1
+            # No other group offers this GPU type, so a replica cannot land on the wrong hardware.
+            others = [n for name, n in node_types.items() if name != spec.hardware_profile]
+            assert all(f"accelerator_type:{profile.accelerator.type}" not in n["resources"] for n in others)
+        else:
+            assert not node["resources"].get("GPU")
+    head = node_types["headgroup"]
+    assert head["resources"]["CPU"] >= args["ingress_num_cpus"] * args["ingress_replicas"]
+    assert not head["resources"].get("GPU")
+
+
+@pytest.fixture
+def cluster_env(monkeypatch, tmp_path):
+    """The environment a Ray pod of the chart gives the builder, with local paths for the volumes."""
+    for name in ("HFI_CONFIG", "HFI_CATALOG", "HFI_PROFILES_DIR", "HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HFI_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("HFI_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("HFI_MODEL_STORE", str(tmp_path / "models"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_secret")
+    return tmp_path
+
+
+def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from serving.app import build_app
+
+    args = _app_args(rayservice)
+    app = build_app(args)
+    built = build_serve_app(app, name="hf-inference")
+    deployments = {d.name: d for d in built.deployments}
+    catalog = parse_catalog({"models": args["models"]})
+    profiles = {p["name"]: HardwareProfile.model_validate(p) for p in args["profiles"]}
+    assert set(deployments) == {"ingress"} | {spec.deployment_name for spec in catalog.models}
+    assert built.ingress_deployment_name == "ingress"
+    ingress = deployments["ingress"]
+    assert ingress.ray_actor_options["num_cpus"] == args["ingress_num_cpus"]
+    assert ingress.num_replicas == args["ingress_replicas"]
+    for spec in catalog.models:
+        deployment = deployments[spec.deployment_name]
+        expected = profiles[spec.hardware_profile].ray_actor_options()
+        actual = {k: deployment.ray_actor_options.get(k) for k in expected}
+        assert actual == expected, spec.id
+        assert deployment.max_ongoing_requests == spec.max_ongoing_requests
+        config = deployment._deployment_config
+        if spec.autoscaling is not None:
+            assert config.autoscaling_config.min_replicas == spec.autoscaling.min_replicas
+            assert config.autoscaling_config.max_replicas == spec.autoscaling.max_replicas
+        else:
+            assert deployment.num_replicas == spec.replicas
+
+
+def test_the_token_from_the_secret_stays_out_of_deployment_args(rayservice, cluster_env):
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from serving.app import build_app
+
+    built = build_serve_app(build_app(_app_args(rayservice)), name="hf-inference")
+    for deployment in built.deployments:
+        init = repr(deployment.init_args) + repr(deployment.init_kwargs)
+        assert "hf_from_the_secret" not in init, deployment.name
