@@ -105,7 +105,11 @@ def run_command(
     ),
     replicas: int = typer.Option(1, "--replicas", min=1, help="replicas serving the model (for utilisation)"),
     ledger: str | None = typer.Option(None, "--ledger", help="reconcile against this ledger DATABASE_URL"),
-    ledger_table: str = typer.Option("charges", "--ledger-table", help="the ledger's charges table"),
+    ledger_table: str | None = typer.Option(
+        None,
+        "--ledger-table",
+        help="read this table (request_id, cost_nanousd, compute_ms) instead of metering's",
+    ),
     billing_endpoint: str | None = typer.Option(
         None, "--billing-endpoint", help="reconcile against the provider cost look-up URL instead"
     ),
@@ -185,14 +189,14 @@ def run_command(
         raise typer.Exit(1)
 
 
-def _charge_source(ledger: str | None, table: str, endpoint: str | None, endpoint_token: str | None):
+def _charge_source(ledger: str | None, table: str | None, endpoint: str | None, endpoint_token: str | None):
     """The reconciliation source the options name (checked now, so a bad URL fails before the load)."""
     from bench.reconcile import BillingEndpoint, LedgerError, LedgerLayout, SqlLedger
 
     if ledger and endpoint:
         raise typer.BadParameter("give --ledger or --billing-endpoint, not both", param_hint="--ledger")
     if ledger:
-        source, name = SqlLedger(ledger, LedgerLayout(table=table)), _redact(ledger)
+        source, name = SqlLedger(ledger, LedgerLayout(table=table) if table else None), _redact(ledger)
     elif endpoint:
         return BillingEndpoint(endpoint, token=endpoint_token), endpoint
     else:

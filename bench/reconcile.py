@@ -236,7 +236,7 @@ def format_reconciliation(rec: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class LedgerLayout:
-    """Where the charges sit in the ledger database: table and column names."""
+    """Where charges sit in a database that is not the metering ledger: table and column names."""
 
     table: str = "charges"
     request_id: str = "request_id"
@@ -245,44 +245,69 @@ class LedgerLayout:
 
 
 class SqlLedger:
-    """Read charges from the metering ledger with SQLAlchemy (SQLite or PostgreSQL), by table reflection."""
+    """Read charges from a SQL ledger (SQLite or PostgreSQL); read-only, never migrates or writes.
+
+    Without a layout it reads the metering ledger through metering's own table model (`metering_charges`);
+    with one, it reflects the named table (another deployment's ledger, or a test's table).
+    """
 
     def __init__(self, database_url: str, layout: LedgerLayout | None = None, *, chunk: int = 500) -> None:
         self.database_url = database_url
-        self.layout = layout or LedgerLayout()
+        self.layout = layout
         self.chunk = chunk
 
     def charges_for(self, request_ids: Sequence[str]) -> list[LedgerCharge]:
-        """Every charge of `request_ids`, read in chunks."""
+        """Every charge of `request_ids`, read in chunks (an empty list checks the table is there)."""
         import sqlalchemy as sa
 
-        lay = self.layout
+        engine = self._engine()
         try:
-            engine = sa.create_engine(self.database_url)
+            cols = self._columns(engine)
+            out: list[LedgerCharge] = []
+            with engine.connect() as conn:
+                for start in range(0, len(request_ids), self.chunk):
+                    part = list(request_ids[start : start + self.chunk])
+                    for row in conn.execute(sa.select(*cols).where(cols[0].in_(part))):
+                        compute = int(row[2]) if len(row) > 2 and row[2] is not None else None
+                        out.append(LedgerCharge(str(row[0]), int(row[1]), compute))
+            return out
+        except sa.exc.OperationalError as err:
+            raise LedgerError(f"cannot read the ledger: {err.orig}") from err
+        finally:
+            engine.dispose()
+
+    def _engine(self) -> Any:
+        import sqlalchemy as sa
+
+        try:
+            if self.layout is None:
+                from metering.ledger import make_engine
+
+                return make_engine(self.database_url)
+            return sa.create_engine(self.database_url)
         except (sa.exc.ArgumentError, ImportError) as err:
             raise LedgerError(f"bad ledger URL {self.database_url!r}: {err}") from err
+
+    def _columns(self, engine: Any) -> list[Any]:
+        import sqlalchemy as sa
+
+        if self.layout is None:
+            from metering.ledger import charges_table as table
+
+            if not sa.inspect(engine).has_table(table.name):
+                raise LedgerError(f"no metering ledger (table {table.name!r}) at {self.database_url!r}")
+            return [table.c.request_id, table.c.cost_nanousd, table.c.compute_ms]
+        lay = self.layout
         try:
             table = sa.Table(lay.table, sa.MetaData(), autoload_with=engine)
             cols = [table.c[lay.request_id], table.c[lay.cost_nanousd]]
             if lay.compute_ms and lay.compute_ms in table.c:
                 cols.append(table.c[lay.compute_ms])
-            out: list[LedgerCharge] = []
-            with engine.connect() as conn:
-                for start in range(0, len(request_ids), self.chunk):
-                    part = list(request_ids[start : start + self.chunk])
-                    query = sa.select(*cols).where(table.c[lay.request_id].in_(part))
-                    for row in conn.execute(query):
-                        compute = int(row[2]) if len(row) > 2 and row[2] is not None else None
-                        out.append(LedgerCharge(str(row[0]), int(row[1]), compute))
-            return out
         except sa.exc.NoSuchTableError as err:
             raise LedgerError(f"the ledger at {self.database_url!r} has no table {lay.table!r}") from err
         except KeyError as err:
             raise LedgerError(f"the ledger table {lay.table!r} has no column {err}") from err
-        except sa.exc.OperationalError as err:
-            raise LedgerError(f"cannot read the ledger: {err.orig}") from err
-        finally:
-            engine.dispose()
+        return cols
 
 
 class BillingEndpoint:
