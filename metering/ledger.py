@@ -187,16 +187,32 @@ def make_engine(database_url: str) -> Engine:
     return engine
 
 
+_MIGRATE_LOCK = threading.Lock()  # Alembic's `context` is process-global: one migration at a time
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the metering tables to the latest migration (idempotent; safe to race: losers retry)."""
+    """Bring the metering tables to the latest migration (idempotent).
+
+    Safe to race: PostgreSQL serialises migrators with an advisory lock (see env.py); on SQLite a process that
+    loses the race to create the tables fails once and retries, then finds them there.
+    """
     from alembic import command
     from alembic.config import Config
+    from sqlalchemy.exc import DBAPIError
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    with _MIGRATE_LOCK:
+        for attempt in range(3):
+            try:
+                with engine.begin() as conn:
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+                return
+            except DBAPIError as err:
+                if attempt == 2 or err.connection_invalidated or "already exists" not in str(err.orig):
+                    raise
+                log.info("metering: another process is migrating the ledger; trying again")
 
 
 class Ledger:
