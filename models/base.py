@@ -30,8 +30,9 @@ class TaskRunner(ABC):
         self.dtype = dtype
 
     @classmethod
-    def download(cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None,
-                 local_files_only: bool) -> Path:
+    def download(
+        cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None, local_files_only: bool
+    ) -> Path:
         """Fetch (or find in the cache) the files this runner needs from the Hub; return the snapshot dir."""
         from huggingface_hub import snapshot_download
 
@@ -42,8 +43,19 @@ class TaskRunner(ABC):
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
-                ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.onnx", "*.gguf", "*.ot",
-                                 "onnx/*", "openvino/*", "coreml/*"],
+                ignore_patterns=[
+                    "*.bin",
+                    "*.pt",
+                    "*.pth",
+                    "*.h5",
+                    "*.msgpack",
+                    "*.onnx",
+                    "*.gguf",
+                    "*.ot",
+                    "onnx/*",
+                    "openvino/*",
+                    "coreml/*",
+                ],
             )
         )
 
@@ -89,8 +101,15 @@ class TaskRunner(ABC):
 # Parameter helpers shared by the runners: each raises InvalidInput that names the field.
 
 
-def param_int(params: dict[str, Any], name: str, default: int | None = None, *, lo: int | None = None,
-              hi: int | None = None, hi_reason: str = "") -> int | None:
+def param_int(
+    params: dict[str, Any],
+    name: str,
+    default: int | None = None,
+    *,
+    lo: int | None = None,
+    hi: int | None = None,
+    hi_reason: str = "",
+) -> int | None:
     value = params.get(name)
     if value is None:
         return default
@@ -104,8 +123,15 @@ def param_int(params: dict[str, Any], name: str, default: int | None = None, *, 
     return value
 
 
-def param_float(params: dict[str, Any], name: str, default: float | None = None, *, lo: float | None = None,
-                hi: float | None = None, lo_open: bool = False) -> float | None:
+def param_float(
+    params: dict[str, Any],
+    name: str,
+    default: float | None = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float | None:
     value = params.get(name)
     if value is None:
         return default
@@ -130,8 +156,9 @@ def param_bool(params: dict[str, Any], name: str, default: bool | None = None) -
     return value
 
 
-def param_str(params: dict[str, Any], name: str, default: str | None = None,
-              choices: tuple[str, ...] | None = None) -> str | None:
+def param_str(
+    params: dict[str, Any], name: str, default: str | None = None, choices: tuple[str, ...] | None = None
+) -> str | None:
     value = params.get(name)
     if value is None:
         return default
@@ -142,8 +169,9 @@ def param_str(params: dict[str, Any], name: str, default: str | None = None,
     return value
 
 
-def text_inputs(inputs: Any, *, allow_list: bool, max_items: int, max_chars: int, field: str = "inputs"
-                ) -> list[str]:
+def text_inputs(
+    inputs: Any, *, allow_list: bool, max_items: int, max_chars: int, field: str = "inputs"
+) -> list[str]:
     """Validate text input(s): a non-empty string, or (where allowed) a non-empty list of them."""
     items = inputs if (allow_list and isinstance(inputs, list)) else [inputs]
     if not items:

@@ -22,7 +22,9 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None = Field(default=None, description="a local directory; relative paths are under model_store")
+    path: str | None = Field(
+        default=None, description="a local directory; relative paths are under model_store"
+    )
     repo_id: str | None = None
     revision: str = "main"
     prepare: str | None = Field(

@@ -55,11 +55,15 @@ class ModelExecutor:
         self.source = resolve_source(spec, options)
         self.device = resolve_device(spec)
         cls: type[TaskRunner] = runner_class(spec.task)
-        self.runner: TaskRunner = cls(spec, self.source.directory, self.device, resolve_dtype(spec, self.device))
+        self.runner: TaskRunner = cls(
+            spec, self.source.directory, self.device, resolve_dtype(spec, self.device)
+        )
         self.runner.load()
         self.load_seconds = time.perf_counter() - started
         self._lock = threading.Lock()
-        log.info("loaded %s (%s) on %s in %.1fs", spec.id, self.source.revision, self.device, self.load_seconds)
+        log.info(
+            "loaded %s (%s) on %s in %.1fs", spec.id, self.source.revision, self.device, self.load_seconds
+        )
 
     @property
     def revision(self) -> str:
@@ -92,12 +96,14 @@ class ModelExecutor:
             except Exception as err:
                 raise self._guard(err) from None
             compute_ns = watch.elapsed_ns()
-        timings = Timings(compute_ns=compute_ns, queue_ns=queue_ns,
-                          work_units=self.runner.work_units(request))
+        timings = Timings(
+            compute_ns=compute_ns, queue_ns=queue_ns, work_units=self.runner.work_units(request)
+        )
         return RunResult(output=output, timings=timings, usage=usage)
 
-    def run_batch(self, requests: list[TaskRequest], queue_ns: list[int] | None = None
-                  ) -> list[RunResult | ServiceError]:
+    def run_batch(
+        self, requests: list[TaskRequest], queue_ns: list[int] | None = None
+    ) -> list[RunResult | ServiceError]:
         """Run requests as one batch; the batch's compute time is split by each request's share of the work.
 
         Requests that fail validation get their error back and take no share; the rest run together.
@@ -114,8 +120,9 @@ class ModelExecutor:
             self._run_valid_batch(requests, valid, results, queue_ns or [0] * len(requests))
         return [r for r in results if r is not None]
 
-    def _run_valid_batch(self, requests: list[TaskRequest], valid: list[int],
-                         results: list[Any], queue_ns: list[int]) -> None:
+    def _run_valid_batch(
+        self, requests: list[TaskRequest], valid: list[int], results: list[Any], queue_ns: list[int]
+    ) -> None:
         batch = [requests[i] for i in valid]
         arrived = time.perf_counter_ns()
         with self._lock:
@@ -133,8 +140,14 @@ class ModelExecutor:
         shares = split_batch_ns(batch_ns, weights)
         batch_id = uuid.uuid4().hex
         for i, (output, usage), share, weight in zip(valid, outputs, shares, weights, strict=True):
-            timings = Timings(compute_ns=share, queue_ns=queue_ns[i] + wait_ns, batch_size=len(batch),
-                              batch_compute_ns=batch_ns, work_units=weight, batch_id=batch_id)
+            timings = Timings(
+                compute_ns=share,
+                queue_ns=queue_ns[i] + wait_ns,
+                batch_size=len(batch),
+                batch_compute_ns=batch_ns,
+                work_units=weight,
+                batch_id=batch_id,
+            )
             results[i] = RunResult(output=output, timings=timings, usage=usage)
 
     def stream(self, request: TaskRequest) -> Iterator[StreamChunk | RunResult]:
@@ -162,5 +175,7 @@ class ModelExecutor:
             except Exception as err:
                 raise self._guard(err) from None
             compute_ns = watch.elapsed_ns()
-        timings = Timings(compute_ns=compute_ns, queue_ns=queue_ns, work_units=self.runner.work_units(request))
+        timings = Timings(
+            compute_ns=compute_ns, queue_ns=queue_ns, work_units=self.runner.work_units(request)
+        )
         yield RunResult(output=final.get("output"), timings=timings, usage=final.get("usage", {}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,8 +22,9 @@ Ctrl-C stops it.
 """
 
 
-def _settings_args(config: Optional[Path], host: Optional[str], port: Optional[int],
-                   catalog: Optional[Path]) -> dict:
+def _settings_args(
+    config: Path | None, host: str | None, port: int | None, catalog: Path | None
+) -> dict:
     import os
 
     if config:
@@ -42,10 +42,10 @@ def _settings_args(config: Optional[Path], host: Optional[str], port: Optional[i
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        config: Optional[Path] = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
-        host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
-        port: Optional[int] = typer.Option(None, help="HTTP port (default 8000)"),
-        catalog: Optional[Path] = typer.Option(None, help="a model catalog YAML (default: the built-in one)"),
+        config: Path | None = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
+        host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
+        port: int | None = typer.Option(None, help="HTTP port (default 8000)"),
+        catalog: Path | None = typer.Option(None, help="a model catalog YAML (default: the built-in one)"),
     ) -> None:
         """Start Ray and Serve on this machine and serve the catalog's models until Ctrl-C."""
         import signal
@@ -76,8 +76,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def prepare(
-        config: Optional[Path] = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
-        catalog: Optional[Path] = typer.Option(None, help="a model catalog YAML"),
+        config: Path | None = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
+        catalog: Path | None = typer.Option(None, help="a model catalog YAML"),
     ) -> None:
         """Build or fetch every catalog model's files once (the defaults are built from code, no download)."""
         from models.loading import resolve_source
@@ -95,8 +95,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("catalog")
     def show_catalog(
-        config: Optional[Path] = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
-        catalog: Optional[Path] = typer.Option(None, help="a model catalog YAML"),
+        config: Path | None = typer.Option(None, help="a settings YAML file (HFI_CONFIG)"),
+        catalog: Path | None = typer.Option(None, help="a model catalog YAML"),
     ) -> None:
         """Validate the model catalog against the hardware profiles and list it."""
         from serving.config import Settings, SettingsError

@@ -48,7 +48,9 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     catalog_file: str | None = Field(default=None, description="None: the packaged default catalog")
-    models: list[dict[str, Any]] | None = Field(default=None, description="an inline catalog; wins over the file")
+    models: list[dict[str, Any]] | None = Field(
+        default=None, description="an inline catalog; wins over the file"
+    )
     profiles_dir: str | None = Field(default=None, description="None: the packaged profile catalog")
     profiles: list[dict[str, Any]] = Field(default_factory=list, description="inline profiles, added last")
     model_store: str = "~/.cache/hfi/models"

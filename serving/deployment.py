@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -18,44 +17,9 @@ from models.errors import ServiceError
 from models.executor import ModelExecutor
 from models.types import RunResult, StreamChunk, TaskRequest
 from serving.config import Settings
+from serving.streaming import iterate_in_thread
 
 log = logging.getLogger("serving.deployment")
-
-_DONE = object()
-
-
-async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Drive a blocking generator on a worker thread and hand its items to the event loop as they come.
-
-    If the consumer stops early (a cancelled request), the generator is closed on its own thread, which
-    lets the runner stop generating at the next token.
-    """
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue[Any] = asyncio.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        gen = make()
-        try:
-            for item in gen:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-                if stop.is_set():
-                    break
-        except BaseException as err:
-            loop.call_soon_threadsafe(items.put_nowait, err)
-        finally:
-            gen.close()
-            loop.call_soon_threadsafe(items.put_nowait, _DONE)
-
-    worker = threading.Thread(target=work, daemon=True, name="stream-worker")
-    worker.start()
-    try:
-        while (item := await items.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 @serve.deployment
@@ -75,9 +39,13 @@ class ModelDeployment:
             self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     async def info(self) -> dict[str, Any]:
-        return {"revision": self.executor.revision, "tasks": list(self.executor.tasks()),
-                "device": self.executor.device, "load_seconds": self.executor.load_seconds,
-                "batching": self.batched}
+        return {
+            "revision": self.executor.revision,
+            "tasks": list(self.executor.tasks()),
+            "device": self.executor.device,
+            "load_seconds": self.executor.load_seconds,
+            "batching": self.batched,
+        }
 
     async def run(self, request: TaskRequest) -> RunResult:
         if self.batched:
@@ -135,7 +103,7 @@ class Ingress:
         from serving.ingress import IngressCore
 
         logging.basicConfig(level=logging.INFO)
-        self.core = IngressCore(Settings.load(settings), RayBackend(handles))
+        self.core = IngressCore(Settings.load(settings), RayBackend(handles), set_request_id_header=False)
 
     def __serve_build_asgi_app__(self) -> Any:
         from serving.http import create_app

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import ModelLoading, ServiceError
+from models.errors import ServiceError
 
 log = logging.getLogger("serving.errors")
 
@@ -38,7 +38,7 @@ def error_body(err: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
     status = getattr(err, "status_code", None)
     message = getattr(err, "message", None)
     if isinstance(status, int) and isinstance(message, str) and 400 <= status < 600:
-        if status >= 500 and not isinstance(err, (ModelLoading,)) and status != 503:
+        if status >= 500 and status != 503:  # 503 (loading, overloaded) tells the client to retry
             log.error("internal error: %s", message, exc_info=err)
             return 500, {"error": "unknown error"}, {}
         body: dict[str, Any] = {"error": message}
@@ -60,11 +60,14 @@ def error_response(err: BaseException, request_id: str | None = None) -> JSONRes
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers: typed errors, FastAPI's own validation and routing errors, and the rest."""
+def install(app: FastAPI, *, set_request_id: bool = True) -> None:
+    """Register the handlers: typed errors, FastAPI's own validation and routing errors, and the rest.
+
+    `set_request_id`: answer with x-request-id (off behind Ray Serve's proxy, which sets it itself).
+    """
 
     def rid(request: Request) -> str | None:
-        return getattr(request.state, "request_id", None)
+        return getattr(request.state, "request_id", None) if set_request_id else None
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, err: ServiceError) -> JSONResponse:
@@ -74,8 +77,9 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse({"error": f"{where}: {first.get('msg')}", "error_type": "validation"},
-                            status_code=422)
+        return JSONResponse(
+            {"error": f"{where}: {first.get('msg')}", "error_type": "validation"}, status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -18,8 +18,10 @@ PREFIX = "/hf-inference"
 
 # Suffixes of /models/{id}... that name an operation rather than part of the model id.
 _POST_SUFFIXES = (
-    ("/v1/chat/completions", CHAT_COMPLETION), ("/chat/completions", CHAT_COMPLETION),
-    ("/v1/completions", COMPLETION), ("/completions", COMPLETION),
+    ("/v1/chat/completions", CHAT_COMPLETION),
+    ("/chat/completions", CHAT_COMPLETION),
+    ("/v1/completions", COMPLETION),
+    ("/completions", COMPLETION),
 )
 
 
@@ -32,7 +34,7 @@ class StripPrefix:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (scope["path"] == PREFIX or scope["path"].startswith(PREFIX + "/")):
             scope = dict(scope)
-            scope["path"] = scope["path"][len(PREFIX):] or "/"
+            scope["path"] = scope["path"][len(PREFIX) :] or "/"
             scope["raw_path"] = scope["path"].encode()
         await self.app(scope, receive, send)
 
@@ -53,9 +55,14 @@ def create_app(core: IngressCore) -> FastAPI:
     app = FastAPI(title="hf-inference backend", docs_url="/docs", redoc_url=None)
     app.state.core = core
     app.state.metering = core.metering
-    errors.install(app)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"],
-                       expose_headers=EXPOSED_HEADERS)
+    errors.install(app, set_request_id=core.set_request_id_header)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=EXPOSED_HEADERS,
+    )
     app.add_middleware(StripPrefix)
 
     @app.get("/health")
@@ -64,11 +71,20 @@ def create_app(core: IngressCore) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": m.id, "object": "model", "created": 0, "owned_by": m.id.split("/")[0],
-             "task": m.task, "hardware_profile": m.hardware_profile}
-            for m in core.catalog.models
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": m.id.split("/")[0],
+                    "task": m.task,
+                    "hardware_profile": m.hardware_profile,
+                }
+                for m in core.catalog.models
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -102,22 +118,33 @@ def create_app(core: IngressCore) -> FastAPI:
     async def hub_model(model_id: str) -> Response:
         """A small emulation of the Hub's model endpoint, for tools that look a model up first."""
         spec = core.spec(model_id)
-        return json_response({
-            "id": spec.id, "pipeline_tag": spec.task, "tags": [spec.task],
-            "inferenceProviderMapping": [{"provider": "hf-inference", "providerId": spec.id,
-                                          "status": "live", "task": spec.task}],
-        })
+        return json_response(
+            {
+                "id": spec.id,
+                "pipeline_tag": spec.task,
+                "tags": [spec.task],
+                "inferenceProviderMapping": [
+                    {"provider": "hf-inference", "providerId": spec.id, "status": "live", "task": spec.task}
+                ],
+            }
+        )
 
     async def model_description(model_id: str) -> dict[str, Any]:
         spec = core.spec(model_id)
         info = await core.model_info(spec)
         profile = core.profiles.get(spec.hardware_profile)
         return {
-            "id": spec.id, "task": spec.task, "tasks": list(info["tasks"]), "sha": info.get("revision"),
+            "id": spec.id,
+            "task": spec.task,
+            "tasks": list(info["tasks"]),
+            "sha": info.get("revision"),
             "revision": spec.source.revision if spec.source.repo_id else None,
-            "source": spec.source.model_dump(exclude_none=True), "hardware_profile": profile.name,
+            "source": spec.source.model_dump(exclude_none=True),
+            "hardware_profile": profile.name,
             "accelerator": profile.accelerator.model_dump() if profile.accelerator else None,
-            "device": info.get("device"), "dtype": spec.dtype, "limits": spec.limits.model_dump(),
+            "device": info.get("device"),
+            "dtype": spec.dtype,
+            "limits": spec.limits.model_dump(),
             "max_ongoing_requests": spec.max_ongoing_requests,
             "batching": spec.batching.model_dump() if spec.batching else None,
         }

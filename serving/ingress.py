@@ -30,8 +30,17 @@ from serving.routes.registry import ADAPTERS, choose_task
 log = logging.getLogger("serving.ingress")
 
 EXPOSED_HEADERS = [
-    "x-compute-type", "x-compute-time", "x-compute-characters", "x-request-id", "x-sha", "inference-id",
-    "x-hfi-cost-usd", "x-queue-time", "x-inference-time", "x-total-time", "x-prompt-tokens",
+    "x-compute-type",
+    "x-compute-time",
+    "x-compute-characters",
+    "x-request-id",
+    "x-sha",
+    "inference-id",
+    "x-hfi-cost-usd",
+    "x-queue-time",
+    "x-inference-time",
+    "x-total-time",
+    "x-prompt-tokens",
     "x-generated-tokens",
 ]
 
@@ -53,13 +62,21 @@ def _seconds(ns: int) -> str:
 class IngressCore:
     """Routes a request to its model, meters it, and shapes the response."""
 
-    def __init__(self, settings: Settings, backend: ModelBackend, metering: MeteringService | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: ModelBackend,
+        metering: MeteringService | None = None,
+        *,
+        set_request_id_header: bool = True,
+    ) -> None:
         self.settings = settings
         self.catalog, self.profiles = settings.validated()
         self.backend = backend
         self.metering = metering or MeteringService(settings.metering, self.profiles)
         self._info: dict[str, dict[str, Any]] = {}
+        # Behind Ray Serve's proxy, the proxy itself answers with x-request-id (the client's, when it sent one).
+        self.set_request_id_header = set_request_id_header
 
     # Looking things up
 
@@ -78,8 +95,9 @@ class IngressCore:
         try:
             info = await asyncio.wait_for(self.backend.info(spec.id), self.settings.model_wait_timeout_s)
         except asyncio.TimeoutError:
-            raise ModelLoading(f"Model {spec.id} is currently loading",
-                               estimated_time=self.settings.model_wait_timeout_s) from None
+            raise ModelLoading(
+                f"Model {spec.id} is currently loading", estimated_time=self.settings.model_wait_timeout_s
+            ) from None
         self._info[spec.id] = info
         return info
 
@@ -90,9 +108,13 @@ class IngressCore:
         client_id = headers.get("x-request-id") or headers.get("x-amzn-trace-id")
         inference_id = str(uuid.uuid4())
         ctx = RequestContext(
-            request_id=client_id or inference_id, inference_id=inference_id, model_id=spec.id,
-            started_at=dt.datetime.now(dt.timezone.utc), user_agent=headers.get("user-agent", ""),
-            accept=headers.get("accept"), user=self.settings.billing.local_account,
+            request_id=client_id or inference_id,
+            inference_id=inference_id,
+            model_id=spec.id,
+            started_at=dt.datetime.now(dt.timezone.utc),
+            user_agent=headers.get("user-agent", ""),
+            accept=headers.get("accept"),
+            user=self.settings.billing.local_account,
             billed_account=self.settings.billing.local_account,
         )
         request.state.request_id = ctx.request_id
@@ -146,20 +168,27 @@ class IngressCore:
         response.headers.update(self.result_headers(result, charge, ctx))
         return response
 
-    def base_headers(self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed
-                     ) -> dict[str, str]:
+    def base_headers(
+        self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed
+    ) -> dict[str, str]:
         chars = parsed.characters if parsed.characters is not None else parsed.request.input_characters()
-        return {
-            "x-request-id": ctx.request_id, "inference-id": ctx.inference_id,
-            "x-compute-type": spec.hardware_profile, "x-sha": str(info.get("revision", "")),
+        headers = {
+            "inference-id": ctx.inference_id,
+            "x-compute-type": spec.hardware_profile,
+            "x-sha": str(info.get("revision", "")),
             "x-compute-characters": str(chars),
+            "access-control-expose-headers": ", ".join(EXPOSED_HEADERS),
         }
+        if self.set_request_id_header:
+            headers["x-request-id"] = ctx.request_id
+        return headers
 
     @staticmethod
     def result_headers(result: RunResult, charge: Charge | None, ctx: RequestContext) -> dict[str, str]:
         t = result.timings
         headers = {
-            "x-queue-time": _seconds(t.queue_ns), "x-inference-time": _seconds(t.compute_ns),
+            "x-queue-time": _seconds(t.queue_ns),
+            "x-inference-time": _seconds(t.compute_ns),
             "x-total-time": _seconds(time.perf_counter_ns() - ctx.started_ns),
         }
         if charge is not None:
@@ -172,19 +201,35 @@ class IngressCore:
             headers["x-generated-tokens"] = str(result.usage.get("completion_tokens", 0))
         return headers
 
-    async def charge(self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed,
-                     compute_ns: int, result: RunResult | None, status: str = "ok") -> Charge | None:
+    async def charge(
+        self,
+        ctx: RequestContext,
+        spec: ModelSpec,
+        info: dict[str, Any],
+        parsed: Parsed,
+        compute_ns: int,
+        result: RunResult | None,
+        status: str = "ok",
+    ) -> Charge | None:
         """Record the charge for a request that ran; a metering fault is logged, never the client's problem."""
         timings = result.timings if result is not None else None
         usage = UsageRecord(
-            request_id=ctx.inference_id, started_at=ctx.started_at, model_id=spec.id,
-            revision=str(info.get("revision", "")), task=parsed.request.task,
-            hardware_profile=spec.hardware_profile, compute_ns=compute_ns,
-            queue_ns=timings.queue_ns if timings else 0, total_ns=time.perf_counter_ns() - ctx.started_ns,
+            request_id=ctx.inference_id,
+            started_at=ctx.started_at,
+            model_id=spec.id,
+            revision=str(info.get("revision", "")),
+            task=parsed.request.task,
+            hardware_profile=spec.hardware_profile,
+            compute_ns=compute_ns,
+            queue_ns=timings.queue_ns if timings else 0,
+            total_ns=time.perf_counter_ns() - ctx.started_ns,
             batch_size=timings.batch_size if timings else 1,
-            input_characters=parsed.characters if parsed.characters is not None
+            input_characters=parsed.characters
+            if parsed.characters is not None
             else parsed.request.input_characters(),
-            user=ctx.user, billed_account=ctx.billed_account, status=status,
+            user=ctx.user,
+            billed_account=ctx.billed_account,
+            status=status,
             client_request_id=ctx.request_id if ctx.request_id != ctx.inference_id else None,
         )
         try:
@@ -193,15 +238,26 @@ class IngressCore:
             log.exception("metering failed for request %s", ctx.inference_id)
             return None
 
-    def streaming_response(self, adapter: Any, parsed: Parsed, ctx: RequestContext, spec: ModelSpec,
-                           info: dict[str, Any], headers: dict[str, str]) -> Response:
+    def streaming_response(
+        self,
+        adapter: Any,
+        parsed: Parsed,
+        ctx: RequestContext,
+        spec: ModelSpec,
+        info: dict[str, Any],
+        headers: dict[str, str],
+    ) -> Response:
         from fastapi.responses import StreamingResponse
 
-        return StreamingResponse(self._metered_stream(adapter, parsed, ctx, spec, info),
-                                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+        return StreamingResponse(
+            self._metered_stream(adapter, parsed, ctx, spec, info),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache"},
+        )
 
-    async def _metered_stream(self, adapter: Any, parsed: Parsed, ctx: RequestContext, spec: ModelSpec,
-                              info: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _metered_stream(
+        self, adapter: Any, parsed: Parsed, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
         """Stream the model's chunks; charge after the last token, or for what ran if the client left."""
         consumed_ns = 0
         final: RunResult | None = None
@@ -230,5 +286,6 @@ class IngressCore:
                 await asyncio.shield(self.charge(ctx, spec, info, parsed, final.timings.compute_ns, final))
             elif not (finished or errored) and consumed_ns > 0:
                 # The client went away mid-stream: charge the compute it consumed, flagged as such.
-                await asyncio.shield(self.charge(ctx, spec, info, parsed, consumed_ns, None,
-                                                 status="client_disconnected"))
+                await asyncio.shield(
+                    self.charge(ctx, spec, info, parsed, consumed_ns, None, status="client_disconnected")
+                )

@@ -41,8 +41,12 @@ def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None
     if settings.offline:
         env["HF_HUB_OFFLINE"] = "1"
     if not ray.is_initialized():
-        init: dict[str, Any] = {"num_cpus": logical_cpus(settings), "include_dashboard": False,
-                                "runtime_env": {"env_vars": env}, "log_to_driver": False}
+        init: dict[str, Any] = {
+            "num_cpus": logical_cpus(settings),
+            "include_dashboard": False,
+            "runtime_env": {"env_vars": env},
+            "log_to_driver": False,
+        }
         if ray_temp_dir:
             init["_temp_dir"] = ray_temp_dir
         ray.init(**init)

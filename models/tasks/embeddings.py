@@ -17,16 +17,18 @@ class SentenceEmbeddingRunner(TaskRunner):
     def load(self) -> None:
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(self.directory), device=self.device,
-                                         model_kwargs={"dtype": self.dtype}, local_files_only=True)
+        self.model = SentenceTransformer(
+            str(self.directory), device=self.device, model_kwargs={"dtype": self.dtype}, local_files_only=True
+        )
         self.model.eval()
         self.dimensions = self.model.get_embedding_dimension()
         self.max_seq_length = self.model.max_seq_length
         self.prompts = dict(getattr(self.model, "prompts", {}) or {})
 
     @classmethod
-    def download(cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None,
-                 local_files_only: bool) -> Path:
+    def download(
+        cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None, local_files_only: bool
+    ) -> Path:
         return super().download(repo_id, revision, token, cache_dir, local_files_only)
 
     def _sentences(self, request: TaskRequest) -> list[str]:
@@ -35,15 +37,29 @@ class SentenceEmbeddingRunner(TaskRunner):
             inputs = request.inputs
             if not isinstance(inputs, dict):
                 raise InvalidInput("inputs must be an object with source_sentence and sentences")
-            source = text_inputs(inputs.get("source_sentence"), allow_list=False, max_items=1,
-                                 max_chars=limits.max_input_chars, field="inputs.source_sentence")
+            source = text_inputs(
+                inputs.get("source_sentence"),
+                allow_list=False,
+                max_items=1,
+                max_chars=limits.max_input_chars,
+                field="inputs.source_sentence",
+            )
             others = inputs.get("sentences")
             if not isinstance(others, list):
                 raise InvalidInput("inputs.sentences must be a list of strings")
-            return source + text_inputs(others, allow_list=True, max_items=limits.max_batch_inputs,
-                                        max_chars=limits.max_input_chars, field="inputs.sentences")
-        return text_inputs(request.inputs, allow_list=True, max_items=limits.max_batch_inputs,
-                           max_chars=limits.max_input_chars)
+            return source + text_inputs(
+                others,
+                allow_list=True,
+                max_items=limits.max_batch_inputs,
+                max_chars=limits.max_input_chars,
+                field="inputs.sentences",
+            )
+        return text_inputs(
+            request.inputs,
+            allow_list=True,
+            max_items=limits.max_batch_inputs,
+            max_chars=limits.max_input_chars,
+        )
 
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)
@@ -55,7 +71,9 @@ class SentenceEmbeddingRunner(TaskRunner):
         name = param_str(p, "prompt_name")
         if name is not None and name not in self.prompts:
             known = ", ".join(sorted(self.prompts)) or "none"
-            raise InvalidInput(f"parameters.prompt_name {name!r} is not one of this model's prompts ({known})")
+            raise InvalidInput(
+                f"parameters.prompt_name {name!r} is not one of this model's prompts ({known})"
+            )
         param_str(p, "truncation_direction", choices=("left", "right", "Left", "Right"))
         if not truncate:
             lengths = [len(ids) for ids in self.model.tokenizer(sentences)["input_ids"]]
@@ -69,8 +87,14 @@ class SentenceEmbeddingRunner(TaskRunner):
         import torch
 
         with torch.inference_mode():
-            return self.model.encode(sentences, prompt_name=prompt_name, convert_to_tensor=True,
-                                     normalize_embeddings=normalize, batch_size=64, show_progress_bar=False)
+            return self.model.encode(
+                sentences,
+                prompt_name=prompt_name,
+                convert_to_tensor=True,
+                normalize_embeddings=normalize,
+                batch_size=64,
+                show_progress_bar=False,
+            )
 
     def run(self, request: TaskRequest) -> tuple[Any, dict[str, int]]:
         return self.run_batch([request])[0]
@@ -89,7 +113,7 @@ class SentenceEmbeddingRunner(TaskRunner):
             embeddings = self._encode(flat, prompt_name, normalize)
             start = 0
             for i, group in zip(members, sentences, strict=True):
-                vectors = embeddings[start:start + len(group)]
+                vectors = embeddings[start : start + len(group)]
                 start += len(group)
                 results[i] = (self._postprocess(requests[i], vectors), {"inputs": len(group)})
         return results

@@ -24,12 +24,18 @@ class TextClassificationRunner(TaskRunner):
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         problem = getattr(self.model.config, "problem_type", None)
         one_logit = self.model.config.num_labels == 1
-        self.default_function = "sigmoid" if problem == "multi_label_classification" or one_logit else "softmax"
+        self.default_function = (
+            "sigmoid" if problem == "multi_label_classification" or one_logit else "softmax"
+        )
 
     def _texts(self, request: TaskRequest) -> list[str]:
         limits = self.spec.limits
-        return text_inputs(request.inputs, allow_list=True, max_items=limits.max_batch_inputs,
-                           max_chars=limits.max_input_chars)
+        return text_inputs(
+            request.inputs,
+            allow_list=True,
+            max_items=limits.max_batch_inputs,
+            max_chars=limits.max_input_chars,
+        )
 
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)
@@ -50,7 +56,7 @@ class TextClassificationRunner(TaskRunner):
             logits = self.model(**enc).logits.float()
         results, start = [], 0
         for request, group in zip(requests, texts, strict=True):
-            rows = logits[start:start + len(group)]
+            rows = logits[start : start + len(group)]
             start += len(group)
             results.append(([self._scores(request, row) for row in rows], {"inputs": len(group)}))
         return results

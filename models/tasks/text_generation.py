@@ -51,13 +51,13 @@ class _Generation:
         else:
             safe = max(self.emitted, len(text) - self.holdback)
         self.text = text
-        delta = text[self.emitted:safe]
+        delta = text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return StreamChunk(text=delta, token_id=token_id, logprob=logprob)
 
     def flush(self) -> str:
         """Text still held back (a possible stop-string prefix) once generation ended without a stop."""
-        rest = self.text[self.emitted:]
+        rest = self.text[self.emitted :]
         self.emitted = len(self.text)
         return rest
 
@@ -94,7 +94,9 @@ class TextGenerationRunner(TaskRunner):
                 raise UnprocessableRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}")
             content = m.get("content")
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                texts = [
+                    p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+                ]
                 if len(texts) != len(content):
                     raise UnprocessableRequest(f"messages[{i}].content: only text parts are supported")
                 content = "".join(texts)
@@ -110,7 +112,9 @@ class TextGenerationRunner(TaskRunner):
             messages = self._messages(request.inputs)
             tools = request.parameters.get("tools")
             kwargs = {"tools": tools} if tools else {}
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+            enc = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, **kwargs
+            )
             ids = enc["input_ids"] if hasattr(enc, "keys") else enc
             return list(ids[0] if ids and isinstance(ids[0], list) else ids)
         return list(self.tokenizer(request.inputs)["input_ids"])
@@ -126,7 +130,9 @@ class TextGenerationRunner(TaskRunner):
 
     def _stops(self, request: TaskRequest) -> list[str]:
         p = request.parameters
-        stop = p.get("stop") if request.task != TEXT_GENERATION else (p.get("stop") or p.get("stop_sequences"))
+        stop = (
+            p.get("stop") if request.task != TEXT_GENERATION else (p.get("stop") or p.get("stop_sequences"))
+        )
         if stop is None:
             return []
         stops = [stop] if isinstance(stop, str) else stop
@@ -139,7 +145,9 @@ class TextGenerationRunner(TaskRunner):
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)
         if request.task != CHAT_COMPLETION:
-            text_inputs(request.inputs, allow_list=False, max_items=1, max_chars=self.spec.limits.max_input_chars)
+            text_inputs(
+                request.inputs, allow_list=False, max_items=1, max_chars=self.spec.limits.max_input_chars
+            )
         p = request.parameters
         param_float(p, "temperature", lo=0, hi=100)
         param_float(p, "top_p", lo=0, hi=1, lo_open=True)
@@ -164,7 +172,9 @@ class TextGenerationRunner(TaskRunner):
         p = request.parameters
         temperature = p.get("temperature")
         sample = bool(p.get("do_sample")) or (temperature is not None and float(temperature) > 0)
-        sample = sample or p.get("top_k") is not None or (p.get("top_p") is not None and float(p["top_p"]) < 1)
+        sample = (
+            sample or p.get("top_k") is not None or (p.get("top_p") is not None and float(p["top_p"]) < 1)
+        )
         kwargs: dict[str, Any] = {"max_new_tokens": self._max_new_tokens(request), "do_sample": sample}
         seed = p.get("seed")
         if sample:
@@ -181,8 +191,9 @@ class TextGenerationRunner(TaskRunner):
 
     # Running
 
-    def _run_generation(self, request: TaskRequest, on_chunk: Callable[[StreamChunk], None],
-                        should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _run_generation(
+        self, request: TaskRequest, on_chunk: Callable[[StreamChunk], None], should_stop: Callable[[], bool]
+    ) -> dict[str, Any]:
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -222,10 +233,13 @@ class TextGenerationRunner(TaskRunner):
         ids = torch.tensor([prompt_ids], device=self.device)
         with torch.inference_mode():
             self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
+                ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=Streamer(),
                 stopping_criteria=StoppingCriteriaList([Stop()]),
                 logits_processor=LogitsProcessorList([RecordLogprobs()]),
-                pad_token_id=self.tokenizer.pad_token_id or next(iter(self.eos_ids), 0), **kwargs,
+                pad_token_id=self.tokenizer.pad_token_id or next(iter(self.eos_ids), 0),
+                **kwargs,
             )
         rest = gen.flush()
         if rest:
@@ -233,8 +247,12 @@ class TextGenerationRunner(TaskRunner):
         finish = gen.finish_reason or ("length" if len(gen.ids) >= kwargs["max_new_tokens"] else "eos_token")
         prompt_text = request.inputs if isinstance(request.inputs, str) else ""
         output = {
-            "text": gen.text, "prompt": prompt_text, "finish_reason": finish, "generated_tokens": len(gen.ids),
-            "seed": seed, "tokens": [
+            "text": gen.text,
+            "prompt": prompt_text,
+            "finish_reason": finish,
+            "generated_tokens": len(gen.ids),
+            "seed": seed,
+            "tokens": [
                 {"id": i, "text": self.tokenizer.decode([i]), "logprob": lp, "special": i in self.eos_ids}
                 for i, lp in zip(gen.ids, gen.logprobs, strict=True)
             ],
@@ -246,8 +264,9 @@ class TextGenerationRunner(TaskRunner):
         result = self._run_generation(request, lambda chunk: None, lambda: False)
         return result["output"], result["usage"]
 
-    def stream(self, request: TaskRequest, should_stop: Callable[[], bool]
-               ) -> Iterator[StreamChunk | dict[str, Any]]:
+    def stream(
+        self, request: TaskRequest, should_stop: Callable[[], bool]
+    ) -> Iterator[StreamChunk | dict[str, Any]]:
         chunks: queue.Queue[Any] = queue.Queue()
         cancelled = threading.Event()
         done = object()

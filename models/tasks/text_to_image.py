@@ -28,14 +28,21 @@ class TextToImageRunner(TaskRunner):
     tasks = (TEXT_TO_IMAGE,)
 
     @classmethod
-    def download(cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None,
-                 local_files_only: bool) -> Path:
+    def download(
+        cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None, local_files_only: bool
+    ) -> Path:
         # diffusers knows which files of a pipeline repository it needs (not the single-file checkpoints).
         from diffusers import DiffusionPipeline
 
-        return Path(DiffusionPipeline.download(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-        ))
+        return Path(
+            DiffusionPipeline.download(
+                repo_id,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+        )
 
     def load(self) -> None:
         from diffusers import AutoPipelineForText2Image
@@ -117,4 +124,8 @@ class TextToImageRunner(TaskRunner):
     def work_units(self, request: TaskRequest) -> int:
         p, d = request.parameters, self.spec.defaults
         steps = int(p.get("num_inference_steps") or d.get("num_inference_steps", 28))
-        return int(p.get("width") or d.get("width", 1024)) * int(p.get("height") or d.get("height", 1024)) * steps
+        return (
+            int(p.get("width") or d.get("width", 1024))
+            * int(p.get("height") or d.get("height", 1024))
+            * steps
+        )

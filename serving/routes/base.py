@@ -50,14 +50,18 @@ class TaskAdapter:
     def render(self, result: RunResult, parsed: Parsed, ctx: RequestContext) -> Response:
         return json_response(result.output)
 
-    def render_stream(self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed,
-                      ctx: RequestContext) -> AsyncIterator[bytes]:
+    def render_stream(
+        self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed, ctx: RequestContext
+    ) -> AsyncIterator[bytes]:
         raise NotImplementedError
 
 
 def json_response(content: Any, status_code: int = 200) -> Response:
-    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")), status_code=status_code,
-                    media_type="application/json")
+    return Response(
+        json.dumps(content, ensure_ascii=False, separators=(",", ":")),
+        status_code=status_code,
+        media_type="application/json",
+    )
 
 
 def sse(data: Any) -> bytes:

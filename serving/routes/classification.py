@@ -6,7 +6,14 @@ from typing import Any
 
 from models.catalog import ModelSpec
 from models.types import TEXT_CLASSIFICATION, TaskRequest
-from serving.routes.base import Parsed, RequestContext, TaskAdapter, parameters_of, require_dict, require_inputs
+from serving.routes.base import (
+    Parsed,
+    RequestContext,
+    TaskAdapter,
+    parameters_of,
+    require_dict,
+    require_inputs,
+)
 
 
 class TextClassificationAdapter(TaskAdapter):

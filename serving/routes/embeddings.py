@@ -6,7 +6,14 @@ from typing import Any
 
 from models.catalog import ModelSpec
 from models.types import FEATURE_EXTRACTION, SENTENCE_SIMILARITY, TaskRequest
-from serving.routes.base import Parsed, RequestContext, TaskAdapter, parameters_of, require_dict, require_inputs
+from serving.routes.base import (
+    Parsed,
+    RequestContext,
+    TaskAdapter,
+    parameters_of,
+    require_dict,
+    require_inputs,
+)
 
 _FE_PARAMS = ("normalize", "truncate", "prompt_name", "truncation_direction", "dimensions")
 

@@ -20,8 +20,19 @@ from serving.routes.base import (
     sse,
 )
 
-_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample", "seed",
-           "stop", "stop_sequences", "return_full_text", "details")
+_PARAMS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "do_sample",
+    "seed",
+    "stop",
+    "stop_sequences",
+    "return_full_text",
+    "details",
+)
 
 
 def _details(output: dict[str, Any], usage: dict[str, int], with_tokens: bool) -> dict[str, Any]:
@@ -45,7 +56,9 @@ class TextGenerationAdapter(TaskAdapter):
         body = require_dict(body)
         params = {k: v for k, v in parameters_of(body).items() if k in _PARAMS and v is not None}
         stream = body.get("stream") is True
-        return Parsed(TaskRequest(TEXT_GENERATION, require_inputs(body), params, ctx.request_id), stream=stream)
+        return Parsed(
+            TaskRequest(TEXT_GENERATION, require_inputs(body), params, ctx.request_id), stream=stream
+        )
 
     @staticmethod
     def _full_text(parsed: Parsed, text: str) -> str:
@@ -59,8 +72,9 @@ class TextGenerationAdapter(TaskAdapter):
             out["details"] = _details(result.output, result.usage, with_tokens=True)
         return json_response([out])
 
-    async def render_stream(self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed,
-                            ctx: RequestContext) -> AsyncIterator[bytes]:
+    async def render_stream(
+        self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed, ctx: RequestContext
+    ) -> AsyncIterator[bytes]:
         # Events lag one token behind so the last token's event can carry generated_text and details.
         pending: StreamChunk | None = None
         index = 0
@@ -80,6 +94,16 @@ class TextGenerationAdapter(TaskAdapter):
 
     @staticmethod
     def _event(index: int, chunk: StreamChunk, generated_text: str | None, details: Any) -> dict[str, Any]:
-        token = {"id": chunk.token_id or 0, "text": chunk.text, "logprob": chunk.logprob, "special": chunk.special}
-        return {"index": index, "token": token, "generated_text": generated_text, "details": details,
-                "top_tokens": None}
+        token = {
+            "id": chunk.token_id or 0,
+            "text": chunk.text,
+            "logprob": chunk.logprob,
+            "special": chunk.special,
+        }
+        return {
+            "index": index,
+            "token": token,
+            "generated_text": generated_text,
+            "details": details,
+            "top_tokens": None,
+        }

@@ -89,27 +89,50 @@ class ChatCompletionAdapter(TaskAdapter):
         return Parsed(request, stream=bool(chat.stream), characters=chars)
 
     def render(self, result: RunResult, parsed: Parsed, ctx: RequestContext) -> Response:
-        return json_response({
-            "id": f"chatcmpl-{ctx.inference_id}", "object": "chat.completion", "created": ctx.created,
-            "model": ctx.model_id, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.output["text"]},
-                         "finish_reason": _FINISH[result.output["finish_reason"]], "logprobs": None}],
-            "usage": _usage(result),
-        })
+        return json_response(
+            {
+                "id": f"chatcmpl-{ctx.inference_id}",
+                "object": "chat.completion",
+                "created": ctx.created,
+                "model": ctx.model_id,
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.output["text"]},
+                        "finish_reason": _FINISH[result.output["finish_reason"]],
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(result),
+            }
+        )
 
-    def _chunk(self, ctx: RequestContext, delta: dict[str, Any], finish: str | None,
-               usage: Any = None, choices: bool = True) -> dict[str, Any]:
+    def _chunk(
+        self,
+        ctx: RequestContext,
+        delta: dict[str, Any],
+        finish: str | None,
+        usage: Any = None,
+        choices: bool = True,
+    ) -> dict[str, Any]:
         chunk: dict[str, Any] = {
-            "id": f"chatcmpl-{ctx.inference_id}", "object": "chat.completion.chunk", "created": ctx.created,
-            "model": ctx.model_id, "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else [],
+            "id": f"chatcmpl-{ctx.inference_id}",
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model_id,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            if choices
+            else [],
         }
         if usage is not None:
             chunk["usage"] = usage
         return chunk
 
-    async def render_stream(self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed,
-                            ctx: RequestContext) -> AsyncIterator[bytes]:
+    async def render_stream(
+        self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed, ctx: RequestContext
+    ) -> AsyncIterator[bytes]:
         yield sse(self._chunk(ctx, {"role": "assistant", "content": ""}, None))
         async for item in items:
             if isinstance(item, RunResult):
@@ -138,10 +161,16 @@ class CompletionAdapter(TaskAdapter):
         request = TaskRequest(COMPLETION, prompt, params, ctx.request_id)
         return Parsed(request, stream=bool(comp.stream))
 
-    def _body(self, ctx: RequestContext, text: str, finish: str | None, obj: str = "text_completion"
-              ) -> dict[str, Any]:
-        return {"id": f"cmpl-{ctx.inference_id}", "object": obj, "created": ctx.created, "model": ctx.model_id,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    def _body(
+        self, ctx: RequestContext, text: str, finish: str | None, obj: str = "text_completion"
+    ) -> dict[str, Any]:
+        return {
+            "id": f"cmpl-{ctx.inference_id}",
+            "object": obj,
+            "created": ctx.created,
+            "model": ctx.model_id,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        }
 
     def render(self, result: RunResult, parsed: Parsed, ctx: RequestContext) -> Response:
         text = result.output["text"]
@@ -151,8 +180,9 @@ class CompletionAdapter(TaskAdapter):
         body["usage"] = _usage(result)
         return json_response(body)
 
-    async def render_stream(self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed,
-                            ctx: RequestContext) -> AsyncIterator[bytes]:
+    async def render_stream(
+        self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed, ctx: RequestContext
+    ) -> AsyncIterator[bytes]:
         if parsed.request.parameters.get("_echo"):
             yield sse(self._body(ctx, parsed.request.inputs, None))
         async for item in items:

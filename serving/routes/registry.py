@@ -22,14 +22,22 @@ from serving.routes.text_to_image import TextToImageAdapter
 ADAPTERS: dict[str, TaskAdapter] = {
     a.task: a
     for a in (
-        TextToImageAdapter(), TextGenerationAdapter(), ChatCompletionAdapter(), CompletionAdapter(),
-        FeatureExtractionAdapter(), SentenceSimilarityAdapter(), TextClassificationAdapter(),
+        TextToImageAdapter(),
+        TextGenerationAdapter(),
+        ChatCompletionAdapter(),
+        CompletionAdapter(),
+        FeatureExtractionAdapter(),
+        SentenceSimilarityAdapter(),
+        TextClassificationAdapter(),
     )
 }
 
 # Aliases clients use in /pipeline/{task} URLs.
-TASK_ALIASES = {"conversational": CHAT_COMPLETION, "chat-completion": CHAT_COMPLETION,
-                "text2text-generation": TEXT_GENERATION}
+TASK_ALIASES = {
+    "conversational": CHAT_COMPLETION,
+    "chat-completion": CHAT_COMPLETION,
+    "text2text-generation": TEXT_GENERATION,
+}
 
 
 def choose_task(model_tasks: tuple[str, ...], primary: str, body: Any, hint: str | None) -> str:
@@ -37,8 +45,9 @@ def choose_task(model_tasks: tuple[str, ...], primary: str, body: Any, hint: str
     if hint is not None:
         task = TASK_ALIASES.get(hint, hint)
         if task not in model_tasks or task not in ADAPTERS:
-            raise TaskNotSupported(f"task {hint!r} is not served for this model (it serves: "
-                                   f"{', '.join(model_tasks)})")
+            raise TaskNotSupported(
+                f"task {hint!r} is not served for this model (it serves: {', '.join(model_tasks)})"
+            )
         return task
     if isinstance(body, dict):
         inputs = body.get("inputs")

@@ -8,7 +8,14 @@ from fastapi import Response
 
 from models.catalog import ModelSpec
 from models.types import TEXT_TO_IMAGE, RunResult, TaskRequest
-from serving.routes.base import Parsed, RequestContext, TaskAdapter, parameters_of, require_dict, require_inputs
+from serving.routes.base import (
+    Parsed,
+    RequestContext,
+    TaskAdapter,
+    parameters_of,
+    require_dict,
+    require_inputs,
+)
 
 _PARAMS = ("negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "scheduler", "seed")
 

@@ -1,0 +1,187 @@
+"""The HTTP layer (routes, bodies, headers, errors) over the real default models in process, without Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.http import create_app, split_model_path
+from serving.ingress import IngressCore
+
+FLUX = "/models/local/tiny-flux"
+LLM = "/models/HuggingFaceTB/SmolLM2-135M-Instruct"
+EMB = "/models/sentence-transformers/all-MiniLM-L6-v2"
+CLS = "/models/local/tiny-sentiment"
+
+
+@pytest.fixture(scope="module")
+def client(default_settings, inprocess_backend):
+    core = IngressCore(default_settings, inprocess_backend)
+    with TestClient(create_app(core), raise_server_exceptions=False) as c:
+        yield c
+    core.metering.close()
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("local/tiny-flux", ("local/tiny-flux", None)),
+        ("org/name/pipeline/feature-extraction", ("org/name", "feature-extraction")),
+        ("org/name/v1/chat/completions", ("org/name", "chat-completion")),
+        ("org/name/v1/completions", ("org/name", "completion")),
+        ("gpt2", ("gpt2", None)),
+    ],
+)
+def test_split_model_path(path, expected):
+    assert split_model_path(path) == expected
+
+
+def test_text_to_image_png_with_headers(client):
+    r = client.post(FLUX, json={"inputs": "a cat", "parameters": {"seed": 3}}, headers={"accept": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r.headers["x-compute-type"] == "cpu-basic"
+    assert float(r.headers["x-compute-time"]) >= 0 and len(r.headers["x-compute-time"].split(".")[1]) == 3
+    assert r.headers["x-compute-characters"] == "5"
+    assert len(r.headers["x-sha"]) == 40 and r.headers["inference-id"] and r.headers["x-request-id"]
+    assert "x-compute-time" in r.headers["access-control-expose-headers"]  # set on every response, as hosted
+    r2 = client.post(FLUX, json={"inputs": "a cat", "parameters": {"seed": 3}}, headers={"accept": "*/*"})
+    assert r2.headers["content-type"] == "image/jpeg"
+
+
+def test_client_request_id_is_reused(client):
+    r = client.post(CLS, json={"inputs": "hi"}, headers={"x-request-id": "my-id-1"})
+    assert r.headers["x-request-id"] == "my-id-1" and r.headers["inference-id"] != "my-id-1"
+
+
+def test_cors_exposes_the_compute_headers(client):
+    r = client.post(CLS, json={"inputs": "hi"}, headers={"origin": "http://example.test"})
+    exposed = r.headers["access-control-expose-headers"]
+    assert "x-compute-time" in exposed and "x-compute-type" in exposed
+
+
+def test_hf_inference_prefix_and_legacy_pipeline_route(client):
+    a = client.post("/hf-inference" + CLS, json={"inputs": "hi"})
+    b = client.post("/pipeline/text-classification/local/tiny-sentiment", json={"inputs": "hi"})
+    assert a.status_code == b.status_code == 200
+    assert a.json() == b.json()
+
+
+def test_feature_extraction_and_similarity_on_one_url(client):
+    r = client.post(EMB, json={"inputs": "hello", "normalize": True})
+    assert r.status_code == 200 and len(r.json()) == 384
+    r = client.post(EMB, json={"inputs": ["a", "b"]})
+    assert len(r.json()) == 2
+    r = client.post(EMB, json={"inputs": {"source_sentence": "a cat", "sentences": ["a cat", "a car"]},
+                               "parameters": {}})
+    assert r.status_code == 200 and r.json()[0] == pytest.approx(1.0, abs=1e-4)
+    r = client.post(EMB + "/pipeline/sentence-similarity", json={"source_sentence": "x", "sentences": ["x"]})
+    assert r.status_code == 200 and len(r.json()) == 1
+
+
+def test_text_classification_nested(client):
+    r = client.post(CLS, json={"inputs": "I love it", "parameters": {"top_k": 1}})
+    body = r.json()
+    assert isinstance(body, list) and isinstance(body[0], list) and len(body[0]) == 1
+
+
+def test_text_generation_details(client):
+    r = client.post(LLM, json={"inputs": "The capital of France is",
+                               "parameters": {"max_new_tokens": 5, "details": True, "return_full_text": True}})
+    out = r.json()[0]
+    assert out["generated_text"].startswith("The capital of France is")
+    assert out["details"]["generated_tokens"] == len(out["details"]["tokens"]) <= 5
+    assert r.headers["x-generated-tokens"] == str(out["details"]["generated_tokens"])
+
+
+def test_text_generation_stream_tgi_events(client):
+    r = client.post(LLM, json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6}, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(e) for e in sse_events(r.text)]
+    assert all(e["generated_text"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["details"]["finish_reason"] == "length" and last["details"]["generated_tokens"] == 6
+    assert "".join(e["token"]["text"] for e in events) == last["generated_text"]
+
+
+def test_chat_completion_and_stream(client):
+    body = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 6}
+    r = client.post("/v1/chat/completions", json=body)
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] <= 6
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    r = client.post(LLM + "/v1/chat/completions",
+                    json={**body, "model": "dummy", "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text and chunks[-1]["usage"]["total_tokens"] > 0
+
+
+def test_completions(client):
+    r = client.post("/v1/completions", json={"model": "HuggingFaceTB/SmolLM2-135M-Instruct:hf-inference",
+                                             "prompt": "1, 2, 3,", "max_tokens": 4, "echo": True})
+    out = r.json()
+    assert out["object"] == "text_completion" and out["choices"][0]["text"].startswith("1, 2, 3,")
+
+
+def test_v1_models_health_info(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "local/tiny-flux" in ids and len(ids) == 4
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get(FLUX + "/info").json()
+    assert info["task"] == "text-to-image" and info["hardware_profile"] == "cpu-basic" and info["sha"]
+    assert client.get(FLUX + "/health").status_code == 200
+    hub = client.get("/api/models/local/tiny-flux").json()
+    assert hub["pipeline_tag"] == "text-to-image"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "match"),
+    [
+        ("post", "/models/nope/nothing", {"json": {"inputs": "x"}}, 404, "Model nope/nothing does not exist"),
+        ("get", "/models/nope/nothing/info", {}, 404, "does not exist"),
+        ("post", FLUX, {"json": {"inputs": "a", "parameters": {"width": 65}}}, 400, "parameters.width"),
+        ("post", FLUX, {"json": {"inputs": "a", "parameters": {"num_inference_steps": 51}}}, 400,
+         "num_inference_steps"),
+        ("post", FLUX, {"json": {"parameters": {}}}, 400, "inputs is required"),
+        ("post", FLUX, {"content": b"not json"}, 400, "not valid JSON"),
+        ("post", FLUX, {"content": b""}, 400, "empty"),
+        ("post", FLUX, {"json": ["a list"]}, 400, "JSON object"),
+        ("post", FLUX, {"json": {"inputs": "a", "parameters": "x"}}, 400, "parameters"),
+        ("post", CLS, {"json": {"inputs": ""}}, 400, "inputs"),
+        ("post", CLS + "/pipeline/text-to-image", {"json": {"inputs": "x"}}, 400, "not served"),
+        ("post", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}]}}, 422, "model"),
+        ("post", "/v1/chat/completions", {"json": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, 422,
+         "messages"),
+        ("post", "/v1/chat/completions",
+         {"json": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "x"}],
+                   "temperature": "hot"}}, 422, "temperature"),
+        ("post", "/v1/chat/completions", {"json": {"model": "no/model", "messages": []}}, 404, "does not exist"),
+        ("post", LLM, {"json": {"inputs": "hi", "parameters": {"max_new_tokens": 10**6}}}, 400, "max_new_tokens"),
+    ],
+)
+def test_errors(client, method, path, kwargs, status, match):
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert match in r.json()["error"]
+
+
+def test_body_too_large_is_413(client, default_settings):
+    big = b'{"inputs": "' + b"x" * (default_settings.max_body_bytes + 10) + b'"}'
+    r = client.post(CLS, content=big)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_unknown_parameters_and_root_keys_are_ignored(client):
+    r = client.post(CLS, json={"inputs": "x", "parameters": {"wat": 1}, "options": {"wait_for_model": True}})
+    assert r.status_code == 200
