@@ -106,11 +106,15 @@ def register(app: typer.Typer) -> None:
         since: str | None = typer.Option(
             None, "--since", help="ISO date or datetime, UTC, inclusive (default: start of this month)"
         ),
-        until: str | None = typer.Option(None, "--until", help="ISO date (inclusive) or datetime (exclusive)"),
+        until: str | None = typer.Option(
+            None, "--until", help="ISO date (inclusive) or datetime (exclusive)"
+        ),
         fmt: str = typer.Option("table", "--format", help="table, json or csv"),
         charges: bool = typer.Option(False, "--charges", help="the raw charges, one per request"),
         database_url: str | None = typer.Option(
-            None, "--database-url", help="the ledger (default: $HFI_DATABASE_URL, then the local SQLite ledger)"
+            None,
+            "--database-url",
+            help="the ledger (default: $HFI_DATABASE_URL, then the local SQLite ledger)",
         ),
     ) -> None:
         """Usage per account, model, task, hardware profile and day, with exact USD totals."""

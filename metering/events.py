@@ -126,8 +126,13 @@ class HttpCollectorSink:
         if not events:
             return
         body = json.dumps(list(events), separators=(",", ":")).encode()
+        import httpx
+
         with self._lock:
-            response = self._http().post(self.url, content=body)
+            try:
+                response = self._http().post(self.url, content=body)
+            except httpx.HTTPError as err:  # connection refused, timeout, ...: transient
+                raise ConnectionError(f"collector {self.url}: {type(err).__name__}: {err}") from err
         status = response.status_code
         if 200 <= status < 300:
             return
