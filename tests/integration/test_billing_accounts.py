@@ -204,3 +204,21 @@ def test_concurrent_admissions_to_one_org_from_many_members(database_url):
         assert total == 13 * estimate <= 2 * 10**9
     finally:
         svc.close()
+
+
+def test_migrations_match_the_models(database_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from billing.schema import Base
+
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine)
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            diff = compare_metadata(ctx, Base.metadata)
+        ours = [d for d in diff if "billing_" in repr(d) and "billing_alembic_version" not in repr(d)]
+        assert ours == []
+    finally:
+        engine.dispose()
