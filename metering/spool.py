@@ -30,7 +30,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
-_READ_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -239,7 +238,13 @@ class Spool:
 
 
 def _read_lines(seg: _Segment, start: int, max_records: int) -> tuple[list[dict[str, Any]], int]:
-    data = os.pread(seg.fd, min(_READ_CHUNK_BYTES, seg.size - start), start)
+    # about 1 KiB a record; a line longer than the chunk doubles it until the line fits
+    chunk = max(64 * 1024, max_records * 1024)
+    while True:
+        data = os.pread(seg.fd, min(chunk, seg.size - start), start)
+        if b"\n" in data or start + len(data) >= seg.size:
+            break
+        chunk *= 2
     records: list[dict[str, Any]] = []
     pos = 0
     while len(records) < max_records:

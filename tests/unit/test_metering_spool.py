@@ -123,3 +123,15 @@ def test_wait_drained_and_closed_spool(tmp_path: Path) -> None:
     spool.close()
     with pytest.raises(RuntimeError):
         spool.append({"request_id": "late"})
+
+
+def test_long_lines_and_large_backlogs_are_read_whole(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"], fsync=False)
+    big = "x" * 200_000  # longer than one read chunk
+    spool.append({"request_id": "big", "extra": big})
+    for i in range(1500):
+        spool.append({"request_id": f"r{i}"})
+    got = drain(spool, "ledger", batch=500)
+    assert got[0]["extra"] == big
+    assert [r["request_id"] for r in got[1:]] == [f"r{i}" for i in range(1500)]
+    spool.close()
