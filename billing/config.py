@@ -60,6 +60,9 @@ class BillingSettings(BaseModel):
     # its estimate (a request that ran is always charged in full; any excess over its estimate adds to it).
     overshoot_allowance_nanousd: int = Field(default=0, ge=0)
     min_estimate_nanousd: int = Field(default=1, ge=1, description="floor of a reservation")
+    estimate_compute_s: float = Field(
+        default=5.0, gt=0, description="compute seconds reserved per request (x the profile's price)"
+    )
     reservation_ttl_s: float = Field(
         default=3600, gt=0, description="an open reservation older than this is released (a crashed ingress)"
     )

@@ -12,8 +12,11 @@ billing.settle(admission, charge.cost_nanousd, request_id=..., hardware_profile=
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Literal
 
 from billing.accounts import AccountStore, BilledAccount, Caller
@@ -28,6 +31,15 @@ FREE_TIER_MESSAGE = (
     "You have exceeded your monthly included credits for Inference Providers. "
     "Subscribe to PRO to get 20x more monthly included credits."
 )
+
+
+def estimate_nanousd(usd_per_second: Fraction | Decimal | int, compute_seconds: float | Fraction) -> int:
+    """What to reserve at admission: `compute_seconds` at the profile's price, rounded up to a nano-USD."""
+    seconds = Fraction(compute_seconds) if not isinstance(compute_seconds, Fraction) else compute_seconds
+    exact = Fraction(usd_per_second) * seconds * 10**9
+    if exact < 0:
+        raise ValueError("an estimate cannot be negative")
+    return math.ceil(exact)
 
 
 @dataclass(frozen=True)

@@ -291,3 +291,16 @@ def test_reported_totals_are_the_exact_sum_of_charges(tmp_path_factory, costs):
     assert sum(h["cost_nanousd"] for h in r["by_hardware_profile"]) == sum(costs)
     assert r["total_usd"] == f"{sum(costs) // 10**9}.{sum(costs) % 10**9:09d}"
     svc.close()
+
+
+def test_estimate_is_exact_and_rounds_up():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from billing.service import estimate_nanousd
+
+    assert estimate_nanousd(Decimal("0.00012"), 10) == 1_200_000  # the FLUX example: 10 s at $0.00012/s
+    assert estimate_nanousd(Fraction("0.033") / 3600, 5) == 45_834  # 45833.33... rounded up
+    assert estimate_nanousd(0, 5) == 0
+    with pytest.raises(ValueError):
+        estimate_nanousd(Decimal("-1"), 1)
