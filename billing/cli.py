@@ -291,6 +291,29 @@ def _register_views(accounts: typer.Typer) -> None:
         report = _run(database_url, lambda s: s.usage(operator, account, month))
         typer.echo(json.dumps(report, indent=2) if fmt == "json" else report_csv(report), nl=fmt == "json")
 
+    @accounts.command("reconcile")
+    def reconcile_cmd(
+        month: str = typer.Option(None, "--month", help="YYYY-MM (default: this month)"),
+        database_url: str = _db_option(),
+    ) -> None:
+        """Check billing's settled costs against the metering ledger, request by request (exit 1 on a mismatch)."""
+        import datetime as dt
+
+        month = month or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m")
+        rec = _run(database_url, lambda s: s.reconcile(month))
+        typer.echo(
+            f"{month}: {rec.matched} matched; billing {_usd(rec.billing_total_nanousd)}, "
+            f"ledger {_usd(rec.ledger_total_nanousd)}"
+        )
+        for rid in rec.missing_in_ledger:
+            typer.echo(f"missing in the ledger: {rid}")
+        for rid in rec.missing_in_billing:
+            typer.echo(f"missing in billing: {rid}")
+        for rid, ours, theirs in rec.different:
+            typer.echo(f"different: {rid}: billing {ours}, ledger {theirs} nano-USD")
+        if not rec.ok:
+            raise typer.Exit(1)
+
 
 def _limit(value: str | None) -> int | None:
     import typer

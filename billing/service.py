@@ -24,6 +24,7 @@ from billing.config import BillingSettings
 from billing.db import as_utc, make_engine, upgrade, utcnow
 from billing.errors import Forbidden, PaymentRequired, Unauthorized
 from billing.hub import WhoamiCache
+from billing.reconcile import Reconciliation, reconcile
 from billing.reports import check_month, usage_report
 from billing.spend import SpendBook, month_of
 
@@ -82,6 +83,7 @@ class BillingService:
     ) -> None:
         self.settings = settings
         self._clock_fn = clock or utcnow
+        self.database_url = database_url
         self.engine = make_engine(database_url)
         if migrate:
             upgrade(self.engine)
@@ -254,6 +256,12 @@ class BillingService:
             raise Forbidden(f"You cannot see the usage of {account!r}")
         return usage_report(
             self.engine, self.accounts.account_policy(account), month, per_member=kind == "org"
+        )
+
+    def reconcile(self, month: str) -> Reconciliation:
+        """Billing's settled costs of `month` against the metering ledger's charges, request by request."""
+        return reconcile(
+            self.engine, self.database_url, month, routed_prefix=self.settings.routed_account_prefix
         )
 
     def close(self) -> None:

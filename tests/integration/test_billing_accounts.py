@@ -222,3 +222,46 @@ def test_migrations_match_the_models(database_url):
         assert ours == []
     finally:
         engine.dispose()
+
+
+def test_reconcile_with_the_metering_ledger(database_url):
+    from metering.ledger import Ledger
+    from metering.records import Charge, UsageRecord
+
+    svc = BillingService(BillingSettings(mode="tokens"), database_url)
+    ledger = Ledger(database_url)
+    try:
+        svc.accounts.create_user("pat", "pro")
+        token = svc.accounts.issue_token("pat").token
+
+        def charge(rid: str, cost: int, account: str = "pat") -> Charge:
+            usage = UsageRecord(
+                request_id=rid,
+                started_at=WHEN,
+                model_id="org/m",
+                revision="r",
+                task="t",
+                hardware_profile="cpu-basic",
+                compute_ns=10**6,
+                user=account,
+                billed_account=account,
+            )
+            return Charge(usage, 1, "0.033", dt.date(2025, 1, 1), cost)
+
+        for i, cost in enumerate((5, 7, 11)):
+            adm = svc.admit(token, None, "org/m", 100, WHEN)
+            svc.settle(adm, cost, request_id=f"r{i}", hardware_profile="cpu-basic")
+        ledger.insert(
+            [charge("r0", 5), charge("r1", 7), charge("r2", 11), charge("routed", 99, "hf:someone")]
+        )
+        rec = svc.reconcile("2026-06")
+        assert rec.ok and rec.matched == 3 and rec.billing_total_nanousd == rec.ledger_total_nanousd == 23
+        ledger.insert([charge("r9", 1)])  # charged in the ledger, never settled in billing
+        adm = svc.admit(token, None, "org/m", 100, WHEN)
+        svc.settle(adm, 3, request_id="r10")  # settled, not (yet) in the ledger
+        rec = svc.reconcile("2026-06")
+        assert not rec.ok and rec.missing_in_billing == ["r9"] and rec.missing_in_ledger == ["r10"]
+        assert svc.reconcile("2026-07").ok
+    finally:
+        ledger.close()
+        svc.close()

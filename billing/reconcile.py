@@ -1,0 +1,81 @@
+"""Check billing's settled costs against the metering ledger's charges, request by request, for one month.
+
+Billing keeps its own settled costs (they are the admission gate, written synchronously when a request ends);
+the ledger is the record of every charge (written through metering's durable spool, so it may lag a moment).
+For every request billed to one of our accounts both must hold the same cost. Routed Hugging Face requests
+(`hf:` accounts) are only in the ledger and are left out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, select
+
+from billing.db import read_session
+from billing.reports import check_month
+from billing.schema import Reservation
+from billing.spend import SETTLED
+
+
+@dataclass
+class Reconciliation:
+    """What matched and what did not, by request id."""
+
+    month: str
+    matched: int = 0
+    billing_total_nanousd: int = 0
+    ledger_total_nanousd: int = 0
+    missing_in_ledger: list[str] = field(default_factory=list)  # settled here, no charge there (yet)
+    missing_in_billing: list[str] = field(default_factory=list)  # charged there, never settled here
+    different: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, billing, ledger)
+
+    @property
+    def ok(self) -> bool:
+        """Every request agrees."""
+        return not (self.missing_in_ledger or self.missing_in_billing or self.different)
+
+
+def month_bounds(month: str) -> tuple[dt.datetime, dt.datetime]:
+    """[first instant, first instant of the next month) in UTC."""
+    check_month(month)
+    year, mon = int(month[:4]), int(month[5:])
+    start = dt.datetime(year, mon, 1, tzinfo=dt.timezone.utc)
+    end = dt.datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    return start, end
+
+
+def reconcile(engine: Engine, database_url: str, month: str, *, routed_prefix: str = "hf:") -> Reconciliation:
+    """Compare billing's settled requests of `month` with the ledger's charges of the same month."""
+    from metering.ledger import Ledger
+
+    start, end = month_bounds(month)
+    with read_session(engine) as s:
+        ours = {
+            (r.request_id or r.id): int(r.cost_nanousd or 0)
+            for r in s.scalars(
+                select(Reservation).where(Reservation.month == month, Reservation.state == SETTLED)
+            )
+        }
+    ledger = Ledger(database_url)
+    try:
+        theirs = {
+            c.request_id: c.cost_nanousd
+            for c in ledger.charges(start, end)
+            if not c.usage.billed_account.startswith(routed_prefix)
+        }
+    finally:
+        ledger.close()
+    out = Reconciliation(
+        month, billing_total_nanousd=sum(ours.values()), ledger_total_nanousd=sum(theirs.values())
+    )
+    for rid, cost in sorted(ours.items()):
+        if rid not in theirs:
+            out.missing_in_ledger.append(rid)
+        elif theirs[rid] != cost:
+            out.different.append((rid, cost, theirs[rid]))
+        else:
+            out.matched += 1
+    out.missing_in_billing = sorted(set(theirs) - set(ours))
+    return out
