@@ -6,7 +6,7 @@ import datetime as dt
 import pickle
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
@@ -274,12 +274,20 @@ def test_tiers_are_configuration(tmp_path, clock):
     svc.close()
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def shared_svc(tmp_path_factory):
+    service = BillingService(BillingSettings(mode="tokens"), f"sqlite:///{tmp_path_factory.mktemp('h')}/h.db")
+    yield service
+    service.close()
+
+
+@settings(max_examples=25, deadline=None)
 @given(costs=st.lists(st.integers(min_value=0, max_value=3_000_000_000), min_size=0, max_size=12))
-def test_reported_totals_are_the_exact_sum_of_charges(tmp_path_factory, costs):
-    svc = BillingService(BillingSettings(mode="tokens"), f"sqlite:///{tmp_path_factory.mktemp('h')}/h.db")
-    svc.accounts.create_user("p", "pro")
-    tok = svc.accounts.issue_token("p").token
+def test_reported_totals_are_the_exact_sum_of_charges(shared_svc, costs):
+    svc = shared_svc
+    name = f"p{len(svc.accounts.list_accounts())}"  # a fresh account per example
+    svc.accounts.create_user(name, "pro")
+    tok = svc.accounts.issue_token(name).token
     when = dt.datetime(2026, 5, 1, tzinfo=UTC)
     for i, cost in enumerate(costs):
         adm = svc.admit(tok, None, f"org/m{i % 3}", 1, when)
@@ -290,7 +298,6 @@ def test_reported_totals_are_the_exact_sum_of_charges(tmp_path_factory, costs):
     assert sum(m["cost_nanousd"] for m in r["by_model"]) == sum(costs)
     assert sum(h["cost_nanousd"] for h in r["by_hardware_profile"]) == sum(costs)
     assert r["total_usd"] == f"{sum(costs) // 10**9}.{sum(costs) % 10**9:09d}"
-    svc.close()
 
 
 def test_estimate_is_exact_and_rounds_up():
