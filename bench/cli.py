@@ -202,9 +202,11 @@ def _charge_source(ledger: str | None, table: str | None, endpoint: str | None, 
     else:
         return None, ""
     try:
-        source.charges_for([])  # reflects the table: a bad URL or a missing table fails here
+        note = source.check()  # a bad URL, an unreachable database or a missing custom table fails here
     except LedgerError as err:
         raise typer.BadParameter(str(err), param_hint="--ledger") from err
+    if note:
+        typer.echo(f"note: {note}", err=True)
     return source, name
 
 

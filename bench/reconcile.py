@@ -256,13 +256,34 @@ class SqlLedger:
         self.layout = layout
         self.chunk = chunk
 
+    def check(self) -> str | None:
+        """Connect now (a bad URL or an unreachable database raises LedgerError); a note if there is no table yet.
+
+        The metering ledger creates its table with the first charge, so a fresh service has none: not an error.
+        """
+        import sqlalchemy as sa
+
+        engine = self._engine()
+        try:
+            with engine.connect():
+                pass
+            if self._columns(engine) is None:  # a custom layout's missing table raises here
+                return "the metering ledger has no charges table yet (a fresh service)"
+            return None
+        except sa.exc.OperationalError as err:
+            raise LedgerError(f"cannot reach the ledger: {err.orig}") from err
+        finally:
+            engine.dispose()
+
     def charges_for(self, request_ids: Sequence[str]) -> list[LedgerCharge]:
-        """Every charge of `request_ids`, read in chunks (an empty list checks the table is there)."""
+        """Every charge of `request_ids`, read in chunks."""
         import sqlalchemy as sa
 
         engine = self._engine()
         try:
             cols = self._columns(engine)
+            if cols is None:
+                return []  # no table yet: the ledger holds no charges
             out: list[LedgerCharge] = []
             with engine.connect() as conn:
                 for start in range(0, len(request_ids), self.chunk):
@@ -288,14 +309,15 @@ class SqlLedger:
         except (sa.exc.ArgumentError, ImportError) as err:
             raise LedgerError(f"bad ledger URL {self.database_url!r}: {err}") from err
 
-    def _columns(self, engine: Any) -> list[Any]:
+    def _columns(self, engine: Any) -> list[Any] | None:
+        """The request id, cost and compute columns; None when the metering table does not exist yet."""
         import sqlalchemy as sa
 
         if self.layout is None:
             from metering.ledger import charges_table as table
 
             if not sa.inspect(engine).has_table(table.name):
-                raise LedgerError(f"no metering ledger (table {table.name!r}) at {self.database_url!r}")
+                return None
             return [table.c.request_id, table.c.cost_nanousd, table.c.compute_ms]
         lay = self.layout
         try:

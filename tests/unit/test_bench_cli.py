@@ -164,7 +164,8 @@ def test_streams_take_cost_from_the_ledger(bench_standin, tmp_path) -> None:
         (["--task", "painting"], "unknown task"),
         (["--task", "chat", "--sweep", "1,x"], "comma-separated"),
         (["--task", "chat", "--price-per-second", "cheap"], "exact decimal"),
-        (["--task", "chat", "--ledger", "sqlite:///{tmp}/none.db"], "metering_charges"),
+        (["--task", "chat", "--ledger", "nodb://x"], "bad ledger URL"),
+        (["--task", "chat", "--ledger", "sqlite:///{tmp}/l.db", "--ledger-table", "t"], "no table 't'"),
         (["--task", "chat", "--workload", "{tmp}/missing.jsonl"], "cannot read workload file"),
     ],
 )

@@ -145,12 +145,17 @@ def test_planted_missing_charge_in_the_metering_ledger(bench_standin, tmp_path) 
 
 def test_sql_ledger_errors_name_the_problem(tmp_path) -> None:
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
-    with pytest.raises(LedgerError, match="metering_charges"):
-        SqlLedger(empty).charges_for([])
+    # a fresh service's ledger has no table until its first charge: no charges, and a note, not an error
+    assert "no charges table yet" in SqlLedger(empty).check()
+    assert SqlLedger(empty).charges_for(["x"]) == []
     with pytest.raises(LedgerError, match="no table 'nope'"):
         SqlLedger(empty, LedgerLayout(table="nope")).charges_for(["x"])
+    with pytest.raises(LedgerError, match="no table 'nope'"):
+        SqlLedger(empty, LedgerLayout(table="nope")).check()
     with pytest.raises(LedgerError, match="bad ledger URL"):
-        SqlLedger("not a url").charges_for([])
+        SqlLedger("not a url").check()
+    with pytest.raises(LedgerError, match="cannot reach the ledger"):
+        SqlLedger(f"sqlite:///{tmp_path}/no/such/dir/x.db", LedgerLayout()).check()
 
 
 def test_billing_endpoint_finds_a_duplicate_and_a_missing_charge(bench_standin) -> None:
