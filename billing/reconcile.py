@@ -8,13 +8,12 @@ For every request billed to one of our accounts both must hold the same cost. Ro
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 
 from billing.db import read_session
-from billing.reports import check_month
+from billing.reports import month_bounds
 from billing.schema import Reservation
 from billing.spend import SETTLED
 
@@ -35,15 +34,6 @@ class Reconciliation:
     def ok(self) -> bool:
         """Every request agrees."""
         return not (self.missing_in_ledger or self.missing_in_billing or self.different)
-
-
-def month_bounds(month: str) -> tuple[dt.datetime, dt.datetime]:
-    """[first instant, first instant of the next month) in UTC."""
-    check_month(month)
-    year, mon = int(month[:4]), int(month[5:])
-    start = dt.datetime(year, mon, 1, tzinfo=dt.timezone.utc)
-    end = dt.datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=dt.timezone.utc)
-    return start, end
 
 
 def reconcile(engine: Engine, database_url: str, month: str, *, routed_prefix: str = "hf:") -> Reconciliation:

@@ -6,6 +6,7 @@ Every total is the sum of the charges it covers, in integer nano-USD.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import re
 from collections import defaultdict
@@ -30,6 +31,15 @@ def check_month(month: str) -> str:
     return month
 
 
+def month_bounds(month: str) -> tuple[dt.datetime, dt.datetime]:
+    """[first instant, first instant of the next month) in UTC."""
+    check_month(month)
+    year, mon = int(month[:4]), int(month[5:])
+    start = dt.datetime(year, mon, 1, tzinfo=dt.timezone.utc)
+    end = dt.datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    return start, end
+
+
 def usd(nanousd: int) -> str:
     """Exact decimal USD string with 9 places."""
     sign = "-" if nanousd < 0 else ""
@@ -49,10 +59,22 @@ def _group(charges: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     ]
 
 
+def _charge(request_id: str, started_at, user: str, model_id: str, profile: str | None, cost: int) -> dict:
+    return {
+        "request_id": request_id,
+        "started_at": as_utc(started_at).isoformat(),
+        "user": user,
+        "model_id": model_id,
+        "hardware_profile": profile or "unknown",
+        "cost_nanousd": cost,
+        "cost_usd": usd(cost),
+    }
+
+
 def usage_report(
     engine: Engine, account: BilledAccount, month: str, *, per_member: bool = False
 ) -> dict[str, Any]:
-    """The month's usage of `account`: included credits used first, the rest pay-as-you-go."""
+    """The month's usage of `account` from billing's settled requests: included credits first, then PAYG."""
     check_month(month)
     with read_session(engine) as s:
         rows = s.scalars(
@@ -65,19 +87,55 @@ def usage_report(
             .order_by(Reservation.started_at, Reservation.id)
         ).all()
         charges = [
-            {
-                "request_id": r.request_id or r.id,
-                "started_at": as_utc(r.started_at).isoformat(),
-                "user": r.user,
-                "model_id": r.model_id,
-                "hardware_profile": r.hardware_profile or "unknown",
-                "cost_nanousd": int(r.cost_nanousd or 0),
-                "cost_usd": usd(int(r.cost_nanousd or 0)),
-            }
+            _charge(
+                r.request_id or r.id,
+                r.started_at,
+                r.user,
+                r.model_id,
+                r.hardware_profile,
+                int(r.cost_nanousd or 0),
+            )
             for r in rows
             if r.state == SETTLED
         ]
         in_flight = sum(int(r.estimate_nanousd) for r in rows if r.state == OPEN)
+    return build_report(account, month, charges, in_flight_nanousd=in_flight, per_member=per_member)
+
+
+def ledger_usage_report(database_url: str, account: BilledAccount, month: str) -> dict[str, Any]:
+    """The month's usage of `account` from the metering ledger's charges (open mode keeps no reservations)."""
+    from metering.ledger import Ledger
+
+    start, end = month_bounds(month)
+    ledger = Ledger(database_url)
+    try:
+        found = ledger.charges(start, end, account=account.name)
+    finally:
+        ledger.close()
+    charges = [
+        _charge(
+            c.request_id,
+            c.usage.started_at,
+            c.usage.user,
+            c.usage.model_id,
+            c.usage.hardware_profile,
+            c.cost_nanousd,
+        )
+        for c in found
+    ]
+    return build_report(account, month, charges)
+
+
+def build_report(
+    account: BilledAccount,
+    month: str,
+    charges: list[dict[str, Any]],
+    *,
+    in_flight_nanousd: int = 0,
+    per_member: bool = False,
+) -> dict[str, Any]:
+    """The report of `charges`: every total is their exact sum; included credits are used first."""
+    in_flight = in_flight_nanousd
     total = sum(c["cost_nanousd"] for c in charges)
     included_used = min(total, account.included_nanousd)
     report: dict[str, Any] = {

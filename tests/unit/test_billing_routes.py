@@ -129,8 +129,27 @@ def test_open_mode_usage_needs_no_token(tmp_path):
     errors.install(app)
     app.include_router(router)
     app.state.billing = billing
-    adm = billing.admit(None, None, "org/m", CENT, dt.datetime.now(dt.timezone.utc))
-    billing.settle(adm, 3)
+    from metering.ledger import Ledger
+    from metering.records import Charge, UsageRecord
+
+    now = dt.datetime.now(dt.timezone.utc)
+    adm = billing.admit(None, None, "org/m", CENT, now)
+    billing.settle(adm, 3)  # open mode: the ledger's charges are the record
+    usage = UsageRecord(
+        request_id="r1",
+        started_at=now,
+        model_id="org/m",
+        revision="x",
+        task="t",
+        hardware_profile="cpu-basic",
+        compute_ns=1,
+        user="local",
+        billed_account="local",
+    )
+    ledger = Ledger(billing.database_url)
+    ledger.insert([Charge(usage, 0, "0.033", dt.date(2025, 1, 1), 3)])
+    ledger.close()
     r = TestClient(app).get("/billing/usage")
     assert r.status_code == 200 and r.json()["account"] == "local" and r.json()["total_nanousd"] == 3
+    assert r.json()["charges"][0]["request_id"] == "r1"
     billing.close()
