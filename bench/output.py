@@ -217,6 +217,9 @@ def save_plot(doc: dict[str, Any], path: str | Path) -> Path:
         axes[0][2].set_xlabel(unit)
         axes[0][2].set_ylabel("p99 latency (s)")
         axes[0][2].grid(alpha=0.3)
+        if min(levels) > 0 and max(levels) / min(levels) >= 4:  # 1,2,4,8,16: evenly spaced on a log axis
+            for ax in (axes[0][1], axes[0][2]):
+                ax.set_xscale("log", base=2)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
