@@ -12,8 +12,6 @@ from hardware_profiles import HardwareProfile
 from models.catalog import ModelSpec
 from serving.config import Settings
 
-SECRET_FIELDS = {"hf_token"}  # read from each replica's environment, never stored in deployment args
-
 
 def deployment_options(spec: ModelSpec, profile: HardwareProfile) -> dict[str, Any]:
     """Serve options of a model's deployment: placement from its profile, scale and limits from the catalog."""
@@ -42,7 +40,7 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
 
     settings = Settings.load(args or {})
     catalog, profiles = settings.validated()
-    plain = settings.model_dump(mode="json", exclude=SECRET_FIELDS)
+    plain = settings.replica_args()  # secrets stay in each replica's environment
     models = {}
     for spec in catalog.models:
         profile = profiles.get(spec.hardware_profile)

@@ -22,9 +22,7 @@ Ctrl-C stops it.
 """
 
 
-def _settings_args(
-    config: Path | None, host: str | None, port: int | None, catalog: Path | None
-) -> dict:
+def _settings_args(config: Path | None, host: str | None, port: int | None, catalog: Path | None) -> dict:
     import os
 
     if config:

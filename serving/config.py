@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from billing.config import BillingSettings
 from hardware_profiles import ProfileCatalog, load_profiles
@@ -29,7 +29,12 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "HFI_MODEL_STORE": ("model_store", "where local model directories live"),
     "HFI_DATABASE_URL": ("metering.database_url", "the ledger database (SQLite or PostgreSQL URL)"),
     "HFI_SPOOL_DIR": ("metering.spool_dir", "the durable charge spool directory"),
+    "HFI_EVENTS_FILE": ("metering.events_file", "a CloudEvents JSON-lines file of charges"),
+    "HFI_COLLECTOR_URL": ("metering.collector_url", "a usage-event collector (OpenMeter's ingest API)"),
+    "HFI_COLLECTOR_TOKEN": ("metering.collector_token", "bearer token for the collector"),
+    "HFI_PROVIDER_SECRET": ("metering.provider_secret", "secret of the Hugging Face billing endpoint"),
     "HFI_BILLING_MODE": ("billing.mode", "open (one local account) or tokens"),
+    "HFI_ADMIN_TOKEN": ("billing.admin_token", "the operator's admin token"),
     "HF_TOKEN": ("hf_token", "Hugging Face token for gated or private models"),
     "HF_HUB_CACHE": ("hf_cache_dir", "the Hugging Face cache directory"),
     "HF_HUB_OFFLINE": ("offline", "1: load models from the cache only"),
@@ -64,6 +69,9 @@ class Settings(BaseModel):
     ingress_max_ongoing_requests: int = Field(default=256, ge=1)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
+    # Settings that came from the environment: never copied into Serve deployment args (they may be secrets,
+    # and every replica reads its own environment).
+    _from_env: set[str] = PrivateAttr(default_factory=set)
 
     # Loading
 
@@ -74,18 +82,36 @@ class Settings(BaseModel):
         merged: dict[str, Any] = {}
         if env.get("HFI_CONFIG"):
             merged = _read_yaml(Path(env["HFI_CONFIG"]))
+        from_env: set[str] = set()
+        data = data or {}
         for name, (path, _) in ENV_VARS.items():
             if path and env.get(name):
                 value: Any = env[name]
                 if name == "HF_HUB_OFFLINE":
                     value = value.strip().lower() in ("1", "true", "yes", "on")
                 _set_path(merged, path, value)
-        _deep_update(merged, data or {})
+                if not _has_path(data, path):
+                    from_env.add(path)
+        _deep_update(merged, data)
         try:
-            return cls.model_validate(merged)
+            settings = cls.model_validate(merged)
         except ValidationError as err:
             lines = [f"settings: field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
             raise SettingsError("\n".join(lines)) from None
+        settings._from_env = from_env
+        return settings
+
+    def replica_args(self) -> dict[str, Any]:
+        """The settings as plain data for Serve deployment args: without the token and without anything that
+        came from the environment (secrets such as the database URL stay in each replica's own environment)."""
+        exclude: dict[str, Any] = {"hf_token": True}
+        for path in self._from_env:
+            head, _, leaf = path.partition(".")
+            if leaf:
+                exclude.setdefault(head, {})[leaf] = True
+            else:
+                exclude[head] = True
+        return self.model_dump(mode="json", exclude=exclude)
 
     # Derived, validated views
 
@@ -136,6 +162,14 @@ def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         target = target.setdefault(key, {})
     target[leaf] = value
+
+
+def _has_path(data: dict[str, Any], dotted: str) -> bool:
+    for key in dotted.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
 
 
 def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:

@@ -105,6 +105,11 @@ class Ingress:
         logging.basicConfig(level=logging.INFO)
         self.core = IngressCore(Settings.load(settings), RayBackend(handles), set_request_id_header=False)
 
+    def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+
     def __serve_build_asgi_app__(self) -> Any:
         from serving.http import create_app
 

@@ -12,6 +12,8 @@ from models.errors import ModelNotFound
 from models.types import CHAT_COMPLETION, COMPLETION
 from serving import errors
 from serving.ingress import EXPOSED_HEADERS, IngressCore
+from serving.routes import accounts as accounts_routes
+from serving.routes import usage as usage_routes
 from serving.routes.base import json_response
 
 PREFIX = "/hf-inference"
@@ -55,6 +57,9 @@ def create_app(core: IngressCore) -> FastAPI:
     app = FastAPI(title="hf-inference backend", docs_url="/docs", redoc_url=None)
     app.state.core = core
     app.state.metering = core.metering
+    app.state.billing = core.billing
+    app.include_router(usage_routes.router)
+    app.include_router(accounts_routes.router)
     errors.install(app, set_request_id=core.set_request_id_header)
     app.add_middleware(
         CORSMiddleware,

@@ -16,14 +16,18 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
 
-from metering.records import Charge, UsageRecord
+from billing.service import Admission, BillingService, estimate_nanousd
+from metering import metrics
+from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge, UsageRecord
 from metering.service import MeteringService
 from models.catalog import ModelSpec
 from models.errors import InvalidInput, ModelLoading, ModelNotFound, PayloadTooLarge, UnprocessableRequest
 from models.types import RunResult, StreamChunk, TaskRequest
 from serving.config import Settings
 from serving.errors import error_body
+from serving.routes.accounts import bearer_token
 from serving.routes.base import Parsed, RequestContext, sse
 from serving.routes.registry import ADAPTERS, choose_task
 
@@ -67,6 +71,7 @@ class IngressCore:
         settings: Settings,
         backend: ModelBackend,
         metering: MeteringService | None = None,
+        billing: BillingService | None = None,
         *,
         set_request_id_header: bool = True,
     ) -> None:
@@ -74,6 +79,7 @@ class IngressCore:
         self.catalog, self.profiles = settings.validated()
         self.backend = backend
         self.metering = metering or MeteringService(settings.metering, self.profiles)
+        self.billing = billing or BillingService(settings.billing, settings.metering.resolved_database_url())
         self._info: dict[str, dict[str, Any]] = {}
         # Behind Ray Serve's proxy, the proxy itself answers with x-request-id (the client's, when it sent one).
         self.set_request_id_header = set_request_id_header
@@ -140,8 +146,34 @@ class IngressCore:
             raise InvalidInput(f"the request body is not valid JSON: {err}") from None
 
     async def handle(self, request: Request, model_id: str | None, hint: str | None = None) -> Response:
-        """Serve one inference request: the model from the URL (or, when None, the body's `model`); the task
-        from `hint`, else the body's shape, else the model's own."""
+        """Serve one inference request and count it in the metrics, errors included."""
+        started_ns = time.perf_counter_ns()
+        try:
+            response = await self._handle(request, model_id, hint)
+        except Exception as err:
+            label = getattr(request.state, "metric_labels", None)
+            if label is not None:
+                metrics.observe_request(
+                    **label,
+                    status=error_body(err)[0],
+                    total_seconds=(time.perf_counter_ns() - started_ns) / 1e9,
+                )
+            raise
+        label = getattr(request.state, "metric_labels", None)
+        if label is not None and not isinstance(response, StreamingResponse):  # streams count at their end
+            metrics.observe_request(
+                **label,
+                status=response.status_code,
+                total_seconds=(time.perf_counter_ns() - started_ns) / 1e9,
+                queue_seconds=request.state.queue_seconds,
+                compute_seconds=request.state.compute_seconds,
+            )
+        return response
+
+    async def _handle(self, request: Request, model_id: str | None, hint: str | None) -> Response:
+        """The model from the URL (or, when None, the body's `model`); the task from `hint`, else the body's
+        shape, else the model's own. Parsing (400/404/413/422) and admission (401/402/403) come before any
+        compute, so a refused request is never charged."""
         if model_id is not None:
             spec = self.spec(model_id)
             body = await self.read_json(request)
@@ -154,19 +186,57 @@ class IngressCore:
         ctx = self.context(request, spec)
         info = await self.model_info(spec)
         task = choose_task(tuple(info["tasks"]), spec.task, body, hint)
+        request.state.metric_labels = {
+            "model_id": spec.id,
+            "task": task,
+            "hardware_profile": spec.hardware_profile,
+        }
         adapter = ADAPTERS[task]
         parsed = adapter.parse(body, spec, ctx)
+        if parsed.stream and not adapter.can_stream:
+            raise InvalidInput(f"task {task} does not stream")
+        admission = await self.admit(request, ctx, spec)
         headers = self.base_headers(ctx, spec, info, parsed)
         if parsed.stream:
-            if not adapter.can_stream:
-                raise InvalidInput(f"task {task} does not stream")
-            return self.streaming_response(adapter, parsed, ctx, spec, info, headers)
-        result = await self.backend.run(spec.id, parsed.request)
-        charge = await self.charge(ctx, spec, info, parsed, result.timings.compute_ns, result)
+            return self.streaming_response(adapter, parsed, ctx, spec, info, headers, admission)
+        try:
+            result = await self.backend.run(spec.id, parsed.request)
+        except BaseException:
+            await self.release(admission)
+            raise
+        charge = await self.charge(ctx, spec, info, parsed, result.timings.compute_ns, result, admission)
+        request.state.queue_seconds = result.timings.queue_ns / 1e9
+        request.state.compute_seconds = result.timings.compute_ns / 1e9
         response = adapter.render(result, parsed, ctx)
         response.headers.update(headers)
         response.headers.update(self.result_headers(result, charge, ctx))
         return response
+
+    # Billing: admission before compute, settlement after
+
+    async def admit(self, request: Request, ctx: RequestContext, spec: ModelSpec) -> Admission | None:
+        """Resolve the caller and the billed account, and reserve an estimate (401/402/403 raise here)."""
+        if self.billing is None:
+            return None
+        price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
+        estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
+        admission = await asyncio.to_thread(
+            self.billing.admit,
+            bearer_token(request),
+            request.headers.get("x-hf-bill-to"),
+            spec.id,
+            estimate,
+            ctx.started_at,
+        )
+        ctx.user, ctx.billed_account = admission.user, admission.billed_account
+        return admission
+
+    async def release(self, admission: Admission | None) -> None:
+        if self.billing is not None and admission is not None:
+            try:
+                await asyncio.to_thread(self.billing.release, admission)
+            except Exception:
+                log.exception("billing: could not release a reservation")
 
     def base_headers(
         self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed
@@ -209,10 +279,15 @@ class IngressCore:
         parsed: Parsed,
         compute_ns: int,
         result: RunResult | None,
-        status: str = "ok",
+        admission: Admission | None,
+        status: str = STATUS_OK,
     ) -> Charge | None:
-        """Record the charge for a request that ran; a metering fault is logged, never the client's problem."""
+        """Record the charge of a request that ran and settle its reservation.
+
+        A metering or billing fault is logged and counted, never the client's problem.
+        """
         timings = result.timings if result is not None else None
+        chars = parsed.characters if parsed.characters is not None else parsed.request.input_characters()
         usage = UsageRecord(
             request_id=ctx.inference_id,
             started_at=ctx.started_at,
@@ -224,19 +299,30 @@ class IngressCore:
             queue_ns=timings.queue_ns if timings else 0,
             total_ns=time.perf_counter_ns() - ctx.started_ns,
             batch_size=timings.batch_size if timings else 1,
-            input_characters=parsed.characters
-            if parsed.characters is not None
-            else parsed.request.input_characters(),
+            input_characters=chars,
             user=ctx.user,
             billed_account=ctx.billed_account,
             status=status,
             client_request_id=ctx.request_id if ctx.request_id != ctx.inference_id else None,
         )
         try:
-            return await asyncio.to_thread(self.metering.record, usage)
+            charge = await self.metering.record_async(usage)
         except Exception:
             log.exception("metering failed for request %s", ctx.inference_id)
+            await self.release(admission)
             return None
+        if self.billing is not None and admission is not None:
+            try:
+                await asyncio.to_thread(
+                    self.billing.settle,
+                    admission,
+                    charge.cost_nanousd,
+                    request_id=ctx.inference_id,
+                    hardware_profile=spec.hardware_profile,
+                )
+            except Exception:
+                log.exception("billing: could not settle request %s", ctx.inference_id)
+        return charge
 
     def streaming_response(
         self,
@@ -246,22 +332,29 @@ class IngressCore:
         spec: ModelSpec,
         info: dict[str, Any],
         headers: dict[str, str],
+        admission: Admission | None,
     ) -> Response:
-        from fastapi.responses import StreamingResponse
-
+        stream = self._metered_stream(adapter, parsed, ctx, spec, info, admission)
         return StreamingResponse(
-            self._metered_stream(adapter, parsed, ctx, spec, info),
-            media_type="text/event-stream",
-            headers={**headers, "cache-control": "no-cache"},
+            stream, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
         )
 
     async def _metered_stream(
-        self, adapter: Any, parsed: Parsed, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any]
+        self,
+        adapter: Any,
+        parsed: Parsed,
+        ctx: RequestContext,
+        spec: ModelSpec,
+        info: dict[str, Any],
+        admission: Admission | None,
     ) -> AsyncIterator[bytes]:
-        """Stream the model's chunks; charge after the last token, or for what ran if the client left."""
+        """Stream the model's chunks; charge after the last token, or for what ran if the client left.
+
+        A stream that fails is not charged; its error is the last event (the status line is already sent).
+        """
         consumed_ns = 0
         final: RunResult | None = None
-        finished = False
+        outcome = "disconnected"  # until the stream ends one way or the other
 
         async def items() -> AsyncIterator[StreamChunk | RunResult]:
             nonlocal consumed_ns, final
@@ -272,20 +365,55 @@ class IngressCore:
                     consumed_ns = item.elapsed_ns
                 yield item
 
-        errored = False
         try:
             async for data in adapter.render_stream(items(), parsed, ctx):
                 yield data
-            finished = True
-        except Exception as err:  # headers are gone: report the error as the stream's last event
-            errored = True
+            outcome = "ok"
+        except Exception as err:
+            outcome = "error"
             _, body, _ = error_body(err)
             yield sse(body)
         finally:
-            if final is not None:
-                await asyncio.shield(self.charge(ctx, spec, info, parsed, final.timings.compute_ns, final))
-            elif not (finished or errored) and consumed_ns > 0:
-                # The client went away mid-stream: charge the compute it consumed, flagged as such.
-                await asyncio.shield(
-                    self.charge(ctx, spec, info, parsed, consumed_ns, None, status="client_disconnected")
-                )
+            await asyncio.shield(
+                self._settle_stream(ctx, spec, info, parsed, admission, final, consumed_ns, outcome)
+            )
+
+    async def _settle_stream(
+        self,
+        ctx: RequestContext,
+        spec: ModelSpec,
+        info: dict[str, Any],
+        parsed: Parsed,
+        admission: Admission | None,
+        final: RunResult | None,
+        consumed_ns: int,
+        outcome: str,
+    ) -> None:
+        labels = {"model_id": spec.id, "task": parsed.request.task, "hardware_profile": spec.hardware_profile}
+        total_s = (time.perf_counter_ns() - ctx.started_ns) / 1e9
+        if final is not None:
+            await self.charge(ctx, spec, info, parsed, final.timings.compute_ns, final, admission)
+            metrics.observe_request(
+                **labels,
+                status=200,
+                total_seconds=total_s,
+                queue_seconds=final.timings.queue_ns / 1e9,
+                compute_seconds=final.timings.compute_ns / 1e9,
+            )
+        elif outcome == "disconnected" and consumed_ns > 0:
+            # The client went away mid-stream: charge the compute it consumed, flagged as such.
+            await self.charge(
+                ctx, spec, info, parsed, consumed_ns, None, admission, STATUS_CLIENT_DISCONNECTED
+            )
+            metrics.observe_request(**labels, status=499, total_seconds=total_s)
+        else:
+            await self.release(admission)
+            metrics.observe_request(
+                **labels, status=500 if outcome == "error" else 499, total_seconds=total_s
+            )
+
+    def close(self) -> None:
+        """Drain metering and close the database connections (replica shutdown)."""
+        self.metering.close()
+        if self.billing is not None:
+            self.billing.close()

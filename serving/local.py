@@ -51,8 +51,7 @@ def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None
             init["_temp_dir"] = ray_temp_dir
         ray.init(**init)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    plain = settings.model_dump(mode="json", exclude={"hf_token"})
-    serve.run(build_app(plain), name="hfi", route_prefix="/", blocking=False)
+    serve.run(build_app(settings.replica_args()), name="hfi", route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
 
 
