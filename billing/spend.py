@@ -145,9 +145,10 @@ class SpendBook:
     def _expire(self, s: Session, account: str, now: dt.datetime) -> None:
         cutoff = now - dt.timedelta(seconds=self.reservation_ttl_s)
         stale = s.scalars(
-            select(Reservation).where(
-                Reservation.account == account, Reservation.state == OPEN, Reservation.created_at < cutoff
-            )
+            select(Reservation)
+            .where(Reservation.account == account, Reservation.state == OPEN, Reservation.created_at < cutoff)
+            # PostgreSQL: lock them, so two admissions never expire the same one twice (SQLite is serial)
+            .with_for_update(skip_locked=True)
         ).all()
         for r in stale:
             r.state = EXPIRED

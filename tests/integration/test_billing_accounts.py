@@ -265,3 +265,42 @@ def test_reconcile_with_the_metering_ledger(database_url):
     finally:
         ledger.close()
         svc.close()
+
+
+def test_concurrent_expiry_keeps_the_books_consistent(database_url):
+    now = [WHEN]
+    settings = BillingSettings(mode="tokens", reservation_ttl_s=60)
+    svc = BillingService(settings, database_url, clock=lambda: now[0])
+    try:
+        svc.accounts.create_user("pat", "pro")
+        token = svc.accounts.issue_token("pat").token
+        for _ in range(6):  # left open by an ingress that crashed
+            svc.admit(token, None, "org/m", 1000, WHEN)
+        now[0] = WHEN + dt.timedelta(seconds=120)
+        go = threading.Barrier(20)
+
+        def request(i: int) -> None:
+            go.wait()
+            adm = svc.admit(token, None, "org/m", 100, WHEN)
+            svc.settle(adm, 10 + i)
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            list(pool.map(request, range(20)))
+        from sqlalchemy import select
+
+        from billing.db import read_session
+        from billing.schema import Reservation
+
+        with read_session(svc.engine) as s:
+            rows = s.execute(
+                select(Reservation.state, Reservation.cost_nanousd).where(Reservation.account == "pat")
+            )
+            rows = [(state, cost) for state, cost in rows]
+        assert sorted({state for state, _ in rows}) == ["expired", "settled"]
+        expected = sum(cost for state, cost in rows if state == "settled")
+        assert expected == sum(10 + i for i in range(20))
+        assert (
+            svc.spend.committed_nanousd("pat", "2026-06") == expected
+        )  # each stale one expired exactly once
+    finally:
+        svc.close()
