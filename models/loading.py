@@ -72,13 +72,20 @@ def prepare_local(spec: ModelSpec, model_store: Path) -> Path:
 def resolve_source(spec: ModelSpec, options: LoadOptions) -> ResolvedSource:
     if spec.source.repo_id is not None:
         cls = runner_class(spec.task)
-        directory = cls.download(
-            spec.source.repo_id,
-            spec.source.revision,
-            options.hf_token,
-            options.hf_cache_dir,
-            options.offline,
-        )
+        try:
+            directory = cls.download(
+                spec.source.repo_id,
+                spec.source.revision,
+                options.hf_token,
+                options.hf_cache_dir,
+                options.offline,
+            )
+        except Exception as err:
+            where = "the Hugging Face cache (offline)" if options.offline else "the Hugging Face Hub"
+            raise ModelSourceError(
+                f"model {spec.id}: cannot get {spec.source.repo_id}@{spec.source.revision} from {where}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         # A snapshot directory is named by its commit sha.
         return ResolvedSource(directory=directory, revision=directory.name)
     directory = prepare_local(spec, options.model_store)
