@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 VERSION_TABLE = "metering_alembic_version"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_INSERT_CHUNK_ROWS = 200  # 26 columns x 200 rows stays far below SQLite's bound-parameter limit
+_INSERT_CHUNK_ROWS = 200  # 28 columns x 200 rows stays far below SQLite's bound-parameter limit
 _LOOKUP_CHUNK_IDS = 500
 
 
@@ -85,6 +85,9 @@ class ChargeRow(Base):
     queue_ns: Mapped[int] = mapped_column(BigInteger)
     total_ns: Mapped[int] = mapped_column(BigInteger)
     batch_size: Mapped[int] = mapped_column(Integer)
+    # The batch a request shared (rows with one batch_id have compute_ns adding up to batch_compute_ns).
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    batch_compute_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     input_characters: Mapped[int] = mapped_column(BigInteger)
     input_images: Mapped[int] = mapped_column(Integer)
     input_audio_seconds: Mapped[float] = mapped_column(Float)
@@ -121,6 +124,8 @@ def charge_to_row(charge: Charge, recorded_at: dt.datetime) -> dict[str, Any]:
         "queue_ns": u.queue_ns,
         "total_ns": u.total_ns,
         "batch_size": u.batch_size,
+        "batch_id": u.batch_id,
+        "batch_compute_ns": u.batch_compute_ns,
         "input_characters": u.input_characters,
         "input_images": u.input_images,
         "input_audio_seconds": float(u.input_audio_seconds),
@@ -150,6 +155,8 @@ def row_to_charge(row: Any) -> Charge:
         queue_ns=int(m["queue_ns"]),
         total_ns=int(m["total_ns"]),
         batch_size=int(m["batch_size"]),
+        batch_id=m["batch_id"],
+        batch_compute_ns=None if m["batch_compute_ns"] is None else int(m["batch_compute_ns"]),
         input_characters=int(m["input_characters"]),
         input_images=int(m["input_images"]),
         input_audio_seconds=float(m["input_audio_seconds"]),
@@ -187,6 +194,8 @@ def make_engine(database_url: str) -> Engine:
     return engine
 
 
+# What a process that lost a migration race to another one sees (SQLite): it retries and finds the work done.
+_MIGRATION_RACE_MESSAGES = ("already exists", "duplicate column name", "database is locked")
 _MIGRATE_LOCK = threading.Lock()  # Alembic's `context` is process-global: one migration at a time
 
 
@@ -210,7 +219,8 @@ def migrate(engine: Engine) -> None:
                     command.upgrade(cfg, "head")
                 return
             except DBAPIError as err:
-                if attempt == 2 or err.connection_invalidated or "already exists" not in str(err.orig):
+                raced = any(m in str(err.orig) for m in _MIGRATION_RACE_MESSAGES)
+                if attempt == 2 or err.connection_invalidated or not raced:
                     raise
                 log.info("metering: another process is migrating the ledger; trying again")
 

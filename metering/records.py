@@ -41,6 +41,8 @@ class UsageRecord:
     queue_ns: int = 0
     total_ns: int = 0
     batch_size: int = 1
+    batch_id: str | None = None  # the batch this request ran in (None: it ran alone)
+    batch_compute_ns: int | None = None  # the whole batch's compute time, of which compute_ns is a share
     input_characters: int = 0
     input_images: int = 0
     input_audio_seconds: float = 0.0
@@ -62,6 +64,12 @@ class UsageRecord:
                 raise InvalidUsage(f"{name} must be a non-negative integer, got {value!r}")
         if self.batch_size < 1:
             raise InvalidUsage("batch_size must be at least 1")
+        if self.batch_id is not None and not 1 <= len(self.batch_id) <= 64:
+            raise InvalidUsage("batch_id must be 1..64 characters")
+        if self.batch_compute_ns is not None:
+            bc = self.batch_compute_ns
+            if not isinstance(bc, int) or isinstance(bc, bool) or bc < self.compute_ns:
+                raise InvalidUsage(f"batch_compute_ns must be an integer >= compute_ns, got {bc!r}")
         if self.input_audio_seconds < 0:
             raise InvalidUsage("input_audio_seconds cannot be negative")
         if self.status not in STATUSES:

@@ -299,6 +299,8 @@ class IngressCore:
             queue_ns=timings.queue_ns if timings else 0,
             total_ns=time.perf_counter_ns() - ctx.started_ns,
             batch_size=timings.batch_size if timings else 1,
+            batch_id=timings.batch_id if timings else None,
+            batch_compute_ns=timings.batch_compute_ns if timings else None,
             input_characters=chars,
             user=ctx.user,
             billed_account=ctx.billed_account,
