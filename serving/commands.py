@@ -37,6 +37,31 @@ def _settings_args(config: Path | None, host: str | None, port: int | None, cata
     return args
 
 
+def _load(args: dict):
+    """Settings with the catalog and profiles validated, or exit 2 with the message naming the field."""
+    from serving.config import Settings, SettingsError
+
+    try:
+        settings = Settings.load(args)
+        catalog, profiles = settings.validated()
+    except SettingsError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    return settings, catalog, profiles
+
+
+def _first_start_tokens(settings) -> None:
+    """In tokens mode, create an admin and a first user on the first start and print their tokens once."""
+    if settings.billing.mode != "tokens":
+        return
+    from billing.cli import bootstrap
+
+    tokens = bootstrap(settings.metering.resolved_database_url(), settings.billing)
+    if tokens is not None:  # stored hashed: shown this once
+        typer.echo(f"First start: admin token {tokens[0]}\n             user token  {tokens[1]}")
+        typer.echo("Keep them: they are not shown again (`hfi accounts issue-token` makes more).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -50,16 +75,11 @@ def register(app: typer.Typer) -> None:
         import time
 
         from serving import local
-        from serving.config import Settings, SettingsError
 
         args = _settings_args(config, host, port, catalog)
-        try:
-            settings = Settings.load(args)
-            catalog_models, _ = settings.validated()
-        except SettingsError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+        settings, catalog_models, _ = _load(args)
         started = time.perf_counter()
+        _first_start_tokens(settings)
         url = local.start(args)
         typer.echo(USAGE.format(url=url, models=", ".join(m.id for m in catalog_models.models)))
         typer.echo(f"(ready in {time.perf_counter() - started:.1f}s)")
@@ -79,14 +99,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build or fetch every catalog model's files once (the defaults are built from code, no download)."""
         from models.loading import resolve_source
-        from serving.config import Settings, SettingsError
 
-        try:
-            settings = Settings.load(_settings_args(config, None, None, catalog))
-            catalog_models, _ = settings.validated()
-        except SettingsError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+        settings, catalog_models, _ = _load(_settings_args(config, None, None, catalog))
         for spec in catalog_models.models:
             source = resolve_source(spec, settings.load_options())
             typer.echo(f"{spec.id}: {source.directory} ({source.revision[:12]})")
@@ -97,14 +111,7 @@ def register(app: typer.Typer) -> None:
         catalog: Path | None = typer.Option(None, help="a model catalog YAML"),
     ) -> None:
         """Validate the model catalog against the hardware profiles and list it."""
-        from serving.config import Settings, SettingsError
-
-        try:
-            settings = Settings.load(_settings_args(config, None, None, catalog))
-            catalog_models, profiles = settings.validated()
-        except SettingsError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+        _, catalog_models, profiles = _load(_settings_args(config, None, None, catalog))
         for spec in catalog_models.models:
             profile = profiles.get(spec.hardware_profile)
             where = spec.source.repo_id or spec.source.path

@@ -35,10 +35,15 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "HFI_PROVIDER_SECRET": ("metering.provider_secret", "secret of the Hugging Face billing endpoint"),
     "HFI_BILLING_MODE": ("billing.mode", "open (one local account) or tokens"),
     "HFI_ADMIN_TOKEN": ("billing.admin_token", "the operator's admin token"),
+    "HFI_HUB_URL": ("billing.hub_url", "the Hugging Face Hub (whoami, partner API)"),
+    "HFI_ACCEPT_HF_TOKENS": ("billing.accept_hf_tokens", "1: accept routed Hugging Face tokens"),
     "HF_TOKEN": ("hf_token", "Hugging Face token for gated or private models"),
     "HF_HUB_CACHE": ("hf_cache_dir", "the Hugging Face cache directory"),
     "HF_HUB_OFFLINE": ("offline", "1: load models from the cache only"),
 }
+
+
+BOOLEAN_ENV_VARS = {"HF_HUB_OFFLINE", "HFI_ACCEPT_HF_TOKENS"}
 
 
 class SettingsError(ValueError):
@@ -87,7 +92,7 @@ class Settings(BaseModel):
         for name, (path, _) in ENV_VARS.items():
             if path and env.get(name):
                 value: Any = env[name]
-                if name == "HF_HUB_OFFLINE":
+                if name in BOOLEAN_ENV_VARS:
                     value = value.strip().lower() in ("1", "true", "yes", "on")
                 _set_path(merged, path, value)
                 if not _has_path(data, path):
