@@ -3,8 +3,8 @@
 Profiles are validated data, one YAML file per profile, referenced by name from the model catalog.
 """
 
+from hardware_profiles.loader import default_catalog_dir, load_profiles
 from hardware_profiles.schema import Accelerator, HardwareProfile, PricePoint, ProfileCatalog
-from hardware_profiles.loader import load_profiles, default_catalog_dir
 
 __all__ = [
     "Accelerator",
