@@ -86,6 +86,14 @@ class TaskRunner(ABC):
         """Yield chunks, then one final dict: {"output": ..., "usage": {...}}. `should_stop()` aborts early."""
         raise TaskNotSupported(f"model {self.spec.id} cannot stream task {request.task!r}")
 
+    def texts(self, inputs: Any, *, allow_list: bool = True, field: str = "inputs") -> list[str]:
+        """Validated text input(s) within this model's limits (count and characters)."""
+        limits = self.spec.limits
+        max_items = limits.max_batch_inputs if allow_list else 1
+        return text_inputs(
+            inputs, allow_list=allow_list, max_items=max_items, max_chars=limits.max_input_chars, field=field
+        )
+
     def work_units(self, request: TaskRequest) -> int:
         """This request's share of the work in a batch (tokens, characters, pixels x steps)."""
         return max(1, request.input_characters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.base import TaskRunner, param_bool, param_int, param_str, text_inputs
+from models.base import TaskRunner, param_bool, param_int, param_str
 from models.errors import InvalidInput
 from models.types import FEATURE_EXTRACTION, SENTENCE_SIMILARITY, TaskRequest
 
@@ -32,34 +32,18 @@ class SentenceEmbeddingRunner(TaskRunner):
         return super().download(repo_id, revision, token, cache_dir, local_files_only)
 
     def _sentences(self, request: TaskRequest) -> list[str]:
-        limits = self.spec.limits
         if request.task == SENTENCE_SIMILARITY:
             inputs = request.inputs
             if not isinstance(inputs, dict):
                 raise InvalidInput("inputs must be an object with source_sentence and sentences")
-            source = text_inputs(
-                inputs.get("source_sentence"),
-                allow_list=False,
-                max_items=1,
-                max_chars=limits.max_input_chars,
-                field="inputs.source_sentence",
+            source = self.texts(
+                inputs.get("source_sentence"), allow_list=False, field="inputs.source_sentence"
             )
             others = inputs.get("sentences")
             if not isinstance(others, list):
                 raise InvalidInput("inputs.sentences must be a list of strings")
-            return source + text_inputs(
-                others,
-                allow_list=True,
-                max_items=limits.max_batch_inputs,
-                max_chars=limits.max_input_chars,
-                field="inputs.sentences",
-            )
-        return text_inputs(
-            request.inputs,
-            allow_list=True,
-            max_items=limits.max_batch_inputs,
-            max_chars=limits.max_input_chars,
-        )
+            return source + self.texts(others, field="inputs.sentences")
+        return self.texts(request.inputs)
 
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)

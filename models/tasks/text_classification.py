@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.base import TaskRunner, param_int, param_str, text_inputs
+from models.base import TaskRunner, param_int, param_str
 from models.types import TEXT_CLASSIFICATION, TaskRequest
 
 _FUNCTIONS = ("sigmoid", "softmax", "none")
@@ -29,13 +29,7 @@ class TextClassificationRunner(TaskRunner):
         )
 
     def _texts(self, request: TaskRequest) -> list[str]:
-        limits = self.spec.limits
-        return text_inputs(
-            request.inputs,
-            allow_list=True,
-            max_items=limits.max_batch_inputs,
-            max_chars=limits.max_input_chars,
-        )
+        return self.texts(request.inputs)
 
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from models.base import TaskRunner, param_bool, param_float, param_int, text_inputs
+from models.base import TaskRunner, param_bool, param_float, param_int
 from models.errors import InvalidInput, UnprocessableRequest
 from models.types import CHAT_COMPLETION, COMPLETION, TEXT_GENERATION, StreamChunk, TaskRequest
 
@@ -145,9 +145,7 @@ class TextGenerationRunner(TaskRunner):
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)
         if request.task != CHAT_COMPLETION:
-            text_inputs(
-                request.inputs, allow_list=False, max_items=1, max_chars=self.spec.limits.max_input_chars
-            )
+            self.texts(request.inputs, allow_list=False)
         p = request.parameters
         param_float(p, "temperature", lo=0, hi=100)
         param_float(p, "top_p", lo=0, hi=1, lo_open=True)

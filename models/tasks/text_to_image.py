@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from models.base import TaskRunner, param_float, param_int, param_str, text_inputs
+from models.base import TaskRunner, param_float, param_int, param_str
 from models.errors import InvalidInput
 from models.types import TEXT_TO_IMAGE, TaskRequest
 
@@ -71,7 +71,7 @@ class TextToImageRunner(TaskRunner):
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)
         limits = self.spec.limits
-        text_inputs(request.inputs, allow_list=False, max_items=1, max_chars=limits.max_input_chars)
+        self.texts(request.inputs, allow_list=False)
         p = request.parameters
         width, height = self._size(p, "width"), self._size(p, "height")
         if width * height > limits.max_pixels:
