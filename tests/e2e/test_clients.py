@@ -36,14 +36,17 @@ def test_text_to_image_same_seed_same_image(url):
 
 def test_chat_completion(url):
     out = client(url, LLM).chat_completion(
-        messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, seed=0)
+        messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, seed=0
+    )
     assert "Paris" in out.choices[0].message.content
     assert out.usage.completion_tokens > 0 and out.usage.total_tokens > out.usage.completion_tokens
 
 
 def test_chat_completion_stream(url):
     c = client(url, LLM)  # keep a reference: a collected client closes its session under the stream
-    chunks = list(c.chat_completion(messages=[{"role": "user", "content": "Say hello"}], max_tokens=8, stream=True))
+    chunks = list(
+        c.chat_completion(messages=[{"role": "user", "content": "Say hello"}], max_tokens=8, stream=True)
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -59,8 +62,13 @@ def test_openai_sdk_chat_stream_and_completions(url):
     o = OpenAI(base_url=f"{url}/v1", api_key="sk-test")
     out = o.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "Hi"}], max_tokens=6)
     assert out.choices[0].message.role == "assistant" and out.usage.prompt_tokens > 0
-    stream = o.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                                       stream=True, stream_options={"include_usage": True})
+    stream = o.chat.completions.create(
+        model=LLM,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     comp = o.completions.create(model=LLM, prompt="1, 2, 3,", max_tokens=4)
@@ -92,7 +100,8 @@ def test_feature_extraction_and_sentence_similarity(url):
     scores = c.sentence_similarity("a cat", other_sentences=["a cat", "the stock market"])
     assert scores[0] == pytest.approx(1.0, abs=1e-3) and scores[1] < scores[0]
     per_call = InferenceClient(api_key="x").feature_extraction(
-        "hi", model=f"{url}/models/{EMB}/pipeline/feature-extraction")
+        "hi", model=f"{url}/models/{EMB}/pipeline/feature-extraction"
+    )
     assert per_call.shape == (384,)
 
 
