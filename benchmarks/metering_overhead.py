@@ -1,24 +1,30 @@
 """What metering costs, and what dynamic batching buys, through the full local stack (Ray Serve proxy, ingress,
 model replica) in one run on this machine.
 
-    python benchmarks/metering_overhead.py [--model-store DIR] [--duration 12] [--out FILE]
+    python benchmarks/metering_overhead.py [--model-store DIR] [--rounds 4] [--duration 8] [--out FILE]
 
-Two questions, each answered by arms that differ in one setting only, on the same Ray instance, one after the
-other (never at the same time: on a small machine they would steal each other's cores):
+Two questions, each answered by arms that differ in one setting only:
 
 1. metering overhead: throughput and p50/p99 latency of a trivial model (local/tiny-sentiment, text
    classification) at 8 concurrent clients, with `metering.enabled` true (price, fsync'd spool append, background
-   drain to the SQLite ledger) and false (price only: the response headers still work). The arms run ABBA
-   (on, off, off, on) so that a drift of the machine's load over the run falls equally on both.
+   drain to the SQLite ledger) and false (price only: the response headers still carry the charge).
 2. batching speed-up: feature-extraction throughput of all-MiniLM-L6-v2 at 16 concurrent clients with the
    catalog's dynamic batching and with `batching: null` for that model (each request its own forward pass).
 
-Comparing the service against an in-process IngressCore instead would measure Ray Serve's proxy and handles as
-well as metering; toggling only metering on the same stack isolates what the issue asks about.
+How: one Ray instance and one Serve HTTP proxy hold three applications side by side (`serving.local.start` puts
+the metering-on one at `/`; `serve.run` adds `/off` with metering off and `/unbatched`), so that the arms can
+alternate every few seconds without redeploying: each round runs on/off (then off/on in the next round, ABBA) and
+batched/unbatched, and the ratios are taken per round and over the run. A drift of the machine's load (other
+processes on a shared box) then falls on both sides of each comparison. Only one arm runs at a time; the idle
+applications cost both sides the same. Comparing the service against an in-process IngressCore instead would
+measure Ray Serve's proxy and handles as well as metering: toggling only metering on the same stack isolates it.
+
+Where the time goes: for every arm, the CPU seconds per request of the proxy, the arm's ingress, its model
+replica and this client (from /proc), so that a ratio can be explained and not only reported.
 
 The load generator is a minimal asyncio HTTP/1.1 keep-alive client (pre-encoded requests, no HTTP library), so the
-client takes as little as possible of the cores the service needs. Only loopback traffic; every arm is bounded in
-time. Refuses to start while another Ray instance runs on this machine (its load would skew the numbers).
+client takes as little as possible of the cores the service needs. Loopback only; every arm is bounded in time.
+Refuses to start while another Ray instance runs on this machine (its load would skew the numbers).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
@@ -48,16 +56,24 @@ EMB_PATH = "/models/sentence-transformers/all-MiniLM-L6-v2"
 CLS_BODY = {"inputs": "I really enjoyed this movie, it was great"}
 EMB_BODY = {"inputs": "The quick brown fox jumps over the lazy dog near the river bank"}
 
+# application name -> (route prefix, metering on, models, MiniLM batched)
+APPS: dict[str, tuple[str, bool, tuple[str, ...], bool]] = {
+    "hfi": ("", True, (SENTIMENT, MINILM), True),
+    "hfi-off": ("/off", False, (SENTIMENT,), True),
+    "hfi-unbatched": ("/unbatched", True, (MINILM,), False),
+}
+
 
 # --- load generation ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ArmResult:
-    """One measured arm: what was sent, what came back, how fast."""
+    """One measured arm: what was sent, what came back, how fast, and the CPU it took per request."""
 
     name: str
-    deployment: str
+    round: int
+    app: str
     path: str
     clients: int
     duration_s: float
@@ -68,6 +84,7 @@ class ArmResult:
     p99_ms: float
     mean_ms: float
     warmup_ok: int = 0
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -102,15 +119,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
             parts.append(chunk[:-2])
         body = b"".join(parts)
     else:
-        body = await reader.read()
-        return status, body, False
+        return status, await reader.read(), False
     return status, body, headers.get("connection", "").lower() != "close"
 
 
 async def run_load(
     host: str, port: int, path: str, body: dict[str, Any], clients: int, duration_s: float
-) -> tuple[list[int], int, list[str], float]:
-    """`clients` closed-loop clients for `duration_s`: latencies (ns) of 200s, error count, samples, wall s."""
+) -> tuple[list[int], list[str], float]:
+    """`clients` closed-loop clients for `duration_s`: latencies (ns) of the 200s, errors, wall seconds."""
     request = encode_post(host, port, path, body)
     latencies: list[int] = []
     errors: list[str] = []
@@ -145,48 +161,94 @@ async def run_load(
             conn[1].close()
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return latencies, len(errors), errors[:5], time.perf_counter() - started
+    return latencies, errors, time.perf_counter() - started
 
 
 def quantile_ms(sorted_ns: list[int], q: float) -> float:
     if not sorted_ns:
         return float("nan")
-    index = min(len(sorted_ns) - 1, max(0, round(q * (len(sorted_ns) - 1))))
-    return sorted_ns[index] / 1e6
+    return sorted_ns[min(len(sorted_ns) - 1, max(0, round(q * (len(sorted_ns) - 1))))] / 1e6
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of named groups of processes, read from /proc through psutil."""
+
+    def __init__(self, groups: dict[str, list[Any]]) -> None:
+        self.groups = groups
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        totals = {}
+        for name, procs in self.groups.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+            totals[name] = total
+        return totals
+
+
+def serve_processes(app: str) -> dict[str, list[Any]]:
+    """The proxy, the app's ingress and its model replicas, and this process."""
+    import psutil
+
+    groups: dict[str, list[Any]] = {"proxy": [], "ingress": [], "model": [], "client": [psutil.Process()]}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "ProxyActor" in cmd:
+            groups["proxy"].append(proc)
+        elif f"ServeReplica:{app}:ingress" in cmd:
+            groups["ingress"].append(proc)
+        elif f"ServeReplica:{app}:model-" in cmd:
+            groups["model"].append(proc)
+    return groups
 
 
 def measure(
     name: str,
-    deployment: str,
-    url: str,
+    rnd: int,
+    app: str,
+    base_url: str,
     path: str,
     body: dict,
     clients: int,
-    duration_s: float,
-    warmup_s: float,
+    args: argparse.Namespace,
 ) -> ArmResult:
-    host, port = url.removeprefix("http://").split(":")
-    warm, _, _, _ = asyncio.run(run_load(host, int(port), path, body, clients, warmup_s))
-    lat, n_err, samples, wall = asyncio.run(run_load(host, int(port), path, body, clients, duration_s))
+    """Warm up, then load for `args.duration` seconds; latencies, throughput and CPU per request."""
+    host, port = base_url.removeprefix("http://").split(":")
+    full_path = APPS[app][0] + path
+    warm, _, _ = asyncio.run(run_load(host, int(port), full_path, body, clients, args.warmup))
+    meter = CpuMeter(serve_processes(app))
+    cpu0 = meter.read()
+    lat, errors, wall = asyncio.run(run_load(host, int(port), full_path, body, clients, args.duration))
+    cpu1 = meter.read()
     lat.sort()
+    n = len(lat)
     result = ArmResult(
         name=name,
-        deployment=deployment,
-        path=path,
+        round=rnd,
+        app=app,
+        path=full_path,
         clients=clients,
         duration_s=round(wall, 3),
-        requests_ok=len(lat),
-        errors=n_err,
-        throughput_rps=round(len(lat) / wall, 2),
+        requests_ok=n,
+        errors=len(errors),
+        throughput_rps=round(n / wall, 2),
         p50_ms=round(quantile_ms(lat, 0.50), 2),
         p99_ms=round(quantile_ms(lat, 0.99), 2),
         mean_ms=round(statistics.fmean(lat) / 1e6, 2) if lat else float("nan"),
         warmup_ok=len(warm),
-        error_samples=samples,
+        cpu_ms_per_request={k: round((cpu1[k] - cpu0[k]) / n * 1e3, 2) if n else math.nan for k in cpu0},
+        error_samples=errors[:5],
     )
+    cpu = " ".join(f"{k} {v:.1f}" for k, v in result.cpu_ms_per_request.items())
     print(
-        f"  {name:<22} {result.throughput_rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms  "
-        f"p99 {result.p99_ms:7.1f} ms  ok {result.requests_ok:6d}  errors {result.errors}",
+        f"  r{rnd} {name:<18} {result.throughput_rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
+        f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  cpu ms/req: {cpu}",
         flush=True,
     )
     return result
@@ -195,66 +257,79 @@ def measure(
 # --- the service -------------------------------------------------------------------------------------------------
 
 
-def catalog_entries(*, minilm_batched: bool) -> list[dict[str, Any]]:
-    """The default catalog's entries of the two benchmarked models; MiniLM's batching on or off."""
+def app_args(app: str, work: Path, port: int, model_store: str) -> dict[str, Any]:
+    """Settings of one application: the default catalog's entries of its models, metering on or off."""
     import yaml
 
     from models.catalog import default_catalog_path
 
+    _, metering, models, batched = APPS[app]
     entries = yaml.safe_load(default_catalog_path().read_text())["models"]
-    chosen = [dict(e) for e in entries if e["id"] in (SENTIMENT, MINILM)]
+    chosen = [dict(e) for e in entries if e["id"] in models]
     for entry in chosen:
-        if entry["id"] == MINILM and not minilm_batched:
+        if entry["id"] == MINILM and not batched:
             entry["batching"] = None
-    return chosen
-
-
-def settings_args(
-    work: Path, name: str, port: int, model_store: str, *, metering: bool, batched: bool
-) -> dict:
     return {
         "port": port,
         "model_store": model_store,
         "offline": True,
-        "models": catalog_entries(minilm_batched=batched),
+        "models": chosen,
         "metering": {
             "enabled": metering,
-            "database_url": f"sqlite:///{work / name / 'ledger.db'}",
-            "spool_dir": str(work / name / "spool"),
+            "database_url": f"sqlite:///{work / app / 'ledger.db'}",
+            "spool_dir": str(work / app / "spool"),
         },
     }
 
 
-def other_ray_running() -> list[int]:
-    import psutil
+def start_apps(configs: dict[str, dict[str, Any]], ray_tmp: str) -> str:
+    """One Ray (enough logical CPUs for every replica), `hfi` by serving.local.start, the others beside it."""
+    import ray
+    from ray import serve
 
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-        except (psutil.Error, TypeError):
-            continue
-        if proc.info["name"] in ("raylet", "gcs_server") or "/raylet " in cmd or "gcs_server " in cmd:
-            found.append(proc.pid)
-    return found
+    from serving import local
+    from serving.app import build_app
+    from serving.config import Settings
+
+    need = sum(local.logical_cpus(Settings.load(c, env={})) for c in configs.values())
+    env = {**local.REPLICA_ENV, "HF_HUB_OFFLINE": "1"}
+    ray.init(
+        num_cpus=need,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        log_to_driver=False,
+        _temp_dir=ray_tmp,
+    )
+    url = local.start(configs["hfi"])  # Ray is up: this starts Serve and deploys the metering-on app at /
+    for app, args in configs.items():
+        if app != "hfi":
+            settings = Settings.load(args, env={})
+            serve.run(build_app(settings.replica_args()), name=app, route_prefix=APPS[app][0], blocking=False)
+    return url
 
 
-def wait_ready(url: str, timeout_s: float = 300) -> None:
-    """Until both models answer a real request (replicas loaded)."""
+def wait_ready(url: str, configs: dict[str, dict[str, Any]], timeout_s: float = 300) -> dict[str, int]:
+    """Until every app's models answer a real request; the 200s sent to each app."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
-    for path, body in ((CLS_PATH, CLS_BODY), (EMB_PATH, EMB_BODY)):
-        while True:
-            try:
-                r = httpx.post(url + path, json=body, timeout=60)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url}{path} not ready after {timeout_s} s")
-            time.sleep(0.5)
+    sent: dict[str, int] = {}
+    for app, args in configs.items():
+        sent[app] = 0
+        for entry in args["models"]:
+            path = APPS[app][0] + (CLS_PATH if entry["id"] == SENTIMENT else EMB_PATH)
+            body = CLS_BODY if entry["id"] == SENTIMENT else EMB_BODY
+            while True:
+                try:
+                    if httpx.post(url + path, json=body, timeout=120).status_code == 200:
+                        sent[app] += 1
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url}{path} not ready after {timeout_s} s")
+                time.sleep(0.5)
+    return sent
 
 
 def ledger_count(database_url: str) -> int:
@@ -268,6 +343,24 @@ def ledger_count(database_url: str) -> int:
             return int(conn.execute(sa.text("SELECT count(*) FROM metering_charges")).scalar_one())
     finally:
         engine.dispose()
+
+
+def other_ray_running() -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if (
+            proc.info["name"] in ("raylet", "gcs_server")
+            or "/raylet/raylet " in cmd
+            or "/gcs/gcs_server " in cmd
+        ):
+            found.append(proc.pid)
+    return found
 
 
 def machine() -> dict[str, Any]:
@@ -296,20 +389,39 @@ def machine() -> dict[str, Any]:
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
-def ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b else float("nan")
+def compare(a: list[ArmResult], b: list[ArmResult]) -> dict[str, Any]:
+    """a over b: ratios of the means over the run, and the per-round throughput ratios (paired by round)."""
 
+    def mean(arms: list[ArmResult], attr: str) -> float:
+        return statistics.fmean(getattr(x, attr) for x in arms)
 
-def mean_of(arms: list[ArmResult], attr: str) -> float:
-    return statistics.fmean(getattr(a, attr) for a in arms)
+    by_round = {x.round: x for x in b}
+    paired = [round(x.throughput_rps / by_round[x.round].throughput_rps, 3) for x in a if x.round in by_round]
+    cpu_keys = a[0].cpu_ms_per_request.keys()
+    return {
+        "throughput_rps": [round(mean(a, "throughput_rps"), 1), round(mean(b, "throughput_rps"), 1)],
+        "throughput_ratio": round(mean(a, "throughput_rps") / mean(b, "throughput_rps"), 3),
+        "throughput_ratio_per_round": paired,
+        "throughput_ratio_median_of_rounds": round(statistics.median(paired), 3),
+        "p50_ratio": round(mean(a, "p50_ms") / mean(b, "p50_ms"), 3),
+        "p99_ratio": round(mean(a, "p99_ms") / mean(b, "p99_ms"), 3),
+        "cpu_ms_per_request": {
+            k: [
+                round(statistics.fmean(x.cpu_ms_per_request[k] for x in a), 2),
+                round(statistics.fmean(x.cpu_ms_per_request[k] for x in b), 2),
+            ]
+            for k in cpu_keys
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-store", default=os.environ.get("HFI_MODEL_STORE", "~/.cache/hfi/models"))
-    p.add_argument("--duration", type=float, default=12.0, help="seconds measured per arm")
-    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each arm")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the overhead arms")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of every arm (on/off alternate ABBA)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per arm")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each arm")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the metering arms")
     p.add_argument("--batch-clients", type=int, default=16, help="concurrent clients of the batching arms")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metering_overhead.json"))
@@ -323,8 +435,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"another Ray instance is running on this machine (pids {others}): wait for it to finish")
         return 2
 
-    import socket
-
     from models.loading import resolve_source
     from serving import local
     from serving.config import Settings
@@ -336,107 +446,90 @@ def main(argv: list[str] | None = None) -> int:
             port = s.getsockname()[1]
     model_store = str(Path(args.model_store).expanduser())
     work = Path(tempfile.mkdtemp(prefix="hfi-bench-metering-"))
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-
-    configs = {
-        "metering-on": settings_args(work, "on", port, model_store, metering=True, batched=True),
-        "metering-off": settings_args(work, "off", port, model_store, metering=False, batched=True),
-        "unbatched": settings_args(work, "unbatched", port, model_store, metering=True, batched=False),
-    }
-    settings = Settings.load(configs["metering-on"], env={})
-    catalog, _ = settings.validated()
-    for spec in catalog.models:  # build the model directories before any replica looks for them
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    configs = {app: app_args(app, work, port, model_store) for app in APPS}
+    settings = Settings.load(configs["hfi"], env={})
+    for spec in settings.validated()[0].models:  # build the model directories before any replica looks
         resolve_source(spec, settings.load_options())
 
-    info = {
+    info: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "machine": machine(),
         "load_average_start": os.getloadavg(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
-    print(f"machine: {info['machine']['cpu_model']}, {info['machine']['cores']} cores; "
-          f"load average {info['load_average_start']}", flush=True)  # fmt: skip
+    m = info["machine"]
+    print(
+        f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GiB; load {info['load_average_start']}"
+    )
 
     arms: list[ArmResult] = []
-    charges_check: list[dict[str, Any]] = []
-    cls = (CLS_PATH, CLS_BODY, args.clients)
-    emb = (EMB_PATH, EMB_BODY, args.batch_clients)
-    # ABBA for metering (on, off, off, on); batched embeddings measured in both metering-on deployments.
-    plan = [
-        ("metering-on", [("cls metering on", *cls), ("emb batched", *emb)]),
-        ("metering-off", [("cls metering off", *cls), ("cls metering off", *cls)]),
-        ("metering-on", [("cls metering on", *cls), ("emb batched", *emb)]),
-        ("unbatched", [("emb unbatched", *emb), ("emb unbatched", *emb)]),
-    ]
-    started = False
+    ok_by_app: dict[str, int] = {}
     try:
-        for deployment, measurements in plan:
-            if started:
-                from ray import serve
-
-                serve.shutdown()
-            t0 = time.monotonic()
-            url = local.start(configs[deployment], ray_temp_dir=ray_tmp)
-            started = True
-            wait_ready(url)
-            print(f"[{deployment}] ready in {time.monotonic() - t0:.1f} s", flush=True)
-            before = ledger_count(configs[deployment]["metering"]["database_url"])
-            sent_ok = 2  # wait_ready's requests
-            for name, path, body, clients in measurements:
-                arm = measure(name, deployment, url, path, body, clients, args.duration, args.warmup)
+        t0 = time.monotonic()
+        url = start_apps(configs, ray_tmp)
+        ok_by_app = wait_ready(url, configs)
+        print(f"three applications ready in {time.monotonic() - t0:.1f} s at {url}", flush=True)
+        cls = (CLS_PATH, CLS_BODY, args.clients)
+        emb = (EMB_PATH, EMB_BODY, args.batch_clients)
+        for rnd in range(args.rounds):
+            metering = [("cls metering on", "hfi", *cls), ("cls metering off", "hfi-off", *cls)]
+            batching = [("emb batched", "hfi", *emb), ("emb unbatched", "hfi-unbatched", *emb)]
+            if rnd % 2:  # ABBA
+                metering.reverse()
+                batching.reverse()
+            for name, app, path, body, clients in metering + batching:
+                arm = measure(name, rnd, app, url, path, body, clients, args)
                 arms.append(arm)
-                sent_ok += arm.requests_ok + arm.warmup_ok
-            if configs[deployment]["metering"]["enabled"]:
-                # Outside the measured windows: every 200 must have its charge in the ledger.
-                db = configs[deployment]["metering"]["database_url"]
-                deadline = time.monotonic() + 60
-                while (count := ledger_count(db) - before) < sent_ok and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                charges_check.append({"deployment": deployment, "ok_responses": sent_ok, "charges": count})
-                print(f"  ledger: {count} charges for {sent_ok} successful responses", flush=True)
+                ok_by_app[app] += arm.requests_ok + arm.warmup_ok
+        ledger_checks = []
+        for app, cfg in configs.items():  # outside the measured windows: one charge per 200, none when off
+            expected = ok_by_app[app] if cfg["metering"]["enabled"] else 0
+            deadline = time.monotonic() + 60
+            while (
+                count := ledger_count(cfg["metering"]["database_url"])
+            ) < expected and time.monotonic() < deadline:
+                time.sleep(0.5)
+            ledger_checks.append(
+                {"app": app, "ok_responses": ok_by_app[app], "expected": expected, "charges": count}
+            )
+            print(f"  ledger of {app}: {count} charges, {ok_by_app[app]} successful responses", flush=True)
     finally:
-        if started:
-            local.stop()
+        local.stop()
 
-    on = [a for a in arms if a.name == "cls metering on"]
-    off = [a for a in arms if a.name == "cls metering off"]
-    batched = [a for a in arms if a.name == "emb batched"]
-    unbatched = [a for a in arms if a.name == "emb unbatched"]
+    def named(name: str) -> list[ArmResult]:
+        return [a for a in arms if a.name == name]
+
+    metering_cmp = compare(named("cls metering on"), named("cls metering off"))
+    batching_cmp = compare(named("emb batched"), named("emb unbatched"))
     summary = {
-        "metering_throughput_ratio_on_over_off": ratio(mean_of(on, "throughput_rps"), mean_of(off, "throughput_rps")),
-        "metering_throughput_cost_percent": round(
-            100 * (1 - mean_of(on, "throughput_rps") / mean_of(off, "throughput_rps")), 2
-        ),
-        "metering_p50_ratio_on_over_off": ratio(mean_of(on, "p50_ms"), mean_of(off, "p50_ms")),
-        "metering_p99_ratio_on_over_off": ratio(mean_of(on, "p99_ms"), mean_of(off, "p99_ms")),
-        "batching_speedup_batched_over_unbatched": ratio(
-            mean_of(batched, "throughput_rps"), mean_of(unbatched, "throughput_rps")
-        ),
-        "batching_p50_ratio_batched_over_unbatched": ratio(mean_of(batched, "p50_ms"), mean_of(unbatched, "p50_ms")),
+        "metering_on_over_off": metering_cmp,
+        "metering_throughput_cost_percent": round(100 * (1 - metering_cmp["throughput_ratio"]), 1),
+        "batched_over_unbatched": batching_cmp,
+        "batching_speedup": batching_cmp["throughput_ratio"],
         "targets": {"metering_cost_percent_below": 5, "batching_speedup_at_least": 3},
-        "charges_equal_ok_responses": all(c["charges"] == c["ok_responses"] for c in charges_check),
-    }  # fmt: skip
+        "ledger_one_charge_per_ok_response": all(c["charges"] == c["expected"] for c in ledger_checks),
+    }
     summary["metering_target_met"] = summary["metering_throughput_cost_percent"] < 5
-    summary["batching_target_met"] = summary["batching_speedup_batched_over_unbatched"] >= 3
+    summary["batching_target_met"] = summary["batching_speedup"] >= 3
     info["load_average_end"] = os.getloadavg()
-    doc = {**info, "arms": [asdict(a) for a in arms], "ledger_checks": charges_check, "summary": summary}
+    doc = {**info, "arms": [asdict(a) for a in arms], "ledger_checks": ledger_checks, "summary": summary}
 
-    print()
-    print(
-        f"{'arm':<22} {'deployment':<13} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
-    )
-    for a in arms:
+    print(f"\n{'comparison':<24} {'req/s (a / b)':>16} {'ratio':>6} {'per round':>28} {'p50':>6} {'p99':>6}")
+    for label, c in (("metering on / off", metering_cmp), ("batched / unbatched", batching_cmp)):
+        rps = f"{c['throughput_rps'][0]} / {c['throughput_rps'][1]}"
+        rounds = ", ".join(str(r) for r in c["throughput_ratio_per_round"])
         print(
-            f"{a.name:<22} {a.deployment:<13} {a.clients:>7} {a.throughput_rps:>8.1f} {a.p50_ms:>8.1f} "
-            f"{a.p99_ms:>8.1f} {a.errors:>6}"
+            f"{label:<24} {rps:>16} {c['throughput_ratio']:>6} {rounds:>28} {c['p50_ratio']:>6} {c['p99_ratio']:>6}"
         )
-    print()
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+        print(f"{'':<24} cpu ms/request (a / b): {c['cpu_ms_per_request']}")
+    print(f"\nmetering throughput cost: {summary['metering_throughput_cost_percent']} % (target < 5 %)")
+    print(f"batching speed-up: {summary['batching_speedup']}x (target >= 3x)")
+    print(f"ledger: one charge per successful response: {summary['ledger_one_charge_per_ok_response']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print(f"wrote {out}")
     return 0
 
 

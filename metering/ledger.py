@@ -175,6 +175,10 @@ def row_to_charge(row: Any) -> Charge:
     )
 
 
+def _request_id(row: dict[str, Any]) -> str:
+    return row["request_id"]
+
+
 def make_engine(database_url: str) -> Engine:
     """An engine for `database_url`: SQLite gets its directory created, WAL and a busy timeout."""
     url = make_url(expand_sqlite_url(database_url))
@@ -233,6 +237,7 @@ class Ledger:
         self.engine = engine or make_engine(database_url)
         self._migrated = False
         self._migrate_lock = threading.Lock()
+        self._insert_stmt: Any = None
 
     @property
     def dialect(self) -> str:
@@ -251,19 +256,28 @@ class Ledger:
         if not charges:
             return []
         now = dt.datetime.now(dt.timezone.utc)
-        rows = list({c.request_id: charge_to_row(c, now) for c in charges}.values())
-        insert = self._dialect_insert()
+        # Sorted by request id: concurrent writers (several ingress replicas, a replay beside a drain) then take
+        # the unique index's row locks in one order, so overlapping inserts wait for each other, never deadlock.
+        rows = sorted({c.request_id: charge_to_row(c, now) for c in charges}.values(), key=_request_id)
         inserted: list[str] = []
         with self.engine.begin() as conn:
+            # One statement for any number of rows (executemany): SQLAlchemy compiles it once and caches it, and
+            # sends the rows as multi-row VALUES batches ("insertmanyvalues"); RETURNING names the rows that were
+            # new (ON CONFLICT DO NOTHING skips replays). Compiling a fresh multi-row VALUES statement for every
+            # drained batch cost the drain thread most of its CPU.
             for i in range(0, len(rows), _INSERT_CHUNK_ROWS):
-                stmt = (
-                    insert(charges_table)
-                    .values(rows[i : i + _INSERT_CHUNK_ROWS])
-                    .on_conflict_do_nothing(index_elements=["request_id"])
-                    .returning(charges_table.c.request_id)
-                )
-                inserted.extend(r[0] for r in conn.execute(stmt))
+                result = conn.execute(self._insert_statement(), rows[i : i + _INSERT_CHUNK_ROWS])
+                inserted.extend(r[0] for r in result)
         return inserted
+
+    def _insert_statement(self) -> Any:
+        if self._insert_stmt is None:
+            self._insert_stmt = (
+                self._dialect_insert()(charges_table)
+                .on_conflict_do_nothing(index_elements=["request_id"])
+                .returning(charges_table.c.request_id)
+            )
+        return self._insert_stmt
 
     def _dialect_insert(self) -> Any:
         if self.dialect == "postgresql":
