@@ -94,6 +94,7 @@ def test_ci_values_render_every_optional_part(helm):
         "RayService",
         "Service",
         "ServiceMonitor",
+        "ServiceMonitor",
     ]  # external database: no StatefulSet
 
 
@@ -156,7 +157,7 @@ def test_kept_rayservice_schema_rejects_what_the_api_server_would(rendered):
 
 def test_servicemonitor_selects_the_metrics_service(helm):
     result = helm.template(values=[CI_VALUES])
-    monitor = result.one("ServiceMonitor")
+    monitor = next(m for m in result.kind("ServiceMonitor") if not m["metadata"]["name"].endswith("-serve"))
     services = {s["metadata"]["name"]: s for s in result.kind("Service")}
     selected = [
         s
@@ -174,6 +175,16 @@ def test_servicemonitor_selects_the_metrics_service(helm):
         assert metrics_service["spec"]["selector"].items() <= labels.items()
         ports = [p["name"] for p in template["spec"]["containers"][0]["ports"]]
         assert "metrics" in ports
+
+
+def test_servicemonitor_scrapes_the_ingress_metrics_on_the_serve_service(helm):
+    result = helm.template(values=[CI_VALUES])
+    monitor = next(m for m in result.kind("ServiceMonitor") if m["metadata"]["name"].endswith("-serve"))
+    serve = result.one("RayService")["spec"]["serveService"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= serve["metadata"]["labels"].items()
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in [p["name"] for p in serve["spec"]["ports"]]
 
 
 # The RayService: autoscaler, upgrades, worker groups per profile
