@@ -59,7 +59,7 @@ EMB_BODY = {"inputs": "The quick brown fox jumps over the lazy dog near the rive
 # application name -> (route prefix, metering on, models, MiniLM batched)
 APPS: dict[str, tuple[str, bool, tuple[str, ...], bool]] = {
     "hfi": ("", True, (SENTIMENT, MINILM), True),
-    "hfi-off": ("/off", False, (SENTIMENT,), True),
+    "hfi-off": ("/off", False, (SENTIMENT, MINILM), True),  # the same catalog as `hfi`: only metering differs
     "hfi-unbatched": ("/unbatched", True, (MINILM,), False),
 }
 
@@ -171,7 +171,7 @@ def quantile_ms(sorted_ns: list[int], q: float) -> float:
 
 
 class CpuMeter:
-    """CPU seconds (user + system) of named groups of processes, read from /proc through psutil."""
+    """CPU seconds (user + system) of named groups of processes, and of the whole machine, through psutil."""
 
     def __init__(self, groups: dict[str, list[Any]]) -> None:
         self.groups = groups
@@ -189,22 +189,30 @@ class CpuMeter:
                 except psutil.Error:
                     pass
             totals[name] = total
+        machine = psutil.cpu_times()
+        totals["machine"] = machine.user + machine.system + machine.nice + getattr(machine, "softirq", 0.0)
         return totals
 
 
-def serve_processes(app: str) -> dict[str, list[Any]]:
-    """The proxy, the app's ingress and its model replicas, and this process."""
+def serve_processes(app: str, deployment: str) -> dict[str, list[Any]]:
+    """The proxy, the app's ingress, the model replica the arm calls, every other Serve or Ray process of this
+    run (idle replicas, the controller, raylet, GCS), and this process. `machine` adds everything else too."""
     import psutil
 
-    groups: dict[str, list[Any]] = {"proxy": [], "ingress": [], "model": [], "client": [psutil.Process()]}
+    me = psutil.Process()
+    groups: dict[str, list[Any]] = {"proxy": [], "ingress": [], "model": [], "other_ray": [], "client": [me]}
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.pid == me.pid:
+            continue
         if "ProxyActor" in cmd:
             groups["proxy"].append(proc)
         elif f"ServeReplica:{app}:ingress" in cmd:
             groups["ingress"].append(proc)
-        elif f"ServeReplica:{app}:model-" in cmd:
+        elif f"ServeReplica:{app}:{deployment}" in cmd:
             groups["model"].append(proc)
+        elif "ray::" in cmd or "/ray/" in cmd:
+            groups["other_ray"].append(proc)
     return groups
 
 
@@ -222,7 +230,10 @@ def measure(
     host, port = base_url.removeprefix("http://").split(":")
     full_path = APPS[app][0] + path
     warm, _, _ = asyncio.run(run_load(host, int(port), full_path, body, clients, args.warmup))
-    meter = CpuMeter(serve_processes(app))
+    deployment = "model-" + (
+        "local--tiny-sentiment" if path == CLS_PATH else "sentence-transformers--all-MiniLM-L6-v2"
+    )
+    meter = CpuMeter(serve_processes(app, deployment))
     cpu0 = meter.read()
     lat, errors, wall = asyncio.run(run_load(host, int(port), full_path, body, clients, args.duration))
     cpu1 = meter.read()
@@ -257,8 +268,12 @@ def measure(
 # --- the service -------------------------------------------------------------------------------------------------
 
 
-def app_args(app: str, work: Path, port: int, model_store: str) -> dict[str, Any]:
-    """Settings of one application: the default catalog's entries of its models, metering on or off."""
+def app_args(
+    app: str, work: Path, port: int, model_store: str, torch_threads: int | None = None
+) -> dict[str, Any]:
+    """Settings of one application: the default catalog's entries of its models, metering on or off.
+
+    `torch_threads` (a diagnostic) puts the models on a copy of their profile with that many torch threads."""
     import yaml
 
     from models.catalog import default_catalog_path
@@ -269,11 +284,22 @@ def app_args(app: str, work: Path, port: int, model_store: str) -> dict[str, Any
     for entry in chosen:
         if entry["id"] == MINILM and not batched:
             entry["batching"] = None
+    profiles: list[dict[str, Any]] = []
+    if torch_threads is not None:
+        from hardware_profiles import load_profiles
+
+        base = load_profiles().get(chosen[0]["hardware_profile"])
+        profile = base.model_dump(mode="json", exclude_none=True)
+        profile.update(name=f"{base.name}-{torch_threads}t", torch_threads=torch_threads)
+        profiles.append(profile)
+        for entry in chosen:
+            entry["hardware_profile"] = profile["name"]
     return {
         "port": port,
         "model_store": model_store,
         "offline": True,
         "models": chosen,
+        "profiles": profiles,
         "metering": {
             "enabled": metering,
             "database_url": f"sqlite:///{work / app / 'ledger.db'}",
@@ -424,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the metering arms")
     p.add_argument("--batch-clients", type=int, default=16, help="concurrent clients of the batching arms")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="diagnostic: run the models with this many torch threads",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metering_overhead.json"))
     p.add_argument("--allow-other-ray", action="store_true", help="run even if another Ray is running here")
     args = p.parse_args(argv)
@@ -447,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     model_store = str(Path(args.model_store).expanduser())
     work = Path(tempfile.mkdtemp(prefix="hfi-bench-metering-"))
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    configs = {app: app_args(app, work, port, model_store) for app in APPS}
+    configs = {app: app_args(app, work, port, model_store, args.torch_threads) for app in APPS}
     settings = Settings.load(configs["hfi"], env={})
     for spec in settings.validated()[0].models:  # build the model directories before any replica looks
         resolve_source(spec, settings.load_options())
