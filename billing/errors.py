@@ -58,5 +58,12 @@ class HubUnavailable(BillingError):
     status_code = 503
 
 
+class AccountsUnavailable(BillingError):
+    """503: the accounts database cannot be reached, so a request cannot be admitted (nothing is charged)."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+
 class HubError(Exception):
     """The Hub's partner API refused an operation (operator-facing, from `hfi hub sync`)."""

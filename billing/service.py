@@ -19,10 +19,12 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
+from sqlalchemy.exc import OperationalError
+
 from billing.accounts import AccountStore, BilledAccount, Caller
 from billing.config import BillingSettings
 from billing.db import as_utc, make_engine, upgrade, utcnow
-from billing.errors import Forbidden, PaymentRequired, Unauthorized
+from billing.errors import AccountsUnavailable, Forbidden, PaymentRequired, Unauthorized
 from billing.hub import WhoamiCache
 from billing.reconcile import Reconciliation, reconcile
 from billing.reports import check_month, ledger_usage_report, usage_report
@@ -123,7 +125,23 @@ class BillingService:
         estimate_nanousd: int,
         started_at: dt.datetime,
     ) -> Admission:
-        """Decide before any compute: 401 token, 403 bill-to or disabled model, 402 credits or limit."""
+        """Decide before any compute: 401 token, 403 bill-to or disabled model, 402 credits or limit; 503 when
+        the accounts database cannot be reached."""
+        try:
+            return self._admit(token, bill_to, model_id, estimate_nanousd, started_at)
+        except OperationalError as err:
+            raise AccountsUnavailable(
+                "The accounts database cannot be reached: the request was not run. Try again shortly."
+            ) from err
+
+    def _admit(
+        self,
+        token: str | None,
+        bill_to: str | None,
+        model_id: str,
+        estimate_nanousd: int,
+        started_at: dt.datetime,
+    ) -> Admission:
         started_at = as_utc(started_at)
         estimate = max(int(estimate_nanousd), self.settings.min_estimate_nanousd)
         if self.settings.mode == "open":

@@ -312,3 +312,17 @@ def test_estimate_is_exact_and_rounds_up():
     assert estimate_nanousd(0, 5) == 0
     with pytest.raises(ValueError):
         estimate_nanousd(Decimal("-1"), 1)
+
+
+def test_admission_answers_503_when_the_accounts_database_is_unreachable(tmp_path):
+    """Tokens mode needs the database to admit: an outage is a clear 503, never a 500, and nothing runs."""
+    from billing.errors import AccountsUnavailable
+
+    db = tmp_path / "accounts.db"
+    svc = BillingService(BillingSettings(mode="tokens"), f"sqlite:///{db}")
+    svc.engine.dispose()
+    db.unlink()
+    db.mkdir()  # the path is now a directory: SQLite cannot open the database
+    with pytest.raises(AccountsUnavailable, match="cannot be reached") as err:
+        svc.admit("hfi_x", None, "org/m", 1, dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc))
+    assert err.value.status_code == 503
