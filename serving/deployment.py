@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from models.catalog import ModelSpec
 from models.errors import ServiceError
 from models.executor import ModelExecutor
 from models.types import RunResult, StreamChunk, TaskRequest
+from serving.batching import Batcher
 from serving.config import Settings
 from serving.streaming import iterate_in_thread
 
@@ -33,10 +33,9 @@ class ModelDeployment:
         options = Settings.load(settings).load_options()  # secrets (HF_TOKEN) come from this replica's env
         self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
         batching = self.spec.batching
-        self.batched = bool(batching and self.executor.runner.batchable)
-        if self.batched and batching is not None:
-            self._run_batch.set_max_batch_size(batching.max_batch_size)
-            self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.batcher: Batcher | None = None
+        if batching is not None and self.executor.runner.batchable:
+            self.batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -44,22 +43,17 @@ class ModelDeployment:
             "tasks": list(self.executor.tasks()),
             "device": self.executor.device,
             "load_seconds": self.executor.load_seconds,
-            "batching": self.batched,
+            "batching": self.batcher is not None,
         }
 
     async def run(self, request: TaskRequest) -> RunResult:
-        if self.batched:
-            result = await self._run_batch((request, time.perf_counter_ns()))
-            if isinstance(result, ServiceError):
-                raise result
-            return result
+        if self.batcher is not None:
+            return await self.batcher.submit(request)
         return await asyncio.to_thread(self.executor.run, request)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _run_batch(self, items: list[tuple[TaskRequest, int]]) -> list[RunResult | ServiceError]:
-        started = time.perf_counter_ns()
-        requests = [r for r, _ in items]
-        queue_ns = [started - arrived for _, arrived in items]
+    async def _run_batch(
+        self, requests: list[TaskRequest], queue_ns: list[int]
+    ) -> list[RunResult | ServiceError]:
         return await asyncio.to_thread(self.executor.run_batch, requests, queue_ns)
 
     async def stream(self, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:

@@ -1,0 +1,113 @@
+"""The replica's dynamic batcher: batches form while the model is busy; each caller gets its own result."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.batching import Batcher
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def echo_batches(calls: list[list[int]], delay_s: float = 0.05):
+    async def run_batch(items, waited):
+        calls.append(list(items))
+        await asyncio.sleep(delay_s)  # the model is busy: others queue meanwhile
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    return run_batch
+
+
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls), max_batch_size=16, wait_timeout_s=0.0)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the first batch is running
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 10)]
+        results = await asyncio.gather(first, *rest)
+        return calls, results
+
+    calls, results = run(main())
+    assert results == [i * 10 for i in range(10)]
+    assert calls == [[0], list(range(1, 10))]  # nine callers, one batch: not nine batches of one
+
+
+def test_batches_respect_the_maximum_size():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.01), max_batch_size=4, wait_timeout_s=0.0)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        return calls, results
+
+    calls, results = run(main())
+    assert results == [i * 10 for i in range(10)]
+    assert max(len(c) for c in calls) <= 4 and sum(len(c) for c in calls) == 10
+
+
+def test_a_lone_request_waits_briefly_for_company():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=8, wait_timeout_s=0.2)
+        a = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.02)
+        b = asyncio.create_task(batcher.submit(2))
+        return calls, await asyncio.gather(a, b)
+
+    calls, results = run(main())
+    assert results == [10, 20] and calls == [[1, 2]]
+
+
+def test_an_error_reaches_only_its_caller():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=8, wait_timeout_s=0.01)
+        return await asyncio.gather(batcher.submit(1), batcher.submit(-1), return_exceptions=True)
+
+    good, bad = run(main())
+    assert good == 10 and isinstance(bad, ValueError) and str(bad) == "bad -1"
+
+
+def test_a_cancelled_caller_is_dropped_and_the_batcher_goes_on():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.05), max_batch_size=8, wait_timeout_s=0.0)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(batcher.submit(2))
+        await asyncio.sleep(0)
+        gone.cancel()
+        stays = asyncio.create_task(batcher.submit(3))
+        return calls, await first, await stays
+
+    calls, first, stays = run(main())
+    assert (first, stays) == (10, 30)
+    assert [2] not in calls and all(2 not in c for c in calls)
+
+
+def test_the_wait_of_each_request_is_reported():
+    async def main():
+        seen: list[list[int]] = []
+
+        async def run_batch(items, waited):
+            seen.append(waited)
+            await asyncio.sleep(0.03)
+            return items
+
+        batcher = Batcher(run_batch, max_batch_size=8, wait_timeout_s=0.0)
+        first = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.005)
+        await asyncio.gather(first, batcher.submit(2))
+        return seen
+
+    seen = run(main())
+    assert seen[1][0] > 0  # the second request queued behind the first batch
+
+
+def test_a_zero_max_is_refused():
+    with pytest.raises(ValueError):
+        Batcher(lambda items, waited: items, max_batch_size=0, wait_timeout_s=0)
