@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import Request, Response
@@ -28,7 +29,7 @@ from models.types import RunResult, StreamChunk, TaskRequest
 from serving.config import Settings
 from serving.errors import error_body
 from serving.routes.accounts import bearer_token
-from serving.routes.base import Parsed, RequestContext, sse
+from serving.routes.base import Parsed, RequestContext, TaskAdapter, sse
 from serving.routes.registry import ADAPTERS, choose_task
 
 log = logging.getLogger("serving.ingress")
@@ -57,6 +58,24 @@ class ModelBackend(Protocol):
     async def run(self, model_id: str, request: TaskRequest) -> RunResult: ...
 
     def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]: ...
+
+
+@dataclass
+class Job:
+    """One admitted request on its way through the ingress: what metering and the response need."""
+
+    ctx: RequestContext
+    spec: ModelSpec
+    info: dict[str, Any]
+    adapter: TaskAdapter
+    parsed: Parsed
+    admission: Admission
+
+    @property
+    def characters(self) -> int:
+        """x-compute-characters: the characters of text input."""
+        parsed = self.parsed
+        return parsed.characters if parsed.characters is not None else parsed.request.input_characters()
 
 
 def _seconds(ns: int) -> str:
@@ -195,29 +214,26 @@ class IngressCore:
         parsed = adapter.parse(body, spec, ctx)
         if parsed.stream and not adapter.can_stream:
             raise InvalidInput(f"task {task} does not stream")
-        admission = await self.admit(request, ctx, spec)
-        headers = self.base_headers(ctx, spec, info, parsed)
+        job = Job(ctx, spec, info, adapter, parsed, await self.admit(request, ctx, spec))
         if parsed.stream:
-            return self.streaming_response(adapter, parsed, ctx, spec, info, headers, admission)
+            return self.streaming_response(job)
         try:
             result = await self.backend.run(spec.id, parsed.request)
         except BaseException:
-            await self.release(admission)
+            await self.release(job.admission)
             raise
-        charge = await self.charge(ctx, spec, info, parsed, result.timings.compute_ns, result, admission)
+        charge = await self.charge(job, result.timings.compute_ns, result)
         request.state.queue_seconds = result.timings.queue_ns / 1e9
         request.state.compute_seconds = result.timings.compute_ns / 1e9
         response = adapter.render(result, parsed, ctx)
-        response.headers.update(headers)
+        response.headers.update(self.base_headers(job))
         response.headers.update(self.result_headers(result, charge, ctx))
         return response
 
     # Billing: admission before compute, settlement after
 
-    async def admit(self, request: Request, ctx: RequestContext, spec: ModelSpec) -> Admission | None:
-        """Resolve the caller and the billed account, and reserve an estimate (401/402/403 raise here)."""
-        if self.billing is None:
-            return None
+    async def admit(self, request: Request, ctx: RequestContext, spec: ModelSpec) -> Admission:
+        """Resolve the caller and the billed account, and reserve an estimate (401/402/403/503 raise here)."""
         price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
         estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
         args = (bearer_token(request), request.headers.get("x-hf-bill-to"), spec.id, estimate, ctx.started_at)
@@ -228,30 +244,48 @@ class IngressCore:
         ctx.user, ctx.billed_account = admission.user, admission.billed_account
         return admission
 
-    async def release(self, admission: Admission | None) -> None:
-        if self.billing is not None and admission is not None and admission.reservation_id is not None:
-            try:
-                await asyncio.to_thread(self.billing.release, admission)
-            except Exception:
-                log.exception("billing: could not release a reservation")
+    async def release(self, admission: Admission) -> None:
+        """Give back the reservation of a request that was not charged."""
+        if admission.reservation_id is None:
+            return
+        try:
+            await asyncio.to_thread(self.billing.release, admission)
+        except Exception:
+            log.exception("billing: could not release a reservation")
 
-    def base_headers(
-        self, ctx: RequestContext, spec: ModelSpec, info: dict[str, Any], parsed: Parsed
-    ) -> dict[str, str]:
-        chars = parsed.characters if parsed.characters is not None else parsed.request.input_characters()
+    async def settle(self, job: Job, charge: Charge) -> None:
+        """Replace the reservation by the true cost."""
+        if job.admission.reservation_id is None:
+            return
+        try:
+            await asyncio.to_thread(
+                self.billing.settle,
+                job.admission,
+                charge.cost_nanousd,
+                request_id=job.ctx.inference_id,
+                hardware_profile=job.spec.hardware_profile,
+            )
+        except Exception:
+            log.exception("billing: could not settle request %s", job.ctx.inference_id)
+
+    # Headers
+
+    def base_headers(self, job: Job) -> dict[str, str]:
+        """What every response of this request carries, streams included."""
         headers = {
-            "inference-id": ctx.inference_id,
-            "x-compute-type": spec.hardware_profile,
-            "x-sha": str(info.get("revision", "")),
-            "x-compute-characters": str(chars),
+            "inference-id": job.ctx.inference_id,
+            "x-compute-type": job.spec.hardware_profile,
+            "x-sha": str(job.info.get("revision", "")),
+            "x-compute-characters": str(job.characters),
             "access-control-expose-headers": ", ".join(EXPOSED_HEADERS),
         }
         if self.set_request_id_header:
-            headers["x-request-id"] = ctx.request_id
+            headers["x-request-id"] = job.ctx.request_id
         return headers
 
     @staticmethod
     def result_headers(result: RunResult, charge: Charge | None, ctx: RequestContext) -> dict[str, str]:
+        """Timings and the charge: known only once the model has answered (so never on a stream)."""
         t = result.timings
         headers = {
             "x-queue-time": _seconds(t.queue_ns),
@@ -268,37 +302,30 @@ class IngressCore:
             headers["x-generated-tokens"] = str(result.usage.get("completion_tokens", 0))
         return headers
 
+    # Metering
+
     async def charge(
-        self,
-        ctx: RequestContext,
-        spec: ModelSpec,
-        info: dict[str, Any],
-        parsed: Parsed,
-        compute_ns: int,
-        result: RunResult | None,
-        admission: Admission | None,
-        status: str = STATUS_OK,
+        self, job: Job, compute_ns: int, result: RunResult | None, status: str = STATUS_OK
     ) -> Charge | None:
         """Record the charge of a request that ran and settle its reservation.
 
         A metering or billing fault is logged and counted, never the client's problem.
         """
-        timings = result.timings if result is not None else None
-        chars = parsed.characters if parsed.characters is not None else parsed.request.input_characters()
+        ctx, timings = job.ctx, (result.timings if result is not None else None)
         usage = UsageRecord(
             request_id=ctx.inference_id,
             started_at=ctx.started_at,
-            model_id=spec.id,
-            revision=str(info.get("revision", "")),
-            task=parsed.request.task,
-            hardware_profile=spec.hardware_profile,
+            model_id=job.spec.id,
+            revision=str(job.info.get("revision", "")),
+            task=job.parsed.request.task,
+            hardware_profile=job.spec.hardware_profile,
             compute_ns=compute_ns,
             queue_ns=timings.queue_ns if timings else 0,
             total_ns=time.perf_counter_ns() - ctx.started_ns,
             batch_size=timings.batch_size if timings else 1,
             batch_id=timings.batch_id if timings else None,
             batch_compute_ns=timings.batch_compute_ns if timings else None,
-            input_characters=chars,
+            input_characters=job.characters,
             user=ctx.user,
             billed_account=ctx.billed_account,
             status=status,
@@ -308,45 +335,18 @@ class IngressCore:
             charge = await self.metering.record_async(usage)
         except Exception:
             log.exception("metering failed for request %s", ctx.inference_id)
-            await self.release(admission)
+            await self.release(job.admission)
             return None
-        if self.billing is not None and admission is not None and admission.reservation_id is not None:
-            try:
-                await asyncio.to_thread(
-                    self.billing.settle,
-                    admission,
-                    charge.cost_nanousd,
-                    request_id=ctx.inference_id,
-                    hardware_profile=spec.hardware_profile,
-                )
-            except Exception:
-                log.exception("billing: could not settle request %s", ctx.inference_id)
+        await self.settle(job, charge)
         return charge
 
-    def streaming_response(
-        self,
-        adapter: Any,
-        parsed: Parsed,
-        ctx: RequestContext,
-        spec: ModelSpec,
-        info: dict[str, Any],
-        headers: dict[str, str],
-        admission: Admission | None,
-    ) -> Response:
-        stream = self._metered_stream(adapter, parsed, ctx, spec, info, admission)
-        return StreamingResponse(
-            stream, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
-        )
+    # Streams
 
-    async def _metered_stream(
-        self,
-        adapter: Any,
-        parsed: Parsed,
-        ctx: RequestContext,
-        spec: ModelSpec,
-        info: dict[str, Any],
-        admission: Admission | None,
-    ) -> AsyncIterator[bytes]:
+    def streaming_response(self, job: Job) -> Response:
+        headers = {**self.base_headers(job), "cache-control": "no-cache"}
+        return StreamingResponse(self._metered_stream(job), media_type="text/event-stream", headers=headers)
+
+    async def _metered_stream(self, job: Job) -> AsyncIterator[bytes]:
         """Stream the model's chunks; charge after the last token, or for what ran if the client left.
 
         A stream that fails is not charged; its error is the last event (the status line is already sent).
@@ -357,7 +357,7 @@ class IngressCore:
 
         async def items() -> AsyncIterator[StreamChunk | RunResult]:
             nonlocal consumed_ns, final
-            async for item in self.backend.stream(spec.id, parsed.request):
+            async for item in self.backend.stream(job.spec.id, job.parsed.request):
                 if isinstance(item, RunResult):
                     final, consumed_ns = item, item.timings.compute_ns
                 else:
@@ -365,7 +365,7 @@ class IngressCore:
                 yield item
 
         try:
-            async for data in adapter.render_stream(items(), parsed, ctx):
+            async for data in job.adapter.render_stream(items(), job.parsed, job.ctx):
                 yield data
             outcome = "ok"
         except Exception as err:
@@ -373,25 +373,18 @@ class IngressCore:
             _, body, _ = error_body(err)
             yield sse(body)
         finally:
-            await asyncio.shield(
-                self._settle_stream(ctx, spec, info, parsed, admission, final, consumed_ns, outcome)
-            )
+            await asyncio.shield(self._settle_stream(job, final, consumed_ns, outcome))
 
-    async def _settle_stream(
-        self,
-        ctx: RequestContext,
-        spec: ModelSpec,
-        info: dict[str, Any],
-        parsed: Parsed,
-        admission: Admission | None,
-        final: RunResult | None,
-        consumed_ns: int,
-        outcome: str,
-    ) -> None:
-        labels = {"model_id": spec.id, "task": parsed.request.task, "hardware_profile": spec.hardware_profile}
-        total_s = (time.perf_counter_ns() - ctx.started_ns) / 1e9
+    async def _settle_stream(self, job: Job, final: RunResult | None, consumed_ns: int, outcome: str) -> None:
+        spec = job.spec
+        labels = {
+            "model_id": spec.id,
+            "task": job.parsed.request.task,
+            "hardware_profile": spec.hardware_profile,
+        }
+        total_s = (time.perf_counter_ns() - job.ctx.started_ns) / 1e9
         if final is not None:
-            await self.charge(ctx, spec, info, parsed, final.timings.compute_ns, final, admission)
+            await self.charge(job, final.timings.compute_ns, final)
             metrics.observe_request(
                 **labels,
                 status=200,
@@ -401,12 +394,10 @@ class IngressCore:
             )
         elif outcome == "disconnected" and consumed_ns > 0:
             # The client went away mid-stream: charge the compute it consumed, flagged as such.
-            await self.charge(
-                ctx, spec, info, parsed, consumed_ns, None, admission, STATUS_CLIENT_DISCONNECTED
-            )
+            await self.charge(job, consumed_ns, None, STATUS_CLIENT_DISCONNECTED)
             metrics.observe_request(**labels, status=499, total_seconds=total_s)
         else:
-            await self.release(admission)
+            await self.release(job.admission)
             metrics.observe_request(
                 **labels, status=500 if outcome == "error" else 499, total_seconds=total_s
             )
@@ -414,5 +405,4 @@ class IngressCore:
     def close(self) -> None:
         """Drain metering and close the database connections (replica shutdown)."""
         self.metering.close()
-        if self.billing is not None:
-            self.billing.close()
+        self.billing.close()
