@@ -55,7 +55,9 @@ def in_process(store: str, n: int) -> dict[str, list[float]]:
 
     settings = Settings.load({"model_store": store, "offline": True}, env={})
     catalog, profiles = settings.validated()
-    threads = profiles.get("cpu-basic").torch_threads  # what the replicas run with, for a like-for-like baseline
+    threads = profiles.get(
+        "cpu-basic"
+    ).torch_threads  # what the replicas run with, for a like-for-like baseline
     backend = InProcessBackend(catalog, settings.load_options(), torch_threads=threads)
     out: dict[str, list[float]] = {}
     for model, (task, _, inputs, params) in CASES.items():

@@ -11,7 +11,9 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # so fixture modules import as `fixtures.*`
 
 # Shared fixtures live in tests/fixtures/, one module per service the tests start.
-pytest_plugins = [f"fixtures.{p.stem}" for p in sorted((TESTS / "fixtures").glob("*.py")) if p.stem != "__init__"]
+pytest_plugins = [
+    f"fixtures.{p.stem}" for p in sorted((TESTS / "fixtures").glob("*.py")) if p.stem != "__init__"
+]
 
 _TIERS = ("unit", "integration", "e2e", "gpu")
 

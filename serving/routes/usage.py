@@ -93,8 +93,8 @@ async def cost_lookup(request: Request) -> Response:
     try:
         body: Any = await request.json()
     except ValueError:
-        raise InvalidInput("the request body must be JSON: {\"requestIds\": [...]}") from None
+        raise InvalidInput('the request body must be JSON: {"requestIds": [...]}') from None
     if not isinstance(body, dict) or "requestIds" not in body:
-        raise InvalidInput("requestIds is required: {\"requestIds\": [...]}")
+        raise InvalidInput('requestIds is required: {"requestIds": [...]}')
     found = await run_in_threadpool(metering.cost_lookup, body["requestIds"])
     return json_response({"requests": found})

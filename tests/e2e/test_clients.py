@@ -123,7 +123,7 @@ def test_concurrent_embeddings_are_batched(url):
 
 
 def test_bad_parameter_is_400_naming_the_field(url):
-    with pytest.raises(BadRequestError, match="parameters.width"):
+    with pytest.raises(BadRequestError, match=r"parameters\.width"):
         client(url, "local/tiny-flux").text_to_image("a cat", width=65)
     with pytest.raises(BadRequestError, match="num_inference_steps"):
         client(url, "local/tiny-flux").text_to_image("a cat", num_inference_steps=1000)

@@ -48,11 +48,17 @@ def test_flux_repository_layout_is_the_real_one(flux_cache):
 
 
 def test_flux_loads_by_repo_id_and_revision_from_the_cache(flux_cache, tmp_path):
-    spec = ModelSpec(id="black-forest-labs/FLUX.1-dev", task="text-to-image",
-                     source={"repo_id": "black-forest-labs/FLUX.1-dev", "revision": "main"},
-                     dtype="float32", defaults={"width": 64, "height": 64, "num_inference_steps": 2})
-    ex = ModelExecutor(spec, LoadOptions(model_store=tmp_path, hf_cache_dir=str(flux_cache), offline=True,
-                                         hf_token="hf_unused"))
+    spec = ModelSpec(
+        id="black-forest-labs/FLUX.1-dev",
+        task="text-to-image",
+        source={"repo_id": "black-forest-labs/FLUX.1-dev", "revision": "main"},
+        dtype="float32",
+        defaults={"width": 64, "height": 64, "num_inference_steps": 2},
+    )
+    ex = ModelExecutor(
+        spec,
+        LoadOptions(model_store=tmp_path, hf_cache_dir=str(flux_cache), offline=True, hf_token="hf_unused"),
+    )
     assert ex.revision == SHA
     # The tiny VAE has one block (scale 1): sizes must be multiples of 2; the real one (scale 8) needs 16.
     assert type(ex.runner.pipe).__name__ == "FluxPipeline" and ex.runner.size_multiple == 2
@@ -69,8 +75,11 @@ def test_sentence_transformers_by_repo_id(model_store, tmp_path):
         build_minilm(snapshot)
     cache = tmp_path / "hub"
     as_hub_cache(cache, "sentence-transformers/all-MiniLM-L6-v2", snapshot)
-    spec = ModelSpec(id="sentence-transformers/all-MiniLM-L6-v2", task="feature-extraction",
-                     source={"repo_id": "sentence-transformers/all-MiniLM-L6-v2"})
+    spec = ModelSpec(
+        id="sentence-transformers/all-MiniLM-L6-v2",
+        task="feature-extraction",
+        source={"repo_id": "sentence-transformers/all-MiniLM-L6-v2"},
+    )
     ex = ModelExecutor(spec, LoadOptions(model_store=tmp_path, hf_cache_dir=str(cache), offline=True))
     assert ex.revision == SHA
     assert len(ex.run(TaskRequest("feature-extraction", "hello")).output) == 384
@@ -79,4 +88,6 @@ def test_sentence_transformers_by_repo_id(model_store, tmp_path):
 def test_a_repository_missing_from_the_cache_fails_clearly_offline(tmp_path):
     spec = ModelSpec(id="org/absent", task="text-classification", source={"repo_id": "org/absent"})
     with pytest.raises(ModelSourceError, match=r"org/absent@main from the Hugging Face cache \(offline\)"):
-        ModelExecutor(spec, LoadOptions(model_store=tmp_path, hf_cache_dir=str(tmp_path / "hub"), offline=True))
+        ModelExecutor(
+            spec, LoadOptions(model_store=tmp_path, hf_cache_dir=str(tmp_path / "hub"), offline=True)
+        )

@@ -41,8 +41,13 @@ def test_flux_size_and_jpeg(executors):
 
 
 def test_flux_scheduler_and_negative_prompt_ignored_where_unsupported(executors):
-    r = run(executors, FLUX, "text-to-image", "a dog",
-            {"scheduler": "FlowMatchEulerDiscreteScheduler", "negative_prompt": "blurry", "seed": 1})
+    r = run(
+        executors,
+        FLUX,
+        "text-to-image",
+        "a dog",
+        {"scheduler": "FlowMatchEulerDiscreteScheduler", "negative_prompt": "blurry", "seed": 1},
+    )
     assert r.output["content"]
 
 
@@ -73,14 +78,21 @@ def test_flux_bad_inputs(executors, inputs):
 
 
 def test_chat_answers_with_usage(executors):
-    r = run(executors, LLM, "chat-completion", [{"role": "user", "content": "What is the capital of France?"}],
-            {"max_tokens": 12})
+    r = run(
+        executors,
+        LLM,
+        "chat-completion",
+        [{"role": "user", "content": "What is the capital of France?"}],
+        {"max_tokens": 12},
+    )
     assert "Paris" in r.output["text"]
     assert r.usage["prompt_tokens"] > 5 and 0 < r.usage["completion_tokens"] <= 12
 
 
 def test_generation_stop_sequence_and_length(executors):
-    r = run(executors, LLM, "text-generation", "The capital of France is", {"max_new_tokens": 10, "stop": ["."]})
+    r = run(
+        executors, LLM, "text-generation", "The capital of France is", {"max_new_tokens": 10, "stop": ["."]}
+    )
     assert r.output["finish_reason"] == "stop_sequence" and "." not in r.output["text"]
     r = run(executors, LLM, "text-generation", "1, 2, 3, 4,", {"max_new_tokens": 3})
     assert r.output["finish_reason"] == "length" and r.output["generated_tokens"] == 3
@@ -96,8 +108,11 @@ def test_generation_seeded_sampling_is_reproducible(executors):
 def test_stream_chunks_join_to_the_final_text(executors):
     from models.types import RunResult, StreamChunk
 
-    items = list(executors[LLM].stream(TaskRequest("chat-completion", [{"role": "user", "content": "Count to 5"}],
-                                                   {"max_tokens": 12})))
+    items = list(
+        executors[LLM].stream(
+            TaskRequest("chat-completion", [{"role": "user", "content": "Count to 5"}], {"max_tokens": 12})
+        )
+    )
     chunks, final = items[:-1], items[-1]
     assert isinstance(final, RunResult) and all(isinstance(c, StreamChunk) for c in chunks)
     assert "".join(c.text for c in chunks) == final.output["text"]
@@ -106,7 +121,9 @@ def test_stream_chunks_join_to_the_final_text(executors):
 
 
 def test_closing_a_stream_stops_generation(executors):
-    gen = executors[LLM].stream(TaskRequest("text-generation", "Tell me a long story", {"max_new_tokens": 200}))
+    gen = executors[LLM].stream(
+        TaskRequest("text-generation", "Tell me a long story", {"max_new_tokens": 200})
+    )
     first = next(gen)
     gen.close()
     assert first.elapsed_ns > 0
@@ -146,17 +163,26 @@ def test_feature_extraction_shapes(executors):
 
 
 def test_sentence_similarity_ranks_the_identical_sentence_first(executors):
-    scores = run(executors, EMB, "sentence-similarity",
-                 {"source_sentence": "a cat sits", "sentences": ["stock market news", "a cat sits"]}).output
+    scores = run(
+        executors,
+        EMB,
+        "sentence-similarity",
+        {"source_sentence": "a cat sits", "sentences": ["stock market news", "a cat sits"]},
+    ).output
     assert scores[1] == pytest.approx(1.0, abs=1e-4) and scores[0] < scores[1]
 
 
 def test_embedding_batch_matches_single_and_shares_sum(executors):
     ex = executors[EMB]
-    reqs = [TaskRequest("feature-extraction", "short", {}), TaskRequest("feature-extraction", "a much longer sentence " * 5, {}),
-            TaskRequest("sentence-similarity", {"source_sentence": "a", "sentences": ["b"]}, {})]
+    reqs = [
+        TaskRequest("feature-extraction", "short", {}),
+        TaskRequest("feature-extraction", "a much longer sentence " * 5, {}),
+        TaskRequest("sentence-similarity", {"source_sentence": "a", "sentences": ["b"]}, {}),
+    ]
     results = ex.run_batch(reqs)
-    assert results[0].output == pytest.approx(run(executors, EMB, "feature-extraction", "short").output, abs=1e-5)
+    assert results[0].output == pytest.approx(
+        run(executors, EMB, "feature-extraction", "short").output, abs=1e-5
+    )
     batch_ns = results[0].timings.batch_compute_ns
     assert sum(r.timings.compute_ns for r in results) == batch_ns
     assert {r.timings.batch_id for r in results} == {results[0].timings.batch_id}
@@ -164,8 +190,9 @@ def test_embedding_batch_matches_single_and_shares_sum(executors):
 
 
 def test_batch_with_an_invalid_request_fails_only_that_one(executors):
-    results = executors[EMB].run_batch([TaskRequest("feature-extraction", "ok", {}),
-                                        TaskRequest("feature-extraction", "", {})])
+    results = executors[EMB].run_batch(
+        [TaskRequest("feature-extraction", "ok", {}), TaskRequest("feature-extraction", "", {})]
+    )
     assert isinstance(results[1], InvalidInput)
     assert results[0].timings.batch_size == 1
 
@@ -184,7 +211,9 @@ def test_text_classification(executors):
     assert len(out) == 1 and {e["label"] for e in out[0]} == {"NEGATIVE", "POSITIVE"}
     assert sum(e["score"] for e in out[0]) == pytest.approx(1.0)
     assert out[0][0]["score"] >= out[0][1]["score"]
-    top1 = run(executors, CLS, "text-classification", ["a", "b"], {"top_k": 1, "function_to_apply": "sigmoid"}).output
+    top1 = run(
+        executors, CLS, "text-classification", ["a", "b"], {"top_k": 1, "function_to_apply": "sigmoid"}
+    ).output
     assert [len(x) for x in top1] == [1, 1]
     with pytest.raises(InvalidInput, match="function_to_apply"):
         run(executors, CLS, "text-classification", "a", {"function_to_apply": "tanh"})

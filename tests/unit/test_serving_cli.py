@@ -23,12 +23,16 @@ def test_a_bad_catalog_exits_2_naming_the_field(tmp_path):
 
 def test_prepare_builds_a_local_model_once(tmp_path, monkeypatch):
     catalog = tmp_path / "catalog.yaml"
-    catalog.write_text("models:\n  - {id: local/s, task: text-classification, source: {path: s, prepare: tiny-sentiment}}\n")
+    catalog.write_text(
+        "models:\n  - {id: local/s, task: text-classification, source: {path: s, prepare: tiny-sentiment}}\n"
+    )
     monkeypatch.setenv("HFI_MODEL_STORE", str(tmp_path / "store"))
     first = CliRunner().invoke(app, ["prepare", "--catalog", str(catalog)])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "store" / "s" / "config.json").exists()
     again = CliRunner().invoke(app, ["prepare", "--catalog", str(catalog)])
-    line = "local/s: " + first.output.strip().splitlines()[-1].split("local/s: ")[-1]  # after any progress bar
+    line = (
+        "local/s: " + first.output.strip().splitlines()[-1].split("local/s: ")[-1]
+    )  # after any progress bar
     assert str(tmp_path / "store" / "s") in line
     assert again.output.strip() == line  # same directory, same revision, nothing rebuilt (no build output)

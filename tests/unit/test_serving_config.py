@@ -19,10 +19,14 @@ TINY = {"id": "org/m", "task": "text-classification", "source": {"path": "m"}}
 def test_default_catalog_and_profiles_validate():
     catalog, profiles = Settings.load({}, env={}).validated()
     assert [m.id for m in catalog.models] == [
-        "local/tiny-flux", "HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2",
+        "local/tiny-flux",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "sentence-transformers/all-MiniLM-L6-v2",
         "local/tiny-sentiment",
     ]
-    assert {"cpu-basic", "nvidia-h100", "nvidia-a10g", "nvidia-l4", "nvidia-t4", "nvidia-b200"} <= set(profiles.names())
+    assert {"cpu-basic", "nvidia-h100", "nvidia-a10g", "nvidia-l4", "nvidia-t4", "nvidia-b200"} <= set(
+        profiles.names()
+    )
 
 
 def test_profile_prices_are_exact_and_dated():
@@ -37,8 +41,15 @@ def test_profile_prices_are_exact_and_dated():
 
 
 def test_an_inline_profile_with_a_float_price_stays_exact():
-    profiles = load_profiles(extra=[{"name": "gpu-x", "accelerator": {"type": "L4", "count": 0.5},
-                                     "prices": [{"effective_from": "2026-01-01", "usd_per_hour": 0.1}]}])
+    profiles = load_profiles(
+        extra=[
+            {
+                "name": "gpu-x",
+                "accelerator": {"type": "L4", "count": 0.5},
+                "prices": [{"effective_from": "2026-01-01", "usd_per_hour": 0.1}],
+            }
+        ]
+    )
     assert profiles.get("gpu-x").prices[0].usd_per_second_exact == Fraction(1, 36000)
 
 
@@ -47,8 +58,14 @@ def test_an_inline_profile_with_a_float_price_stays_exact():
     [
         ({"name": "x", "prices": []}, "prices"),
         ({"name": "x", "prices": [{"effective_from": "2026-01-01"}]}, "exactly one of"),
-        ({"name": "x", "accelerator": {"count": 1}, "prices": [{"effective_from": "2026-01-01", "usd_per_hour": 1}]},
-         "accelerator.type"),
+        (
+            {
+                "name": "x",
+                "accelerator": {"count": 1},
+                "prices": [{"effective_from": "2026-01-01", "usd_per_hour": 1}],
+            },
+            "accelerator.type",
+        ),
         ({"name": "Bad Name", "prices": [{"effective_from": "2026-01-01", "usd_per_hour": 1}]}, "name"),
         ({"name": "x", "cpus": -1, "prices": [{"effective_from": "2026-01-01", "usd_per_hour": 1}]}, "cpus"),
     ],
@@ -84,8 +101,12 @@ def test_duplicate_models_and_unknown_profiles_are_refused():
 
 
 def test_settings_from_environment_and_args():
-    env = {"HFI_PORT": "9000", "HFI_DATABASE_URL": "postgresql+psycopg://u:secret@db/x", "HF_TOKEN": "hf_x",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        "HFI_PORT": "9000",
+        "HFI_DATABASE_URL": "postgresql+psycopg://u:secret@db/x",
+        "HF_TOKEN": "hf_x",
+        "HF_HUB_OFFLINE": "1",
+    }
     s = Settings.load({"host": "0.0.0.0"}, env=env)
     assert (s.port, s.host, s.offline, s.hf_token) == (9000, "0.0.0.0", True, "hf_x")
     assert s.metering.database_url.endswith("@db/x")
@@ -105,13 +126,24 @@ def test_settings_file(tmp_path):
 
 
 def test_deployment_options_from_profile_and_catalog():
-    catalog, profiles = Settings.load({"models": [
-        {**TINY, "hardware_profile": "nvidia-l4", "max_ongoing_requests": 4},
-        {**TINY, "id": "org/a", "autoscaling": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2}},
-    ]}, env={}).validated()
+    catalog, profiles = Settings.load(
+        {
+            "models": [
+                {**TINY, "hardware_profile": "nvidia-l4", "max_ongoing_requests": 4},
+                {
+                    **TINY,
+                    "id": "org/a",
+                    "autoscaling": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2},
+                },
+            ]
+        },
+        env={},
+    ).validated()
     fixed = deployment_options(catalog.models[0], profiles.get("nvidia-l4"))
     assert fixed["ray_actor_options"] == {"num_cpus": 8, "num_gpus": 1, "accelerator_type": "L4"}
-    assert fixed["num_replicas"] == 1 and fixed["max_ongoing_requests"] == 4 and fixed["name"] == "model-org--m"
+    assert (
+        fixed["num_replicas"] == 1 and fixed["max_ongoing_requests"] == 4 and fixed["name"] == "model-org--m"
+    )
     auto = deployment_options(catalog.models[1], profiles.get("cpu-basic"))
     assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2}
     assert "num_replicas" not in auto

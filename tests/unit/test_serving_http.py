@@ -25,7 +25,7 @@ def client(default_settings, inprocess_backend):
 
 
 def sse_events(text: str) -> list[str]:
-    return [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,9 @@ def test_split_model_path(path, expected):
 
 
 def test_text_to_image_png_with_headers(client):
-    r = client.post(FLUX, json={"inputs": "a cat", "parameters": {"seed": 3}}, headers={"accept": "image/png"})
+    r = client.post(
+        FLUX, json={"inputs": "a cat", "parameters": {"seed": 3}}, headers={"accept": "image/png"}
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert r.headers["x-compute-type"] == "cpu-basic"
@@ -78,8 +80,9 @@ def test_feature_extraction_and_similarity_on_one_url(client):
     assert r.status_code == 200 and len(r.json()) == 384
     r = client.post(EMB, json={"inputs": ["a", "b"]})
     assert len(r.json()) == 2
-    r = client.post(EMB, json={"inputs": {"source_sentence": "a cat", "sentences": ["a cat", "a car"]},
-                               "parameters": {}})
+    r = client.post(
+        EMB, json={"inputs": {"source_sentence": "a cat", "sentences": ["a cat", "a car"]}, "parameters": {}}
+    )
     assert r.status_code == 200 and r.json()[0] == pytest.approx(1.0, abs=1e-4)
     r = client.post(EMB + "/pipeline/sentence-similarity", json={"source_sentence": "x", "sentences": ["x"]})
     assert r.status_code == 200 and len(r.json()) == 1
@@ -92,8 +95,13 @@ def test_text_classification_nested(client):
 
 
 def test_text_generation_details(client):
-    r = client.post(LLM, json={"inputs": "The capital of France is",
-                               "parameters": {"max_new_tokens": 5, "details": True, "return_full_text": True}})
+    r = client.post(
+        LLM,
+        json={
+            "inputs": "The capital of France is",
+            "parameters": {"max_new_tokens": 5, "details": True, "return_full_text": True},
+        },
+    )
     out = r.json()[0]
     assert out["generated_text"].startswith("The capital of France is")
     assert out["details"]["generated_tokens"] == len(out["details"]["tokens"]) <= 5
@@ -101,7 +109,9 @@ def test_text_generation_details(client):
 
 
 def test_text_generation_stream_tgi_events(client):
-    r = client.post(LLM, json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6}, "stream": True})
+    r = client.post(
+        LLM, json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6}, "stream": True}
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(e) for e in sse_events(r.text)]
     assert all(e["generated_text"] is None for e in events[:-1])
@@ -111,14 +121,19 @@ def test_text_generation_stream_tgi_events(client):
 
 
 def test_chat_completion_and_stream(client):
-    body = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 6}
+    body = {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+    }
     r = client.post("/v1/chat/completions", json=body)
     out = r.json()
     assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] <= 6
     assert out["choices"][0]["finish_reason"] in ("stop", "length")
-    r = client.post(LLM + "/v1/chat/completions",
-                    json={**body, "model": "dummy", "stream": True, "stream_options": {"include_usage": True}})
+    r = client.post(
+        LLM + "/v1/chat/completions",
+        json={**body, "model": "dummy", "stream": True, "stream_options": {"include_usage": True}},
+    )
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -127,8 +142,15 @@ def test_chat_completion_and_stream(client):
 
 
 def test_completions(client):
-    r = client.post("/v1/completions", json={"model": "HuggingFaceTB/SmolLM2-135M-Instruct:hf-inference",
-                                             "prompt": "1, 2, 3,", "max_tokens": 4, "echo": True})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct:hf-inference",
+            "prompt": "1, 2, 3,",
+            "max_tokens": 4,
+            "echo": True,
+        },
+    )
     out = r.json()
     assert out["object"] == "text_completion" and out["choices"][0]["text"].startswith("1, 2, 3,")
 
@@ -150,8 +172,13 @@ def test_v1_models_health_info(client):
         ("post", "/models/nope/nothing", {"json": {"inputs": "x"}}, 404, "Model nope/nothing does not exist"),
         ("get", "/models/nope/nothing/info", {}, 404, "does not exist"),
         ("post", FLUX, {"json": {"inputs": "a", "parameters": {"width": 65}}}, 400, "parameters.width"),
-        ("post", FLUX, {"json": {"inputs": "a", "parameters": {"num_inference_steps": 51}}}, 400,
-         "num_inference_steps"),
+        (
+            "post",
+            FLUX,
+            {"json": {"inputs": "a", "parameters": {"num_inference_steps": 51}}},
+            400,
+            "num_inference_steps",
+        ),
         ("post", FLUX, {"json": {"parameters": {}}}, 400, "inputs is required"),
         ("post", FLUX, {"content": b"not json"}, 400, "not valid JSON"),
         ("post", FLUX, {"content": b""}, 400, "empty"),
@@ -159,14 +186,47 @@ def test_v1_models_health_info(client):
         ("post", FLUX, {"json": {"inputs": "a", "parameters": "x"}}, 400, "parameters"),
         ("post", CLS, {"json": {"inputs": ""}}, 400, "inputs"),
         ("post", CLS + "/pipeline/text-to-image", {"json": {"inputs": "x"}}, 400, "not served"),
-        ("post", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}]}}, 422, "model"),
-        ("post", "/v1/chat/completions", {"json": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, 422,
-         "messages"),
-        ("post", "/v1/chat/completions",
-         {"json": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "x"}],
-                   "temperature": "hot"}}, 422, "temperature"),
-        ("post", "/v1/chat/completions", {"json": {"model": "no/model", "messages": []}}, 404, "does not exist"),
-        ("post", LLM, {"json": {"inputs": "hi", "parameters": {"max_new_tokens": 10**6}}}, 400, "max_new_tokens"),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"messages": [{"role": "user", "content": "x"}]}},
+            422,
+            "model",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}},
+            422,
+            "messages",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {
+                "json": {
+                    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "temperature": "hot",
+                }
+            },
+            422,
+            "temperature",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": "no/model", "messages": []}},
+            404,
+            "does not exist",
+        ),
+        (
+            "post",
+            LLM,
+            {"json": {"inputs": "hi", "parameters": {"max_new_tokens": 10**6}}},
+            400,
+            "max_new_tokens",
+        ),
     ],
 )
 def test_errors(client, method, path, kwargs, status, match):

@@ -24,18 +24,26 @@ class SlowToLoad:
         return {"revision": "abc", "tasks": ["text-classification"]}
 
     async def run(self, model_id, request):
-        return RunResult(output=[[{"label": "POSITIVE", "score": 1.0}]], timings=Timings(compute_ns=1_000_000))
+        return RunResult(
+            output=[[{"label": "POSITIVE", "score": 1.0}]], timings=Timings(compute_ns=1_000_000)
+        )
 
     def stream(self, model_id, request):
         raise NotImplementedError
 
 
 def make_client(tmp_path, wait_s: float, ready_after_s: float) -> TestClient:
-    settings = Settings.load({
-        "model_wait_timeout_s": wait_s,
-        "models": [{"id": "org/m", "task": "text-classification", "source": {"path": "m"}}],
-        "metering": {"database_url": f"sqlite:///{tmp_path / 'l.db'}", "spool_dir": str(tmp_path / "spool")},
-    }, env={})
+    settings = Settings.load(
+        {
+            "model_wait_timeout_s": wait_s,
+            "models": [{"id": "org/m", "task": "text-classification", "source": {"path": "m"}}],
+            "metering": {
+                "database_url": f"sqlite:///{tmp_path / 'l.db'}",
+                "spool_dir": str(tmp_path / "spool"),
+            },
+        },
+        env={},
+    )
     return TestClient(create_app(IngressCore(settings, SlowToLoad(ready_after_s))))
 
 
@@ -47,5 +55,8 @@ def test_waits_for_a_loading_model(tmp_path):
 def test_gives_up_with_503_and_an_estimate(tmp_path):
     r = make_client(tmp_path, wait_s=0.2, ready_after_s=5).post("/models/org/m", json={"inputs": "x"})
     assert r.status_code == 503
-    assert r.json() == {"error": "Model org/m is currently loading", "error_type": "overloaded",
-                        "estimated_time": 0.2}
+    assert r.json() == {
+        "error": "Model org/m is currently loading",
+        "error_type": "overloaded",
+        "estimated_time": 0.2,
+    }
