@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         url = local.start(args)
         typer.echo(USAGE.format(url=url, models=", ".join(m.id for m in catalog_models.models)))
         typer.echo(f"(ready in {time.perf_counter() - started:.1f}s)")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly, as on Ctrl-C
         try:
             while True:
                 time.sleep(3600)
