@@ -8,15 +8,12 @@ against the full service belong with the ingress's end-to-end tests.
 from __future__ import annotations
 
 import datetime as dt
-import socket
-import threading
-import time
 import warnings
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
+from fixtures.net import serve_in_thread
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -26,12 +23,6 @@ from serving import errors
 from serving.routes.accounts import admission_for, router
 
 COST = 10_000_000  # $0.01 a request
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -55,17 +46,8 @@ def server(tmp_path):
         billing.settle(adm, COST, request_id=f"req-{len(ran)}", hardware_profile="cpu-basic")
         return vector
 
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", billing, ran
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, billing, ran
     billing.close()
 
 

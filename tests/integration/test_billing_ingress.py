@@ -7,23 +7,15 @@ the billed organization, and billing's settled costs equal the metering ledger's
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import warnings
 
 import pytest
-import uvicorn
+from fixtures.net import serve_in_thread
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
 MODEL = "local/tiny-sentiment"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +45,8 @@ def service(model_store, tmp_path_factory):
     )
     catalog, _ = settings.validated()
     core = IngressCore(settings, InProcessBackend(catalog, settings.load_options(), torch_threads=1))
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(core), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", core
-    server.should_exit = True
-    thread.join(timeout=20)
+    with serve_in_thread(create_app(core)) as url:
+        yield url, core
     core.metering.close()
 
 
