@@ -75,9 +75,6 @@ class ModelExecutor:
             return tuple(t for t in allowed if t in self.spec.tasks)
         return allowed
 
-    def validate(self, request: TaskRequest) -> None:
-        self.runner.validate(request)
-
     def _guard(self, err: Exception) -> ServiceError:
         if isinstance(err, ServiceError):
             return err
@@ -118,7 +115,8 @@ class ModelExecutor:
                 results[i] = self._guard(err)
         if valid:
             self._run_valid_batch(requests, valid, results, queue_ns or [0] * len(requests))
-        return [r for r in results if r is not None]
+        assert all(r is not None for r in results)  # every request has its result or its error
+        return results  # type: ignore[return-value]
 
     def _run_valid_batch(
         self, requests: list[TaskRequest], valid: list[int], results: list[Any], queue_ns: list[int]

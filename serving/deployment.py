@@ -60,9 +60,6 @@ class ModelDeployment:
         async for item in iterate_in_thread(lambda: self.executor.stream(request)):
             yield item
 
-    def check_health(self) -> None:
-        pass
-
 
 class RayBackend:
     """The ingress's view of the model deployments: Serve handles by model id."""

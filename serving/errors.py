@@ -32,31 +32,44 @@ def unwrap(err: BaseException) -> BaseException:
     return err
 
 
-def error_body(err: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, JSON body, extra headers) for an exception; never leaks a 5xx's details."""
-    err = unwrap(err)
+def _typed(err: BaseException) -> tuple[int, str] | None:
+    """(status, message) of an error whose message the client may see, or None (answered 500 unknown error).
+
+    4xx and 503 (loading, overloaded: the client should retry) are told; other 5xx details stay in the log.
+    """
     status = getattr(err, "status_code", None)
     message = getattr(err, "message", None)
-    if isinstance(status, int) and isinstance(message, str) and 400 <= status < 600:
-        if status >= 500 and status != 503:  # 503 (loading, overloaded) tells the client to retry
-            log.error("internal error: %s", message, exc_info=err)
-            return 500, {"error": "unknown error"}, {}
-        body: dict[str, Any] = {"error": message}
-        error_type = getattr(err, "error_type", None)
-        if error_type:
-            body["error_type"] = error_type
-        extra = getattr(err, "extra", None) or {}
-        body.update({k: v for k, v in extra.items() if k in ("estimated_time",)})
-        headers = {str(k): str(v) for k, v in (getattr(err, "headers", None) or {}).items()}
-        return status, body, headers
-    log.error("unhandled error", exc_info=err)
-    return 500, {"error": "unknown error"}, {}
+    if isinstance(status, int) and isinstance(message, str) and (400 <= status < 500 or status == 503):
+        return status, message
+    return None
+
+
+def error_status(err: BaseException) -> int:
+    """The status an exception is answered with (for metrics; logs nothing)."""
+    typed = _typed(unwrap(err))
+    return 500 if typed is None else typed[0]
+
+
+def error_body(err: BaseException) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) for an exception; never leaks a 5xx's details, which go to the log."""
+    err = unwrap(err)
+    typed = _typed(err)
+    if typed is None:
+        log.error("internal error", exc_info=err)
+        return 500, {"error": "unknown error"}
+    status, message = typed
+    body: dict[str, Any] = {"error": message}
+    error_type = getattr(err, "error_type", None)
+    if error_type:
+        body["error_type"] = error_type
+    extra = getattr(err, "extra", None) or {}
+    body.update({k: v for k, v in extra.items() if k in ("estimated_time",)})
+    return status, body
 
 
 def error_response(err: BaseException, request_id: str | None = None) -> JSONResponse:
-    status, body, headers = error_body(err)
-    if request_id:
-        headers["x-request-id"] = request_id
+    status, body = error_body(err)
+    headers = {"x-request-id": request_id} if request_id else {}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

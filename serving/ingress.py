@@ -27,7 +27,7 @@ from models.catalog import ModelSpec
 from models.errors import InvalidInput, ModelLoading, ModelNotFound, PayloadTooLarge, UnprocessableRequest
 from models.types import RunResult, StreamChunk, TaskRequest
 from serving.config import Settings
-from serving.errors import error_body
+from serving.errors import error_body, error_status
 from serving.routes.accounts import bearer_token
 from serving.routes.base import Parsed, RequestContext, TaskAdapter, sse
 from serving.routes.registry import ADAPTERS, choose_task
@@ -174,7 +174,7 @@ class IngressCore:
             if label is not None:
                 metrics.observe_request(
                     **label,
-                    status=error_body(err)[0],
+                    status=error_status(err),
                     total_seconds=(time.perf_counter_ns() - started_ns) / 1e9,
                 )
             raise
@@ -234,13 +234,15 @@ class IngressCore:
 
     async def admit(self, request: Request, ctx: RequestContext, spec: ModelSpec) -> Admission:
         """Resolve the caller and the billed account, and reserve an estimate (401/402/403/503 raise here)."""
-        price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
-        estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
-        args = (bearer_token(request), request.headers.get("x-hf-bill-to"), spec.id, estimate, ctx.started_at)
-        if self.settings.billing.mode == "open":  # no database work: no thread hop either
-            admission = self.billing.admit(*args)
+        token, bill_to = bearer_token(request), request.headers.get("x-hf-bill-to")
+        if self.settings.billing.mode == "open":  # nothing to reserve, no database work: no thread hop either
+            admission = self.billing.admit(token, bill_to, spec.id, 0, ctx.started_at)
         else:
-            admission = await asyncio.to_thread(self.billing.admit, *args)
+            price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
+            estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
+            admission = await asyncio.to_thread(
+                self.billing.admit, token, bill_to, spec.id, estimate, ctx.started_at
+            )
         ctx.user, ctx.billed_account = admission.user, admission.billed_account
         return admission
 
@@ -370,7 +372,7 @@ class IngressCore:
             outcome = "ok"
         except Exception as err:
             outcome = "error"
-            _, body, _ = error_body(err)
+            _, body = error_body(err)
             yield sse(body)
         finally:
             await asyncio.shield(self._settle_stream(job, final, consumed_ns, outcome))

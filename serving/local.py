@@ -13,7 +13,6 @@ from serving.config import Settings
 
 REPLICA_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
-    "RAY_SERVE_LOG_TO_STDERR": "0",
 }
 
 

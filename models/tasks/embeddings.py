@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from models.base import TaskRunner, param_bool, param_int, param_str
@@ -24,12 +23,6 @@ class SentenceEmbeddingRunner(TaskRunner):
         self.dimensions = self.model.get_embedding_dimension()
         self.max_seq_length = self.model.max_seq_length
         self.prompts = dict(getattr(self.model, "prompts", {}) or {})
-
-    @classmethod
-    def download(
-        cls, repo_id: str, revision: str, token: str | None, cache_dir: str | None, local_files_only: bool
-    ) -> Path:
-        return super().download(repo_id, revision, token, cache_dir, local_files_only)
 
     def _sentences(self, request: TaskRequest) -> list[str]:
         if request.task == SENTENCE_SIMILARITY:
@@ -111,6 +104,3 @@ class SentenceEmbeddingRunner(TaskRunner):
             vectors = vectors[:, : int(dims)]
         values = vectors.float().cpu().tolist()
         return values[0] if isinstance(request.inputs, str) else values
-
-    def work_units(self, request: TaskRequest) -> int:
-        return max(1, request.input_characters())

@@ -288,6 +288,3 @@ class TextGenerationRunner(TaskRunner):
         finally:
             cancelled.set()
             thread.join()
-
-    def work_units(self, request: TaskRequest) -> int:
-        return max(1, request.input_characters())

@@ -47,7 +47,7 @@ async def admission_for(
     )
 
 
-def _caller(request: Request) -> Caller:
+def caller_of(request: Request) -> Caller:
     billing = _billing(request)
     if billing.settings.mode == "open" and bearer_token(request) is None:
         return Caller(name=billing.settings.local_account, tier="", is_admin=True)  # a laptop: one account
@@ -56,7 +56,7 @@ def _caller(request: Request) -> Caller:
 
 def _admin(request: Request) -> tuple[BillingService, Caller]:
     billing = _billing(request)
-    caller = _caller(request)
+    caller = caller_of(request)
     if not caller.is_admin:
         raise Forbidden("This operation needs an administrator token")
     return billing, caller
@@ -65,7 +65,7 @@ def _admin(request: Request) -> tuple[BillingService, Caller]:
 def _manager(request: Request, account: str) -> BillingService:
     """Server admins, and an organization's admins for their organization."""
     billing = _billing(request)
-    caller = _caller(request)
+    caller = caller_of(request)
     if not billing.can_manage(caller, account):
         raise Forbidden(f"You cannot manage {account!r}")
     return billing
@@ -81,7 +81,7 @@ def usage(
     """A month's usage: included credits used, pay-as-you-go, by model, hardware profile (member), charges."""
     if format not in ("json", "csv"):
         raise InvalidRequest("format: use json or csv")
-    report = _billing(request).usage(_caller(request), account, month)
+    report = _billing(request).usage(caller_of(request), account, month)
     if format == "csv":
         return Response(report_csv(report), media_type="text/csv")
     return report
@@ -173,7 +173,7 @@ def set_tier(request: Request, name: str, body: TierBody) -> dict[str, Any]:
 def issue_token(request: Request, name: str, body: TokenBody | None = None) -> dict[str, Any]:
     """Issue a token (for a server admin, or a user for themselves); the secret is in this answer only."""
     billing = _billing(request)
-    caller = _caller(request)
+    caller = caller_of(request)
     if not (caller.is_admin or caller.name == name):
         raise Forbidden("You cannot issue tokens for another user")
     tok = billing.accounts.issue_token(name, body.label if body else "")
@@ -184,7 +184,7 @@ def issue_token(request: Request, name: str, body: TokenBody | None = None) -> d
 def revoke_token(request: Request, token_id: str) -> dict[str, Any]:
     """Revoke a token (a server admin, or its owner)."""
     billing = _billing(request)
-    caller = _caller(request)
+    caller = caller_of(request)
     if not (caller.is_admin or billing.accounts.token_owner(token_id) == caller.name):
         raise Forbidden("You cannot revoke this token")
     billing.accounts.revoke_token(token_id)

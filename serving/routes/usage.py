@@ -19,7 +19,7 @@ from metering import metrics
 from metering.reports import render_charges, render_report
 from metering.service import MeteringService
 from models.errors import InvalidInput, ServiceError
-from serving.routes.accounts import _caller, bearer_token
+from serving.routes.accounts import bearer_token, caller_of
 from serving.routes.base import json_response
 
 router = APIRouter()
@@ -67,7 +67,7 @@ def usage(
     """
     if format not in _MEDIA:
         raise InvalidInput(f"format must be one of {', '.join(_MEDIA)}, got {format!r}")
-    caller = _caller(request)
+    caller = caller_of(request)
     billing = request.app.state.billing
     if not caller.is_admin:
         account = account or caller.name
