@@ -30,7 +30,7 @@ class MeteringSettings(BaseModel):
     # The active spool file is truncated once fully delivered and at least this large.
     spool_compact_bytes: int = Field(default=1024 * 1024, ge=0)
     # How often the background threads look for new charges, and how many they move at once.
-    drain_interval_s: float = Field(default=0.2, gt=0)
+    drain_interval_s: float = Field(default=1.0, gt=0)
     drain_batch_size: int = Field(default=500, ge=1)
     # Back-off between retries when the database or the collector fails: doubles from initial to max.
     retry_initial_s: float = Field(default=0.2, gt=0)

@@ -7,6 +7,8 @@ ledger holds the exact amounts.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -107,13 +109,22 @@ def observe_request(
         COMPUTE_SECONDS.labels(*labels).observe(compute_seconds)
 
 
+_CHARGE_CHILDREN: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+
+
 def observe_charge(charge: Charge) -> None:
     """Add one charge's billed compute seconds and cost to the counters."""
     u = charge.usage
-    labels = (u.model_id, u.task, u.hardware_profile)
-    BILLED_COMPUTE_SECONDS.labels(*labels).inc(charge.compute_ms / 1000)
-    COST_USD.labels(*labels).inc(charge.cost_nanousd / 1e9)
-    CHARGES.labels(*labels, u.status).inc()
+    key = (u.model_id, u.task, u.hardware_profile, u.status)
+    children = _CHARGE_CHILDREN.get(key)
+    if children is None:  # the labelled series of this key, looked up once
+        labels = key[:3]
+        children = (BILLED_COMPUTE_SECONDS.labels(*labels), COST_USD.labels(*labels), CHARGES.labels(*key))
+        _CHARGE_CHILDREN[key] = children
+    billed, cost, count = children
+    billed.inc(charge.compute_ms / 1000)
+    cost.inc(charge.cost_nanousd / 1e9)
+    count.inc()
 
 
 def observe_error(stage: str) -> None:

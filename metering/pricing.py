@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from decimal import Decimal, localcontext
 from fractions import Fraction
+from typing import Any
 
 from hardware_profiles import HardwareProfile, PricePoint, ProfileCatalog
 from metering.errors import InvalidUsage
@@ -34,14 +35,24 @@ def round_half_up(value: Fraction) -> int:
     return int(value + Fraction(1, 2))
 
 
+def _div_half_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded half-up, for non-negative integers (integer arithmetic only)."""
+    if numerator < 0 or denominator <= 0:
+        raise ValueError("cannot price a negative amount")
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
 def billed_ms(compute_ns: int) -> int:
     """Billed whole milliseconds of `compute_ns` nanoseconds, rounded half-up."""
-    return round_half_up(Fraction(compute_ns, NS_PER_MS))
+    return _div_half_up(compute_ns, NS_PER_MS)
 
 
 def cost_nanousd(compute_ms: int, usd_per_second: Fraction) -> int:
     """The cost of `compute_ms` milliseconds at `usd_per_second`, in nano-USD rounded half-up."""
-    return round_half_up(Fraction(compute_ms, MS_PER_SECOND) * usd_per_second * NANO)
+    # compute_ms / 1000 * (p / q) * 10^9 = compute_ms * p * 10^6 / q, exactly
+    return _div_half_up(
+        compute_ms * usd_per_second.numerator * (NANO // MS_PER_SECOND), usd_per_second.denominator
+    )
 
 
 def usd_per_hour_str(point: PricePoint) -> str:
@@ -52,6 +63,32 @@ def usd_per_hour_str(point: PricePoint) -> str:
     with localcontext() as ctx:
         ctx.prec = 60
         return _plain(point.usd_per_second * SECONDS_PER_HOUR)
+
+
+# What pricing needs of a price point, worked out once per point ($/s as a fraction, $/h as written): keyed by
+# id() and checked by identity and by the prices themselves, so a changed or reloaded point is worked out again.
+_POINTS: dict[int, tuple[PricePoint, Any, Any, Fraction, str]] = {}
+
+
+def _point_terms(point: PricePoint) -> tuple[Fraction, str]:
+    cached = _POINTS.get(id(point))
+    if (
+        cached is None
+        or cached[0] is not point
+        or cached[1] != point.usd_per_hour
+        or cached[2] != point.usd_per_second
+    ):
+        if len(_POINTS) > 1024:
+            _POINTS.clear()
+        cached = (
+            point,
+            point.usd_per_hour,
+            point.usd_per_second,
+            point.usd_per_second_exact,
+            usd_per_hour_str(point),
+        )
+        _POINTS[id(point)] = cached
+    return cached[3], cached[4]
 
 
 def _plain(value: Decimal) -> str:
@@ -67,13 +104,14 @@ def price(usage: UsageRecord, profile: HardwareProfile) -> Charge:
         point = profile.price_at(usage.started_at_utc)
     except LookupError as err:
         raise InvalidUsage(str(err)) from None
+    per_second, per_hour = _point_terms(point)
     ms = billed_ms(usage.compute_ns)
     return Charge(
         usage=usage,
         compute_ms=ms,
-        price_usd_per_hour=usd_per_hour_str(point),
+        price_usd_per_hour=per_hour,
         price_effective_from=point.effective_from,
-        cost_nanousd=cost_nanousd(ms, point.usd_per_second_exact),
+        cost_nanousd=cost_nanousd(ms, per_second),
     )
 
 

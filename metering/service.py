@@ -11,7 +11,6 @@ in the ledger consumer's thread. Thread-safe.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hmac
 import logging
@@ -127,28 +126,43 @@ class MeteringService:
         Raises InvalidUsage (a caller bug: unknown profile, no price in force, negative time) and nothing
         else: a failure to spool is logged with the whole charge and counted, and the charge is still
         returned. Blocks for one fsync of the spool (about 0.1-2 ms on an SSD; concurrent callers share it):
-        call it from a worker thread (`record_async`) in an event loop that must not block.
+        in an event loop, use `record_async`.
         """
+        charge, data = self._price(usage)
+        if data is not None:
+            try:
+                self.spool.append(data)  # type: ignore[union-attr]
+            except Exception:
+                self._spool_failed(data)
+        return charge
+
+    async def record_async(self, usage: UsageRecord) -> Charge:
+        """`record` for an event loop: the loop does not wait for the fsync, and concurrent requests share it
+        (the spool's writer thread commits them as a group). With metering off, no thread is involved."""
+        charge, data = self._price(usage)
+        if data is not None:
+            try:
+                await self.spool.append_async(data)  # type: ignore[union-attr]
+            except Exception:
+                self._spool_failed(data)
+        return charge
+
+    def _price(self, usage: UsageRecord) -> tuple[Charge, dict[str, Any] | None]:
+        """The charge, counted in the metrics, and its spool record (None when metering is off)."""
         charge = price_in_catalog(usage, self.profiles)
         try:
             metrics.observe_charge(charge)
         except Exception:  # metrics must never lose a charge
             log.exception("metering: metrics update failed")
         if self.spool is None:
-            return charge
-        data = charge.to_dict()
+            return charge, None
         with self._pending_lock:
             self._pending[charge.request_id] = charge.cost_nanousd
-        try:
-            self.spool.append(data)
-        except Exception:
-            metrics.observe_error("spool")
-            log.exception("metering: could not spool charge, recover it from this line: %s", data)
-        return charge
+        return charge, charge.to_dict()
 
-    async def record_async(self, usage: UsageRecord) -> Charge:
-        """`record` in a worker thread, so the event loop does not wait for the fsync."""
-        return await asyncio.to_thread(self.record, usage)
+    def _spool_failed(self, data: dict[str, Any]) -> None:
+        metrics.observe_error("spool")
+        log.exception("metering: could not spool charge, recover it from this line: %s", data)
 
     def _deliver_to_ledger(self, records: list[dict[str, Any]]) -> None:
         charges = []

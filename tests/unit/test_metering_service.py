@@ -55,7 +55,7 @@ def service(tmp_path: Path):
 def test_record_spools_before_returning_and_drains_to_the_ledger(service: MeteringService) -> None:
     charge = service.record(usage(0))
     assert charge.cost_nanousd == 125_000  # 100 ms at 1/800 $/s
-    spooled = service.spool.active_path.read_text()  # type: ignore[union-attr]
+    spooled = service.spool.active_path.read_bytes().decode()  # type: ignore[union-attr]
     assert charge.request_id in spooled
     assert service.flush(10)
     [row] = service.charges()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -18,11 +19,41 @@ def drain(spool: Spool, consumer: str, batch: int = 100) -> list[dict]:
     return out
 
 
+def records_in(path: Path) -> list[str]:
+    """The request ids in a spool file as a reader after a crash sees them (up to the preallocated zeros)."""
+    data = path.read_bytes()
+    return [json.loads(x)["request_id"] for x in data[: data.find(b"\0") % (len(data) + 1)].splitlines()]
+
+
 def test_append_is_in_the_file_before_it_returns(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["ledger"])
     spool.append({"request_id": "a", "n": 1})
-    lines = spool.active_path.read_text().splitlines()
-    assert [json.loads(x)["request_id"] for x in lines] == ["a"]
+    assert records_in(spool.active_path) == ["a"]
+    spool.close()
+
+
+def test_the_active_file_is_preallocated_so_an_append_does_not_change_its_length(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"], preallocate_bytes=8192)
+    length = spool.active_path.stat().st_size
+    assert length == 8192
+    spool.append({"request_id": "a"})
+    assert spool.active_path.stat().st_size == length  # fdatasync has no length change to journal
+    for i in range(200):  # past the end: the file grows by another preallocation, records stay whole
+        spool.append({"request_id": f"r{i:03d}", "pad": "x" * 40})
+    assert spool.active_path.stat().st_size > length
+    assert records_in(spool.active_path) == ["a", *[f"r{i:03d}" for i in range(200)]]
+    assert [r["request_id"] for r in drain(spool, "ledger")] == records_in(spool.active_path)
+    spool.close()
+
+
+def test_a_preallocated_orphan_replays_up_to_its_zeros_and_a_torn_line_before_them_is_skipped(
+    tmp_path: Path,
+) -> None:
+    orphan = tmp_path / "deadhost-3-abc.jsonl"
+    orphan.write_bytes(b'{"request_id":"z1"}\n{"request_id":"z2"}\n{"request_id":"z' + bytes(4096))
+    spool = Spool(tmp_path, ["ledger"])
+    assert [r["request_id"] for r in drain(spool, "ledger")] == ["z1", "z2"]
+    assert not orphan.exists()
     spool.close()
 
 
@@ -89,14 +120,15 @@ def test_orphan_offsets_beyond_the_file_restart_from_zero(tmp_path: Path) -> Non
     spool.close()
 
 
-def test_compaction_truncates_a_fully_delivered_file(tmp_path: Path) -> None:
+def test_compaction_clears_a_fully_delivered_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path, ["ledger"], compact_bytes=100)
     for i in range(20):
         spool.append({"request_id": f"id-{i:04d}"})
-    assert spool.active_path.stat().st_size > 100
+    assert len(records_in(spool.active_path)) == 20
     assert len(drain(spool, "ledger")) == 20
-    assert spool.active_path.stat().st_size == 0
+    assert records_in(spool.active_path) == []  # zeroed from the start: nothing left to replay
     spool.append({"request_id": "after"})
+    assert records_in(spool.active_path) == ["after"]
     assert [r["request_id"] for r in drain(spool, "ledger")] == ["after"]
     spool.close()
 
@@ -134,4 +166,114 @@ def test_long_lines_and_large_backlogs_are_read_whole(tmp_path: Path) -> None:
     got = drain(spool, "ledger", batch=500)
     assert got[0]["extra"] == big
     assert [r["request_id"] for r in got[1:]] == [f"r{i}" for i in range(1500)]
+    spool.close()
+
+
+# append_async: the event loop's path (a writer thread, group commit)
+
+
+def test_append_async_lines_are_on_disk_when_it_returns_and_share_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    calls = []
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
+    spool = Spool(tmp_path, ["ledger"], inline_fsync_max_s=0)  # always through the writer thread
+
+    async def one(i: int) -> None:
+        await spool.append_async({"request_id": f"r{i}"})
+        assert f"r{i}" in records_in(spool.active_path)  # written and fsync'd before the await returned
+
+    async def main() -> None:
+        await asyncio.gather(*(one(i) for i in range(200)))
+
+    calls.clear()
+    asyncio.run(main())
+    assert sorted(r["request_id"] for r in drain(spool, "ledger")) == sorted(f"r{i}" for i in range(200))
+    assert 1 <= len(calls) < 50  # 200 concurrent appends went to disk in a few groups, not one fsync each
+    spool.close()
+
+
+def test_append_async_of_a_cancelled_caller_is_still_written_and_close_writes_what_is_queued(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path, ["ledger"], fsync=False, inline_fsync_max_s=0)
+    path = spool.active_path
+
+    async def main() -> None:
+        task = asyncio.ensure_future(spool.append_async({"request_id": "left"}))
+        await asyncio.sleep(0)  # queued
+        task.cancel()
+        queued = asyncio.ensure_future(spool.append_async({"request_id": "queued"}))
+        await asyncio.sleep(0)
+        spool.close()  # joins the writer: everything queued is in the file
+        await asyncio.gather(queued, return_exceptions=True)
+
+    asyncio.run(main())
+    assert records_in(path) == ["left", "queued"]
+    with pytest.raises(RuntimeError):
+        asyncio.run(spool.append_async({"request_id": "late"}))
+
+
+def test_append_async_write_failure_reaches_the_caller_and_leaves_no_torn_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metering.spool as spool_module
+
+    spool = Spool(tmp_path, ["ledger"], fsync=False, inline_fsync_max_s=0)
+    asyncio.run(spool.append_async({"request_id": "a"}))
+    real_write_all = spool_module._write_all
+
+    def half_then_fail(fd: int, data: bytes, offset: int) -> None:
+        if any(data):  # a record, not the zeros that clear it
+            real_write_all(fd, data[:5], offset)
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(spool_module, "_write_all", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        asyncio.run(spool.append_async({"request_id": "b"}))
+    monkeypatch.setattr(spool_module, "_write_all", real_write_all)
+    asyncio.run(spool.append_async({"request_id": "c"}))
+    assert [r["request_id"] for r in drain(spool, "ledger")] == ["a", "c"]
+    spool.close()
+
+
+def test_append_async_writes_inline_while_fsyncs_are_fast_and_hands_off_when_they_are_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import time
+
+    spool = Spool(tmp_path, ["ledger"])
+    asyncio.run(spool.append_async({"request_id": "fast"}))
+    assert spool._writer is None  # a fast disk: written and fsync'd on the loop, no thread involved
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (time.sleep(0.004), real_sync(fd))[1])
+
+    async def main() -> int:
+        for i in range(5):  # the moving average of the fsync time passes the inline limit
+            await spool.append_async({"request_id": f"slow{i}"})
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        await spool.append_async({"request_id": "off-loop"})
+        task.cancel()
+        return ticks - before
+
+    ran_meanwhile = asyncio.run(main())
+    assert spool._writer is not None
+    assert ran_meanwhile > 1  # the loop kept running while the writer thread waited for the slow fsync
+    ids = [r["request_id"] for r in drain(spool, "ledger")]
+    assert ids == ["fast", *[f"slow{i}" for i in range(5)], "off-loop"]
     spool.close()
