@@ -55,7 +55,9 @@ class Autoscaling(BaseModel):
 
 
 class Batching(BaseModel):
-    """Dynamic batching of concurrent requests into one forward pass (`@serve.batch`)."""
+    """Dynamic batching of concurrent requests into one forward pass (serving/batching.py): the ingress sends a
+    batched model's requests in batches of up to `max_batch_size`, and the replica merges what every ingress
+    sends; a request that would run alone waits up to `batch_wait_timeout_s` for company."""
 
     model_config = ConfigDict(extra="forbid")
 

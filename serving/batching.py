@@ -1,9 +1,13 @@
 """Dynamic batching that forms a batch when the model is free.
 
 Ray Serve's `@serve.batch` closes a batch on its timeout even while the previous batch is still running, so on a
-busy replica batches stay small (2-3 requests measured here) and requests queue behind them. This batcher has one
-worker per replica: while a batch runs, new requests gather in the queue, and the next batch takes all of them
-(up to the maximum) at once. Only a request that would run alone waits, at most `wait_timeout_s`, for company.
+busy replica batches stay small (2-3 requests measured here) and requests queue behind them. This batcher has
+`concurrency` workers (one on a replica): while a batch runs, new requests gather in the queue, and the next
+batch takes all of them (up to the maximum) at once. Only a request that would run alone waits, at most
+`wait_timeout_s`, for company; items submitted together (`submit_many`, already a batch) never wait.
+
+The ingress uses it too, in front of a batched model's handle: it sends one call per batch instead of one per
+request, which saves the per-call cost of Ray on both sides (see serving/deployment.py).
 """
 
 from __future__ import annotations
@@ -15,45 +19,73 @@ from typing import Any
 
 RunBatch = Callable[[list[Any], list[int]], Awaitable[list[Any]]]
 
+_Entry = tuple[
+    Any, int, asyncio.Future, bool
+]  # item, arrival (perf_counter_ns), its caller's future, may wait
+
 
 class Batcher:
     """Queue requests, run them in batches of at most `max_batch_size`, hand each caller its own result.
 
     `run_batch(items, queue_ns)` gets the batch and how long each item waited, and returns one result per item
-    (a result may be an exception object, handed back to that caller only).
+    (a result may be an exception object, handed back to that caller only). At most `concurrency` batches run
+    at once.
     """
 
-    def __init__(self, run_batch: RunBatch, max_batch_size: int, wait_timeout_s: float) -> None:
+    def __init__(
+        self, run_batch: RunBatch, max_batch_size: int, wait_timeout_s: float, concurrency: int = 1
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_timeout_s = wait_timeout_s
-        self._queue: asyncio.Queue[tuple[Any, int, asyncio.Future]] = asyncio.Queue()
-        self._worker: asyncio.Task | None = None
+        self.concurrency = concurrency
+        self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
+        self._workers: list[asyncio.Task] = []
+        self._gathering: asyncio.Lock | None = None  # one worker forms a batch at a time
         self.batch_sizes: list[int] = []  # what ran, for tests and diagnostics (bounded below)
 
     async def submit(self, item: Any) -> Any:
         """Run `item` in the next batch and return its result."""
-        loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work())
-        future: asyncio.Future = loop.create_future()
-        self._queue.put_nowait((item, time.perf_counter_ns(), future))
-        return await future
+        return await self._enqueue([item], may_wait=True)[0]
 
-    async def _gather(self) -> list[tuple[Any, int, asyncio.Future]]:
-        batch = [await self._queue.get()]
-        if self._queue.empty() and self.wait_timeout_s > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.wait_timeout_s
-            while len(batch) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-        while len(batch) < self.max_batch_size and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+    async def submit_many(self, items: list[Any]) -> list[Any]:
+        """Run `items` (in as few batches as the maximum allows, with whatever else is queued) and return
+        their results in order; a failed item's result is its exception object."""
+        return await asyncio.gather(*self._enqueue(items, may_wait=False), return_exceptions=True)
+
+    def _enqueue(self, items: list[Any], *, may_wait: bool) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        self._workers = [w for w in self._workers if not w.done()]
+        if self._gathering is None:
+            self._gathering = asyncio.Lock()
+        while len(self._workers) < self.concurrency:
+            self._workers.append(loop.create_task(self._work()))
+        now = time.perf_counter_ns()
+        futures = []
+        for item in items:
+            future: asyncio.Future = loop.create_future()
+            self._queue.put_nowait((item, now, future, may_wait))
+            futures.append(future)
+        return futures
+
+    async def _gather(self) -> list[_Entry]:
+        assert self._gathering is not None
+        async with self._gathering:
+            batch = [await self._queue.get()]
+            if batch[0][3] and self._queue.empty() and self.wait_timeout_s > 0:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.wait_timeout_s
+                while len(batch) < self.max_batch_size and (remaining := deadline - loop.time()) > 0:
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except asyncio.TimeoutError:
+                        break
+            while len(batch) < self.max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
         return [entry for entry in batch if not entry[2].cancelled()]  # callers that went away
 
     async def _work(self) -> None:
@@ -62,8 +94,8 @@ class Batcher:
             if not batch:
                 continue
             started = time.perf_counter_ns()
-            items = [item for item, _, _ in batch]
-            waited = [started - arrived for _, arrived, _ in batch]
+            items = [entry[0] for entry in batch]
+            waited = [started - entry[1] for entry in batch]
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
             try:
                 results = await self.run_batch(items, waited)
@@ -71,7 +103,8 @@ class Batcher:
                     raise RuntimeError(f"a batch of {len(batch)} returned {len(results)} results")
             except Exception as err:  # the whole batch failed: every caller gets the error
                 results = [err] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
+            for entry, result in zip(batch, results, strict=True):
+                future = entry[2]
                 if future.done():
                     continue
                 if isinstance(result, BaseException):

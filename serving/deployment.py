@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,6 +52,20 @@ class ModelDeployment:
             return await self.batcher.submit(request)
         return await asyncio.to_thread(self.executor.run, request)
 
+    async def run_many(self, requests: list[TaskRequest]) -> list[RunResult | Exception]:
+        """Run requests the ingress batched (one call for many): each result in order, an error as its value.
+
+        On a batched replica they join the queue together with every other caller's requests."""
+        if self.batcher is not None:
+            return await self.batcher.submit_many(requests)
+        results: list[RunResult | Exception] = []
+        for request in requests:
+            try:
+                results.append(await asyncio.to_thread(self.executor.run, request))
+            except ServiceError as err:
+                results.append(err)
+        return results
+
     async def _run_batch(
         self, requests: list[TaskRequest], queue_ns: list[int]
     ) -> list[RunResult | ServiceError]:
@@ -62,16 +77,46 @@ class ModelDeployment:
 
 
 class RayBackend:
-    """The ingress's view of the model deployments: Serve handles by model id."""
+    """The ingress's view of the model deployments: Serve handles by model id.
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    Requests to a model with `batching` go out in batches: the ingress queues them and sends one `run_many`
+    call per batch (formed while the previous calls are in flight, as on the replica), so a busy batched model
+    costs one Ray call per batch instead of one per request on both sides. The replica's batcher merges what
+    every ingress sends. Calls in flight per model: its replicas (autoscaling: max_replicas x
+    target_ongoing_requests, so that the autoscaler still sees the load).
+    """
+
+    def __init__(self, handles: dict[str, DeploymentHandle], specs: list[ModelSpec] | None = None) -> None:
         self.handles = handles
+        self.batchers: dict[str, Batcher] = {}
+        for spec in specs or []:
+            if spec.batching is not None and spec.id in handles:
+                self.batchers[spec.id] = Batcher(
+                    self._sender(handles[spec.id]),
+                    spec.batching.max_batch_size,
+                    spec.batching.batch_wait_timeout_s,
+                    concurrency=calls_in_flight(spec),
+                )
 
     async def info(self, model_id: str) -> dict[str, Any]:
         return await self.handles[model_id].info.remote()
 
     async def run(self, model_id: str, request: TaskRequest) -> RunResult:
+        batcher = self.batchers.get(model_id)
+        if batcher is not None:
+            return await batcher.submit(request)
         return await self.handles[model_id].run.remote(request)
+
+    @staticmethod
+    def _sender(handle: DeploymentHandle) -> Any:
+        async def send(requests: list[TaskRequest], waited_ns: list[int]) -> list[RunResult | Exception]:
+            results = await handle.run_many.remote(requests)
+            for result, waited in zip(results, waited_ns, strict=False):
+                if isinstance(result, RunResult):
+                    result.timings.queue_ns += waited  # the wait here is queueing too (never billed)
+            return results
+
+        return send
 
     async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
         gen = self.handles[model_id].options(stream=True).stream.remote(request)
@@ -85,6 +130,13 @@ class RayBackend:
                 gen.cancel()  # the client went away: stop the replica's generation too
 
 
+def calls_in_flight(spec: ModelSpec) -> int:
+    """How many batches the ingress keeps in flight to one batched model (see RayBackend)."""
+    if spec.autoscaling is not None:
+        return max(1, math.ceil(spec.autoscaling.max_replicas * spec.autoscaling.target_ongoing_requests))
+    return max(1, spec.replicas or 1)
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -94,7 +146,9 @@ class Ingress:
         from serving.ingress import IngressCore
 
         logging.basicConfig(level=logging.INFO)
-        self.core = IngressCore(Settings.load(settings), RayBackend(handles), set_request_id_header=False)
+        loaded = Settings.load(settings)
+        backend = RayBackend(handles, loaded.validated()[0].models)
+        self.core = IngressCore(loaded, backend, set_request_id_header=False)
 
     def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
         core = getattr(self, "core", None)

@@ -320,6 +320,33 @@ def test_batched_embeddings_split_the_measured_batch_time_exactly(hfi_service, l
             )
 
 
+def test_a_bad_request_in_a_batch_fails_alone_and_is_not_charged(hfi_service, ledger) -> None:
+    """The ingress sends a batched model's requests in batches (one Ray call each): an error found on the replica
+    for one request crosses back as that request's own 400; its batch mates succeed and are charged."""
+    prefix = tag_prefix("badmate")
+    bad = f"{prefix}bad"
+
+    async def burst() -> list[Sent]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=hfi_service.url, timeout=HTTP_TIMEOUT_S, limits=limits) as c:
+            good = [
+                send(c, f"{prefix}{i:02d}", "feature-extraction", EMB_ID, EMB, {"inputs": f"sentence {i}"})
+                for i in range(12)
+            ]
+            wrong = {"inputs": "too many", "parameters": {"dimensions": 100_000}}  # checked by the runner
+            return list(await asyncio.gather(*good, send(c, bad, "feature-extraction", EMB_ID, EMB, wrong)))
+
+    sent = asyncio.run(burst())
+    by_tag = {s.tag: s for s in sent}
+    assert by_tag[bad].status_code == 400, by_tag[bad].body
+    assert b"parameters.dimensions" in by_tag[bad].body
+    good = [s for s in sent if s.tag != bad]
+    assert all(s.status_code == 200 for s in good), [(s.status_code, s.body[:200]) for s in good]
+    assert all(len(json.loads(s.body)) == 384 for s in good)
+    rows = ledger.wait_for_tags(prefix, len(good))
+    assert sorted(r.usage.client_request_id for r in rows) == sorted(s.tag for s in good)
+
+
 def test_disconnect_mid_stream_is_charged_for_what_ran_and_bad_requests_are_not(hfi_service, ledger) -> None:
     prefix = tag_prefix("disconnect")
     url = hfi_service.url

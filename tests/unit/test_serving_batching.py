@@ -111,3 +111,62 @@ def test_the_wait_of_each_request_is_reported():
 def test_a_zero_max_is_refused():
     with pytest.raises(ValueError):
         Batcher(lambda items, waited: items, max_batch_size=0, wait_timeout_s=0)
+
+
+def test_submit_many_returns_results_in_order_with_errors_as_values_and_never_waits():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=3, wait_timeout_s=5.0)
+        started = asyncio.get_running_loop().time()
+        results = await batcher.submit_many([1, -2, 3, 4])
+        return calls, results, asyncio.get_running_loop().time() - started
+
+    calls, results, took = run(main())
+    assert results[0] == 10 and isinstance(results[1], ValueError) and results[2:] == [30, 40]
+    assert calls == [[1, -2, 3], [4]]  # already a batch: split at the maximum, no 5 s wait for company
+    assert took < 2.5
+
+
+def test_submitted_batches_merge_with_other_callers_in_the_queue():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.05), max_batch_size=16, wait_timeout_s=0.0)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the model is busy with [0]
+        a = asyncio.create_task(batcher.submit_many([1, 2, 3]))  # one ingress's batch
+        b = asyncio.create_task(batcher.submit_many([4, 5]))  # another's
+        c = asyncio.create_task(batcher.submit(6))
+        return calls, await asyncio.gather(first, a, b, c)
+
+    calls, (r0, ra, rb, rc) = run(main())
+    assert (r0, ra, rb, rc) == (0, [10, 20, 30], [40, 50], 60)
+    assert calls == [[0], [1, 2, 3, 4, 5, 6]]
+
+
+def test_concurrency_runs_that_many_batches_at_once_and_no_more():
+    async def main():
+        running = peak = 0
+        calls: list[list[int]] = []
+
+        async def run_batch(items, waited):
+            nonlocal running, peak
+            calls.append(list(items))
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.03)
+            running -= 1
+            return [i * 10 for i in items]
+
+        batcher = Batcher(run_batch, max_batch_size=2, wait_timeout_s=0.0, concurrency=3)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(12)))
+        return calls, results, peak
+
+    calls, results, peak = run(main())
+    assert results == [i * 10 for i in range(12)]
+    assert peak == 3
+    assert sorted(i for c in calls for i in c) == list(range(12)) and max(len(c) for c in calls) <= 2
+
+
+def test_invalid_batcher_settings_are_refused():
+    with pytest.raises(ValueError, match="concurrency"):
+        Batcher(lambda items, waited: None, max_batch_size=2, wait_timeout_s=0.0, concurrency=0)
