@@ -15,6 +15,25 @@ REPLICA_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+# Ray Serve settings of the local stack, read by Ray's processes when they start (so set before ray.init; one
+# already set in the environment wins):
+# - the throughput mode (Ray's switch for requests per second: ingress replicas take HTTP from the proxy
+#   directly, gRPC between deployments, user code on the replica's own loop);
+# - in that mode an ingress replica stays up 30 s after it is told to stop so that a load balancer can take it
+#   out of rotation first; on one machine there is none, and a stop (Ctrl-C, a redeploy) would wait 35 s.
+SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+}
+
+
+def apply_serve_env() -> None:
+    """Put SERVE_ENV (and no usage stats, no auth on loopback) in this process's environment for Ray to inherit."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def logical_cpus(settings: Settings) -> int:
     """Enough Ray logical CPUs for every replica, even where the machine has fewer cores (replicas mostly idle)."""
@@ -28,11 +47,7 @@ def logical_cpus(settings: Settings) -> int:
 
 def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None) -> str:
     """Start Ray and Serve locally and deploy the application; return the base URL once it is ready."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Serve's throughput mode (ingress replicas take HTTP from the proxy directly, gRPC between deployments):
-    # measured here about 25 % more requests per second through the whole stack. Set it to 0 to turn it off.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    apply_serve_env()
     import ray
     from ray import serve
 
