@@ -19,9 +19,8 @@ from typing import Any
 
 RunBatch = Callable[[list[Any], list[int]], Awaitable[list[Any]]]
 
-_Entry = tuple[
-    Any, int, asyncio.Future, bool
-]  # item, arrival (perf_counter_ns), its caller's future, may wait
+# A queued item: the item, its arrival (perf_counter_ns), its caller's future, whether it may wait for company.
+_Entry = tuple[Any, int, asyncio.Future, bool]
 
 
 class Batcher:
