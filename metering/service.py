@@ -137,8 +137,8 @@ class MeteringService:
         return charge
 
     async def record_async(self, usage: UsageRecord) -> Charge:
-        """`record` for an event loop: the loop does not wait for the fsync, and concurrent requests share it
-        (the spool's writer thread commits them as a group). With metering off, no thread is involved."""
+        """`record` for an event loop (see `Spool.append_async`: on the loop while the disk syncs fast, else by a
+        group-committing writer thread so the loop never waits for a slow disk). With metering off, prices only."""
         charge, data = self._price(usage)
         if data is not None:
             try:

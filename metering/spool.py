@@ -43,7 +43,7 @@ class _Segment:
     path: Path
     fd: int  # held open (and flock'ed) for the life of the segment
     active: bool
-    size: int  # bytes of records; an active file is longer, zero-filled past this (see PREALLOCATE_BYTES)
+    size: int  # bytes of records; an active file is longer, zero-filled past this (Spool.preallocate_bytes)
     offsets: dict[str, int] = field(default_factory=dict)
     allocated: int = 0  # file length (active files: written zeros ahead of `size`)
     generation: int = 0
@@ -172,9 +172,8 @@ class Spool:
         """
         line = encode_line(record)
         if not self._queued and not self._writer_busy and self._fsync_avg_s < self.inline_fsync_max_s:
-            self._sync(
-                self._write(line, 1)
-            )  # fsyncs are fast here: cheaper than waking a thread and the loop
+            # fsyncs are fast here: cheaper than waking a thread and then the loop
+            self._sync(self._write(line, 1))
             return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
