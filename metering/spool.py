@@ -101,6 +101,7 @@ class Spool:
         self._queue_cv = threading.Condition()
         self._writer: threading.Thread | None = None
         self._writer_busy = False
+        self._tick_waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         # append_async writes on the caller's thread while fsyncs take less than this (a moving average): on a
         # local SSD that is cheaper than any hand-off to a thread; on a slow disk the loop must not wait.
         self.inline_fsync_max_s = inline_fsync_max_s
@@ -166,17 +167,27 @@ class Spool:
         """`append` for an event loop: the line is on disk (fsync'd) when this returns.
 
         While fsyncs are fast (a moving average under `inline_fsync_max_s`: a local SSD), the line is written
-        and fsync'd right here, which costs the loop less than handing it to a thread. Otherwise the loop does
+        right here and synced on the loop once per iteration for every line written in it, which costs the loop
+        less than handing it to a thread. Otherwise the loop does
         not wait: a writer thread takes every line queued so far, writes them at once with one fsync (group
         commit), and wakes each waiting loop once per group.
         """
         line = encode_line(record)
-        if not self._queued and not self._writer_busy and self._fsync_avg_s < self.inline_fsync_max_s:
-            # fsyncs are fast here: cheaper than waking a thread and then the loop
-            self._sync(self._write(line, 1))
-            return
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        if not self._queued and not self._writer_busy and self._fsync_avg_s < self.inline_fsync_max_s:
+            # fsyncs are fast here: cheaper than waking a thread and then the loop. The sync itself runs once per
+            # loop iteration for every line written in it (a batch's requests finish together).
+            self._write(line, 1)
+            if not self.fsync:
+                return
+            waiters = self._tick_waiters.setdefault(loop, [])
+            if not waiters:
+                loop.call_soon(self._sync_tick, loop)
+            future: asyncio.Future[None] = loop.create_future()
+            waiters.append(future)
+            await future
+            return
+        future = loop.create_future()
         with self._queue_cv:
             if self._closed:
                 raise RuntimeError("spool is closed")
@@ -186,6 +197,15 @@ class Spool:
                 self._writer.start()
             self._queue_cv.notify()
         await future
+
+    def _sync_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiters = self._tick_waiters.pop(loop, [])
+        error: BaseException | None = None
+        try:
+            self._sync(self._write_seq)  # every line written so far, theirs included
+        except Exception as err:  # each waiting caller gets it (record_async logs the charge)
+            error = err
+        _settle(waiters, error)
 
     def _write_queued(self) -> None:
         while True:

@@ -277,3 +277,28 @@ def test_append_async_writes_inline_while_fsyncs_are_fast_and_hands_off_when_the
     ids = [r["request_id"] for r in drain(spool, "ledger")]
     assert ids == ["fast", *[f"slow{i}" for i in range(5)], "off-loop"]
     spool.close()
+
+
+def test_append_async_lines_written_in_one_loop_iteration_share_one_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    calls = []
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
+    spool = Spool(tmp_path, ["ledger"])
+
+    async def one(i: int) -> None:
+        await spool.append_async({"request_id": f"b{i}"})
+        assert f"b{i}" in records_in(spool.active_path)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(i) for i in range(10)))  # a batch's requests finishing together
+        await one(10)  # alone in its iteration
+
+    asyncio.run(main())
+    assert spool._writer is None  # all on the loop
+    assert len(calls) == 2
+    assert [r["request_id"] for r in drain(spool, "ledger")] == [f"b{i}" for i in range(11)]
+    spool.close()
