@@ -168,9 +168,9 @@ class Spool:
 
         While fsyncs are fast (a moving average under `inline_fsync_max_s`: a local SSD), the line is written
         right here and synced on the loop once per iteration for every line written in it, which costs the loop
-        less than handing it to a thread. Otherwise the loop does
-        not wait: a writer thread takes every line queued so far, writes them at once with one fsync (group
-        commit), and wakes each waiting loop once per group.
+        less than handing it to a thread. Otherwise the loop does not wait: a writer thread takes every line
+        queued so far, writes them at once with one fsync (group commit), and wakes each waiting loop once per
+        group.
         """
         line = encode_line(record)
         loop = asyncio.get_running_loop()
