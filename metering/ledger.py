@@ -139,6 +139,10 @@ def charge_to_row(charge: Charge, recorded_at: dt.datetime) -> dict[str, Any]:
     }
 
 
+_ROW_COLUMNS = tuple(c.name for c in charges_table.columns if c.name != "id")  # what charge_to_row fills
+_RECORDED_AT = _ROW_COLUMNS.index("recorded_at")
+
+
 def row_to_charge(row: Any) -> Charge:
     """The charge a ledger row holds."""
     import json
@@ -238,6 +242,7 @@ class Ledger:
         self._migrated = False
         self._migrate_lock = threading.Lock()
         self._insert_stmt: Any = None
+        self._driver_stmt: tuple[str, list[tuple[int, Any]], Any] | None = None
 
     @property
     def dialect(self) -> str:
@@ -269,6 +274,48 @@ class Ledger:
                 result = conn.execute(self._insert_statement(), rows[i : i + _INSERT_CHUNK_ROWS])
                 inserted.extend(r[0] for r in result)
         return inserted
+
+    def insert_new(self, charges: Sequence[Charge]) -> None:
+        """`insert` without the ids back: the spool drain's path, the cheapest per charge.
+
+        One executemany at the driver (SQLite's, psycopg's pipeline) of a statement prepared once: no
+        statement compilation or per-row parameter processing by SQLAlchemy, which cost the drain about 15 us
+        per charge beside the database's own ~12 us. Same rows, same idempotency (`ON CONFLICT (request_id)
+        DO NOTHING`), same lock order.
+        """
+        self.ensure_schema()
+        if not charges:
+            return
+        sql, converters, convert_time = self._driver_insert()
+        now = dt.datetime.now(dt.timezone.utc)
+        recorded_at = convert_time(now) if convert_time else now  # the batch's, converted once
+        rows = sorted({c.request_id: charge_to_row(c, now) for c in charges}.values(), key=_request_id)
+        params = []
+        for row in rows:
+            values = [row[name] for name in _ROW_COLUMNS]
+            for i, convert in converters:
+                values[i] = convert(values[i])
+            values[_RECORDED_AT] = recorded_at
+            params.append(tuple(values))
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(sql, params)
+
+    def _driver_insert(self) -> tuple[str, list[tuple[int, Any]], Any]:
+        """The driver-level INSERT of every row column (placeholders in the driver's style), the SQLAlchemy bind
+        processors of the columns that have one (dates and times as each database stores them) by position,
+        and recorded_at's apart (one value per batch)."""
+        if self._driver_stmt is None:
+            dialect = self.engine.dialect
+            quote = dialect.identifier_preparer.quote
+            mark = "?" if dialect.paramstyle == "qmark" else "%s"
+            sql = (
+                f"INSERT INTO {quote(charges_table.name)} ({', '.join(quote(n) for n in _ROW_COLUMNS)}) "
+                f"VALUES ({', '.join([mark] * len(_ROW_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
+            )
+            processors = [charges_table.c[n].type._cached_bind_processor(dialect) for n in _ROW_COLUMNS]
+            converters = [(i, p) for i, p in enumerate(processors) if p is not None and i != _RECORDED_AT]
+            self._driver_stmt = (sql, converters, processors[_RECORDED_AT])
+        return self._driver_stmt
 
     def _insert_statement(self) -> Any:
         if self._insert_stmt is None:

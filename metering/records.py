@@ -98,6 +98,7 @@ def usd_str(nanousd: int) -> str:
 
 
 _USAGE_FIELDS = fields(UsageRecord)
+_USAGE_NAMES = frozenset(f.name for f in _USAGE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,7 @@ class Charge:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Charge:
         """The inverse of `to_dict` (derived fields are recomputed, not trusted)."""
-        names = {f.name for f in fields(UsageRecord)}
-        usage_data = {k: v for k, v in data.items() if k in names}
+        usage_data = {k: v for k, v in data.items() if k in _USAGE_NAMES}
         started = str(usage_data["started_at"]).replace("Z", "+00:00")
         usage_data["started_at"] = dt.datetime.fromisoformat(started)
         return cls(

@@ -172,7 +172,7 @@ class MeteringService:
             except (KeyError, TypeError, ValueError) as err:
                 metrics.observe_error("spool-decode")
                 log.error("metering: skipping an unreadable spooled charge (%s): %s", err, data)
-        self.ledger.insert(charges)
+        self.ledger.insert_new(charges)
         with self._pending_lock:
             for c in charges:
                 self._pending.pop(c.request_id, None)

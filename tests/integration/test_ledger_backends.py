@@ -100,6 +100,44 @@ def test_a_replayed_charge_is_a_no_op(ledger: Ledger) -> None:
     assert ledger.count() == 6
 
 
+def test_the_drains_insert_writes_the_same_rows_once(ledger: Ledger) -> None:
+    """insert_new (the spool drain's driver-level executemany) stores what insert does, replays included."""
+    full = dict(
+        queue_ns=5_000_000,
+        total_ns=200_000_000,
+        batch_size=2,
+        batch_id="b1",
+        batch_compute_ns=30_000_000,
+        input_characters=12,
+        input_audio_seconds=1.5,
+        user="alice",
+        billed_account="acme",
+        status="client_disconnected",
+        client_request_id="client-1",
+        extra={"generated_tokens": 7},
+        started_at=dt.datetime(2026, 3, 1, 23, 59, 59, 999_999, tzinfo=UTC),
+    )
+    cs = [
+        charge(0, **full),
+        charge(1),
+        charge(2, started_at=T0.astimezone(dt.timezone(dt.timedelta(hours=5)))),
+    ]
+    ledger.insert_new(cs[:2])
+    ledger.insert_new([*cs, cs[0]])  # a replayed batch, and a duplicate within one batch
+    ledger.insert_new([])
+    assert ledger.count() == 3
+    stored = {c.request_id: c for c in ledger.charges()}
+    assert stored[cs[0].request_id] == cs[0]
+    assert stored[cs[1].request_id] == cs[1]
+    assert stored[cs[2].request_id].usage.started_at == T0  # stored as UTC
+    assert ledger.insert([*cs, charge(3)]) == [charge(3).request_id]  # the two paths agree on what is there
+    assert ledger.costs([c.request_id for c in cs]) == {c.request_id: c.cost_nanousd for c in cs}
+    since = dt.datetime(2026, 3, 1, tzinfo=UTC)
+    assert [(r["day"], r["requests"]) for r in ledger.grouped_usage(since, None, account="acme")] == [
+        (dt.date(2026, 3, 1), 1)
+    ]
+
+
 def test_round_trip_keeps_every_field(ledger: Ledger) -> None:
     original = charge(
         1,
@@ -125,17 +163,17 @@ def test_concurrent_writers_insert_each_request_once(ledger: Ledger, ledger_url:
     other = Ledger(ledger_url)  # a second ingress replica, its own engine
     errors: list[BaseException] = []
 
-    def write(target: Ledger, part: list[Charge]) -> None:
+    def write(target: Ledger, part: list[Charge], drain: bool = False) -> None:
         try:
             for k in range(0, len(part), 7):
-                target.insert(part[k : k + 7])
+                (target.insert_new if drain else target.insert)(part[k : k + 7])
         except BaseException as err:  # pragma: no cover - reported below
             errors.append(err)
 
     threads = [
         threading.Thread(target=write, args=(ledger, charges)),
-        threading.Thread(target=write, args=(other, list(reversed(charges)))),
-        threading.Thread(target=write, args=(other, charges[20:40])),
+        threading.Thread(target=write, args=(other, list(reversed(charges)), True)),
+        threading.Thread(target=write, args=(other, charges[20:40], True)),
     ]
     for t in threads:
         t.start()

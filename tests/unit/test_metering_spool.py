@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
+import math
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -169,6 +172,44 @@ def test_long_lines_and_large_backlogs_are_read_whole(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_lines_keep_what_json_can_hold_and_write_other_values_as_text(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"], fsync=False)
+    values = {
+        "text": 'caf\u00e9 \u2603 "quoted" \n',
+        "ints": [0, -1, 2**63 - 1],
+        "float": 0.1,
+        "none": None,
+        "flag": True,
+        "nested": {"a": [1, {"b": "c"}]},
+        "when": dt.date(2026, 3, 1),
+        "exact": Decimal("0.10"),
+    }
+    spool.append({"request_id": "a", **values, 3: "an integer key"})
+    spool.append(
+        {"request_id": "huge", "n": 2**80}
+    )  # beyond 64 bits: orjson refuses, the json module writes it
+    a, huge = drain(spool, "ledger")
+    assert a == {
+        "request_id": "a",
+        **values,
+        "when": "2026-03-01",
+        "exact": "0.10",
+        "3": "an integer key",
+    }
+    assert huge == {"request_id": "huge", "n": 2**80}
+    spool.close()
+
+
+def test_a_line_only_the_json_module_reads_is_replayed_and_a_corrupt_one_skipped(tmp_path: Path) -> None:
+    orphan = tmp_path / "deadhost-4-abc.jsonl"  # NaN: written by an older version's json.dumps
+    orphan.write_bytes(b'{"request_id":"n","x":NaN}\n{"request_id":"bad"\n{"request_id":"ok"}\n')
+    spool = Spool(tmp_path, ["ledger"])
+    got = drain(spool, "ledger")
+    assert [r["request_id"] for r in got] == ["n", "ok"]
+    assert math.isnan(got[0]["x"])
+    spool.close()
+
+
 # append_async: the event loop's path (a writer thread, group commit)
 
 
@@ -302,3 +343,21 @@ def test_append_async_lines_written_in_one_loop_iteration_share_one_sync(
     assert len(calls) == 2
     assert [r["request_id"] for r in drain(spool, "ledger")] == [f"b{i}" for i in range(11)]
     spool.close()
+
+
+def test_append_async_lines_of_an_unfinished_loop_iteration_are_written_by_close(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"])
+    writes = []
+
+    async def main() -> list[BaseException | None]:
+        tasks = [asyncio.ensure_future(spool.append_async({"request_id": f"c{i}"})) for i in range(3)]
+        await asyncio.sleep(0)  # the appends are waiting for the end of this iteration
+        writes.append(records_in(spool.active_path))
+        spool.close()  # before the iteration's sync ran: close writes their lines and settles them
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert asyncio.run(main()) == [None, None, None]
+    assert writes == [[]]
+    again = Spool(tmp_path, ["ledger"])  # the next process replays them
+    assert [r["request_id"] for r in drain(again, "ledger")] == ["c0", "c1", "c2"]
+    again.close()
