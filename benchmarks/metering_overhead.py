@@ -1,7 +1,7 @@
 """What metering costs, and what dynamic batching buys, through the full local stack (Ray Serve proxy, ingress,
 model replica) in one run on this machine.
 
-    python benchmarks/metering_overhead.py [--model-store DIR] [--rounds 4] [--duration 8] [--out FILE]
+    python benchmarks/metering_overhead.py [--model-store DIR] [--rounds 12] [--duration 3] [--out FILE]
 
 Two questions, each answered by arms that differ in one setting only:
 
@@ -15,7 +15,9 @@ How: one Ray instance and one Serve HTTP proxy hold three applications side by s
 the metering-on one at `/`; `serve.run` adds `/off` with metering off and `/unbatched`), so that the arms can
 alternate every few seconds without redeploying: each round runs on/off (then off/on in the next round, ABBA) and
 batched/unbatched, and the ratios are taken per round and over the run. A drift of the machine's load (other
-processes on a shared box) then falls on both sides of each comparison. Only one arm runs at a time; the idle
+processes on a shared box) then falls on both sides of each comparison; short arms and many rounds keep the pairs
+close in time, and the per-round ratios give a 95 % confidence interval (Student's t on their logarithms), so a
+run says how sure it is. Only one arm runs at a time; the idle
 applications cost both sides the same. Comparing the service against an in-process IngressCore instead would
 measure Ray Serve's proxy and handles as well as metering: toggling only metering on the same stack isolates it.
 
@@ -446,6 +448,32 @@ def machine() -> dict[str, Any]:
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (beyond the table: the normal's 1.96)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95.update(
+    {11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
+)
+_T95.update({20: 2.086, 24: 2.064, 29: 2.045, 39: 2.023, 59: 2.001})
+
+
+def t95(df: int) -> float:
+    """Student's t 97.5 % quantile for `df` degrees of freedom (conservative between table rows)."""
+    if df < 1:
+        raise ValueError("at least two rounds are needed for an interval")
+    return next((_T95[k] for k in sorted(_T95) if k >= df), 1.96)
+
+
+def ratio_ci95(ratios: list[float]) -> tuple[float, float]:
+    """A 95 % confidence interval of the mean per-round ratio (on the log scale, so a/b and b/a agree); with a
+    single round, that round twice."""
+    logs = [math.log(r) for r in ratios]
+    m = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(m), math.exp(m)
+    half = t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(m - half), math.exp(m + half)
+
+
 def compare(a: list[ArmResult], b: list[ArmResult]) -> dict[str, Any]:
     """a over b: ratios of the means over the run, and the per-round throughput ratios (paired by round)."""
 
@@ -455,11 +483,14 @@ def compare(a: list[ArmResult], b: list[ArmResult]) -> dict[str, Any]:
     by_round = {x.round: x for x in b}
     paired = [round(x.throughput_rps / by_round[x.round].throughput_rps, 3) for x in a if x.round in by_round]
     cpu_keys = a[0].cpu_ms_per_request.keys()
+    machine = [statistics.fmean(x.cpu_ms_per_request.get("machine", 0.0) for x in arms) for arms in (a, b)]
     return {
         "throughput_rps": [round(mean(a, "throughput_rps"), 1), round(mean(b, "throughput_rps"), 1)],
         "throughput_ratio": round(mean(a, "throughput_rps") / mean(b, "throughput_rps"), 3),
         "throughput_ratio_per_round": paired,
         "throughput_ratio_median_of_rounds": round(statistics.median(paired), 3),
+        "throughput_ratio_ci95": [round(x, 3) for x in ratio_ci95(paired)],
+        "machine_cpu_per_request_ratio": round(machine[0] / machine[1], 3) if machine[1] else None,
         "p50_ratio": round(mean(a, "p50_ms") / mean(b, "p50_ms"), 3),
         "p99_ratio": round(mean(a, "p99_ms") / mean(b, "p99_ms"), 3),
         "cpu_ms_per_request": {
@@ -490,6 +521,13 @@ def summarize(
         comparisons.append(("metering on / off", metering_cmp))
         summary["metering_on_over_off"] = metering_cmp
         summary["metering_throughput_cost_percent"] = round(100 * (1 - metering_cmp["throughput_ratio"]), 1)
+        low, high = metering_cmp["throughput_ratio_ci95"]
+        summary["metering_throughput_cost_percent_ci95"] = [
+            round(100 * (1 - high), 1),
+            round(100 * (1 - low), 1),
+        ]
+        cpu = metering_cmp["machine_cpu_per_request_ratio"]
+        summary["metering_machine_cpu_cost_percent"] = None if cpu is None else round(100 * (cpu - 1), 1)
         summary["metering_target_met"] = summary["metering_throughput_cost_percent"] < 5
     if which in ("all", "batching"):
         batching_cmp = compare(named("emb batched"), named("emb unbatched"))
@@ -503,9 +541,9 @@ def summarize(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-store", default=os.environ.get("HFI_MODEL_STORE", "~/.cache/hfi/models"))
-    p.add_argument("--rounds", type=int, default=4, help="rounds of every arm (on/off alternate ABBA)")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per arm")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each arm")
+    p.add_argument("--rounds", type=int, default=12, help="rounds of every arm (on/off alternate ABBA)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds measured per arm")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each arm")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the metering arms")
     p.add_argument("--batch-clients", type=int, default=16, help="concurrent clients of the batching arms")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
@@ -553,7 +591,12 @@ def print_summary(summary: dict[str, Any], comparisons: list[tuple[str, dict[str
         )
         print(f"{'':<24} cpu ms/request (a / b): {c['cpu_ms_per_request']}")
     if "metering_throughput_cost_percent" in summary:
-        print(f"\nmetering throughput cost: {summary['metering_throughput_cost_percent']} % (target < 5 %)")
+        low, high = summary["metering_throughput_cost_percent_ci95"]
+        print(
+            f"\nmetering throughput cost: {summary['metering_throughput_cost_percent']} % (target < 5 %); "
+            f"95 % interval of the per-round cost {low} to {high} %; machine CPU per request "
+            f"+{summary['metering_machine_cpu_cost_percent']} %"
+        )
     if "batching_speedup" in summary:
         print(f"batching speed-up: {summary['batching_speedup']}x (target >= 3x)")
         c = summary["batching_model_ceiling"]

@@ -27,6 +27,10 @@ class MeteringSettings(BaseModel):
     # fsync each spool append before record() returns (concurrent callers share one fsync). False trades the
     # crash guarantee (a power cut may lose the last charges) for latency.
     spool_fsync: bool = True
+    # An event loop's charges are fsync'd on the loop itself (one fdatasync per loop iteration) while the disk's
+    # fdatasync averages less than this; above it, a writer thread does it and the loop goes on serving. 0: always
+    # the writer thread.
+    spool_inline_fsync_max_s: float = Field(default=0.001, ge=0)
     # The active spool file is truncated once fully delivered and at least this large.
     spool_compact_bytes: int = Field(default=1024 * 1024, ge=0)
     # How often the background threads look for new charges, and how many they move at once.

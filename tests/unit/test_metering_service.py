@@ -216,6 +216,21 @@ def test_record_async_runs_off_the_event_loop(service: MeteringService) -> None:
     assert sorted(c.request_id for c in service.charges()) == sorted(ids)
 
 
+@pytest.mark.parametrize("inline_max_s", [0.0, 10.0])
+def test_record_async_on_the_loop_or_by_the_writer_thread_as_configured(tmp_path: Path, inline_max_s) -> None:
+    svc = MeteringService(make_settings(tmp_path, spool_inline_fsync_max_s=inline_max_s), load_profiles())
+
+    async def main() -> list[str]:
+        charges = await asyncio.gather(*(svc.record_async(usage(i)) for i in range(10)))
+        return [c.request_id for c in charges]
+
+    ids = asyncio.run(main())
+    assert (svc.spool._writer is not None) == (inline_max_s == 0)  # 0: always the writer thread
+    assert svc.flush(10)
+    assert sorted(c.request_id for c in svc.charges()) == sorted(ids)
+    svc.close()
+
+
 def test_construction_is_cheap_and_opens_no_database(tmp_path: Path) -> None:
     svc = MeteringService(
         make_settings(tmp_path, database_url="postgresql+psycopg://u@127.0.0.1:1/none"), load_profiles()

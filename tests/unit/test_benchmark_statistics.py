@@ -1,0 +1,74 @@
+"""The statistics of benchmarks/metering_overhead.py: paired per-round ratios, their 95 % interval, CPU ratio."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "metering_overhead.py"
+_spec = importlib.util.spec_from_file_location("metering_overhead", _PATH)
+mo = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("metering_overhead", mo)  # its dataclasses look their module up
+_spec.loader.exec_module(mo)
+
+
+def arm(name: str, rnd: int, rps: float, machine_ms: float) -> object:
+    return mo.ArmResult(
+        name=name,
+        round=rnd,
+        app="a",
+        path="/",
+        clients=8,
+        duration_s=3.0,
+        requests_ok=int(rps * 3),
+        errors=0,
+        throughput_rps=rps,
+        p50_ms=10.0,
+        p99_ms=20.0,
+        mean_ms=11.0,
+        cpu_ms_per_request={"ingress": machine_ms / 2, "machine": machine_ms},
+    )
+
+
+def test_t95_matches_the_table_and_is_conservative_between_rows() -> None:
+    assert mo.t95(1) == 12.706
+    assert mo.t95(9) == 2.262
+    assert mo.t95(21) == 2.064  # between 20 and 24: the larger quantile (the wider interval)
+    assert mo.t95(500) == 1.96
+    with pytest.raises(ValueError):
+        mo.t95(0)
+
+
+def test_the_interval_holds_the_mean_ratio_and_narrows_with_more_rounds() -> None:
+    ratios = [0.95, 0.97, 0.93, 0.99, 0.96]
+    low, high = mo.ratio_ci95(ratios)
+    geo = math.exp(statistics.fmean(math.log(r) for r in ratios))
+    assert low < geo < high
+    half = 2.776 * statistics.stdev(math.log(r) for r in ratios) / math.sqrt(5)
+    assert (low, high) == pytest.approx((geo * math.exp(-half), geo * math.exp(half)))
+    wide = mo.ratio_ci95(ratios)
+    narrow = mo.ratio_ci95(ratios * 4)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    assert mo.ratio_ci95([0.9]) == pytest.approx((0.9, 0.9))
+    inverse = mo.ratio_ci95([1 / r for r in ratios])  # b/a: the same interval, inverted
+    assert inverse == pytest.approx((1 / high, 1 / low))
+
+
+def test_compare_pairs_rounds_and_summarize_reports_the_cost_with_its_interval() -> None:
+    arms = []
+    for rnd, (on, off) in enumerate([(95.0, 100.0), (190.0, 200.0), (97.0, 100.0), (93.0, 100.0)]):
+        arms += [arm("cls metering on", rnd, on, 10.4), arm("cls metering off", rnd, off, 10.0)]
+    summary, comparisons = mo.summarize(arms, [{"charges": 3, "expected": 3}], "metering")
+    c = summary["metering_on_over_off"]
+    assert c["throughput_ratio_per_round"] == [0.95, 0.95, 0.97, 0.93]  # paired: a fast round stays a pair
+    assert c["throughput_ratio"] == round((95 + 190 + 97 + 93) / (100 + 200 + 100 + 100), 3)
+    low, high = summary["metering_throughput_cost_percent_ci95"]
+    assert low < 100 * (1 - 0.95) < high
+    assert summary["metering_machine_cpu_cost_percent"] == 4.0
+    assert summary["ledger_one_charge_per_ok_response"] is True
+    assert [label for label, _ in comparisons] == ["metering on / off"]
