@@ -27,9 +27,11 @@ class MeteringSettings(BaseModel):
     # fsync each spool append before record() returns (concurrent callers share one fsync). False trades the
     # crash guarantee (a power cut may lose the last charges) for latency.
     spool_fsync: bool = True
-    # An event loop's charges are fsync'd on the loop itself (one fdatasync per loop iteration) while the disk's
-    # fdatasync averages less than this; above it, a writer thread does it and the loop goes on serving. 0: always
-    # the writer thread.
+    # The ingress's charges are fsync'd by a small child process, one fdatasync for each event-loop iteration's
+    # charges, so that the event loop goes on serving meanwhile (metering/syncer.py).
+    spool_sync_process: bool = True
+    # Without it (or if it fails): on the loop itself while fdatasync averages less than this, else by a writer
+    # thread. 0: always the writer thread.
     spool_inline_fsync_max_s: float = Field(default=0.001, ge=0)
     # The active spool file is truncated once fully delivered and at least this large.
     spool_compact_bytes: int = Field(default=1024 * 1024, ge=0)

@@ -70,6 +70,7 @@ class MeteringService:
             fsync=settings.spool_fsync,
             compact_bytes=settings.spool_compact_bytes,
             inline_fsync_max_s=settings.spool_inline_fsync_max_s,
+            sync_process=settings.spool_sync_process,
         )
         self.consumers = [self._consumer(LEDGER, self._deliver_to_ledger, settings.drain_batch_size)]
         for name, sink in self.sinks.items():

@@ -13,8 +13,10 @@ the event id).
   between only replays: never skips).
 - Preallocation: the active file is kept ahead of its records by `preallocate_bytes` of written zeros, so an
   append rewrites blocks already on disk and `fdatasync` flushes only them (no change of the file's length for
-  the filesystem to journal: measured here about 40 % less time per append than fsync after an O_APPEND write,
-  and the event loop waits for it). The records end at the first zero byte (JSON escapes control characters).
+  the filesystem to journal: measured here about 40 % less time per append than fsync after an O_APPEND write).
+  The records end at the first zero byte (JSON escapes control characters).
+- An event loop's appends are synced by a small child process (metering/syncer.py), so the loop never waits
+  for the disk.
 - A torn last line (a crash mid-append, before record() returned) is skipped with a warning.
 """
 
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from metering.syncer import SyncProcess, settle
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ class Spool:
         compact_bytes: int = 1024 * 1024,
         inline_fsync_max_s: float = 0.001,
         preallocate_bytes: int = 1024 * 1024,
+        sync_process: bool = True,
     ) -> None:
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -106,6 +111,11 @@ class Spool:
         self._writer_busy = False
         # append_async's inline path: the lines and waiting callers of each loop's current iteration
         self._ticks: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future[None]]]] = {}
+        # ... whose fdatasync a child process runs, so that the loop never waits for the disk (metering/syncer.py):
+        # for the first loop that appends (an ingress has one); other loops, or all if it fails, sync themselves.
+        self.sync_process = sync_process
+        self._syncer: SyncProcess | None = None
+        self._syncer_failed = False
         # append_async writes on the caller's thread while fsyncs take less than this (a moving average): on a
         # local SSD that is cheaper than any hand-off to a thread; on a slow disk the loop must not wait.
         self.inline_fsync_max_s = inline_fsync_max_s
@@ -170,20 +180,25 @@ class Spool:
     async def append_async(self, record: dict[str, Any]) -> None:
         """`append` for an event loop: the line is on disk (fsync'd) when this returns.
 
-        While fsyncs are fast (a moving average under `inline_fsync_max_s`: a local SSD), the line is written
-        and synced on the loop at the end of the iteration, with every other line of that iteration (one pwrite,
-        one fdatasync), which costs the loop less than handing it to a thread. Otherwise the loop does not wait: a writer thread takes every line
-        queued so far, writes them at once with one fsync (group commit), and wakes each waiting loop once per
-        group.
+        The lines of one loop iteration are written at its end with one pwrite and synced together: by the sync
+        process (`sync_process`, the default: the loop goes on serving meanwhile and no thread of this process
+        needs the GIL for it), else on the loop itself while fsyncs are fast (a moving average under
+        `inline_fsync_max_s`). Otherwise the loop does not wait: a writer thread takes every line queued so far,
+        writes them at once with one fsync (group commit), and wakes each waiting loop once per group. With fsync
+        off, the line is written at once.
         """
         line = encode_line(record)
+        if not self.fsync:
+            self._write(line, 1)
+            return
         loop = asyncio.get_running_loop()
-        if not self._queued and not self._writer_busy and self._fsync_avg_s < self.inline_fsync_max_s:
-            # fsyncs are fast here: cheaper than waking a thread and then the loop. The lines of one loop iteration
-            # (a batch's requests finish together) are written at its end with one pwrite and one fdatasync.
-            if not self.fsync:
-                self._write(line, 1)
-                return
+        syncer = self._syncer_for(loop)
+        if syncer is not None or (
+            not self._queued and not self._writer_busy and self._fsync_avg_s < self.inline_fsync_max_s
+        ):
+            # The lines of one loop iteration (a batch's requests finish together) are written at its end with one
+            # pwrite, and synced by the sync process, or on the loop while fsyncs are fast (cheaper than waking a
+            # thread and then the loop).
             future: asyncio.Future[None] = loop.create_future()
             with self._queue_cv:  # close() may run on another thread: it writes the ticks it finds
                 if self._closed:
@@ -210,8 +225,52 @@ class Spool:
     def _sync_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._queue_cv:
             tick = self._ticks.pop(loop, None)
-        if tick is not None:  # else close() wrote it
-            _settle(tick[1], self._write_tick(tick[0]))
+            syncer = self._syncer if self._syncer is not None and self._syncer.loop is loop else None
+        if tick is None:  # close() wrote it
+            return
+        lines, waiters = tick
+        if syncer is None or not syncer.alive:
+            settle(waiters, self._write_tick(lines))
+            return
+        try:
+            seq = self._write(b"".join(lines), len(lines))
+        except Exception as err:
+            settle(waiters, err)
+            return
+        syncer.request(seq, waiters)
+
+    def _syncer_for(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
+        """The sync process of `loop` (started on first use), or None: this loop syncs on its own."""
+        syncer = self._syncer
+        if syncer is not None:
+            return syncer if syncer.alive and syncer.loop is loop else None
+        if not self.sync_process or self._syncer_failed:
+            return None
+        with self._queue_cv:
+            if self._syncer is None and not self._syncer_failed and not self._closed:
+                try:
+                    self._syncer = SyncProcess(self._active.fd, loop, self._syncer_lost)
+                except Exception:
+                    log.exception("metering spool: could not start the sync process; syncing in this process")
+                    self._syncer_failed = True
+        return self._syncer_for(loop) if self._syncer is not None else None
+
+    def _syncer_lost(self, syncer: SyncProcess) -> None:
+        """The sync process went away: sync what it had not confirmed here, and from now on without it."""
+        self._syncer_failed = True
+        self._sync_pending(syncer, settle)
+
+    def _sync_pending(self, syncer: SyncProcess, deliver: Any) -> None:
+        pending = syncer.take_pending()
+        if not pending:
+            return
+        error: BaseException | None = None
+        try:
+            self._sync(self._write_seq)
+        except Exception as err:
+            error = err
+        for waiters in pending:
+            deliver(waiters, error)
 
     def _write_tick(self, lines: list[bytes]) -> BaseException | None:
         """Write and sync one iteration's lines; the error for their callers (record_async logs each charge)."""
@@ -241,10 +300,7 @@ class Spool:
             for _, loop, future in group:
                 by_loop.setdefault(loop, []).append(future)
             for loop, futures in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_settle, futures, error)
-                except RuntimeError:  # that loop is closed: nobody is waiting any more
-                    pass
+                _settle_on(loop, futures, error)
 
     def _write(self, data: bytes, lines: int) -> int:
         """Write whole lines at the end of the active file; return the write's sequence number."""
@@ -364,10 +420,11 @@ class Spool:
             ticks, self._ticks = self._ticks, {}
             for loop, (lines, waiters) in ticks.items():  # lines of a loop iteration not yet over
                 error = self._write_tick(lines)
-                try:
-                    loop.call_soon_threadsafe(_settle, waiters, error)
-                except RuntimeError:  # that loop is closed: nobody is waiting any more
-                    pass
+                _settle_on(loop, waiters, error)
+            if self._syncer is not None:  # end the child; what it had not confirmed is synced here
+                syncer, self._syncer = self._syncer, None
+                syncer.close()
+                self._sync_pending(syncer, lambda waiters, error: _settle_on(syncer.loop, waiters, error))
             self._closed = True
             self._queue_cv.notify()
         if self._writer is not None:
@@ -401,14 +458,14 @@ def decode_line(line: bytes) -> Any:
         return json.loads(line)
 
 
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
-        if future.done():  # its caller was cancelled: the line is written all the same
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+def _settle_on(
+    loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]], error: BaseException | None
+) -> None:
+    """Settle `futures` on their loop's thread (from any thread)."""
+    try:
+        loop.call_soon_threadsafe(settle, futures, error)
+    except RuntimeError:  # that loop is closed: nobody is waiting any more
+        pass
 
 
 def _read_lines(seg: _Segment, start: int, max_records: int) -> tuple[list[dict[str, Any]], int]:

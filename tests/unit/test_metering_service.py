@@ -216,16 +216,24 @@ def test_record_async_runs_off_the_event_loop(service: MeteringService) -> None:
     assert sorted(c.request_id for c in service.charges()) == sorted(ids)
 
 
-@pytest.mark.parametrize("inline_max_s", [0.0, 10.0])
-def test_record_async_on_the_loop_or_by_the_writer_thread_as_configured(tmp_path: Path, inline_max_s) -> None:
-    svc = MeteringService(make_settings(tmp_path, spool_inline_fsync_max_s=inline_max_s), load_profiles())
+@pytest.mark.parametrize(
+    "settings, how",
+    [
+        ({}, "process"),
+        ({"spool_sync_process": False}, "loop"),
+        ({"spool_sync_process": False, "spool_inline_fsync_max_s": 0}, "thread"),
+    ],
+)
+def test_record_async_is_synced_as_configured(tmp_path: Path, settings, how) -> None:
+    svc = MeteringService(make_settings(tmp_path, **settings), load_profiles())
 
     async def main() -> list[str]:
         charges = await asyncio.gather(*(svc.record_async(usage(i)) for i in range(10)))
         return [c.request_id for c in charges]
 
     ids = asyncio.run(main())
-    assert (svc.spool._writer is not None) == (inline_max_s == 0)  # 0: always the writer thread
+    assert (svc.spool._syncer is not None) == (how == "process")
+    assert (svc.spool._writer is not None) == (how == "thread")
     assert svc.flush(10)
     assert sorted(c.request_id for c in svc.charges()) == sorted(ids)
     svc.close()

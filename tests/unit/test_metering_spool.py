@@ -221,7 +221,7 @@ def test_append_async_lines_are_on_disk_when_it_returns_and_share_fsyncs(
     calls = []
     real_sync = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
-    spool = Spool(tmp_path, ["ledger"], inline_fsync_max_s=0)  # always through the writer thread
+    spool = Spool(tmp_path, ["ledger"], inline_fsync_max_s=0, sync_process=False)  # always the writer thread
 
     async def one(i: int) -> None:
         await spool.append_async({"request_id": f"r{i}"})
@@ -240,7 +240,7 @@ def test_append_async_lines_are_on_disk_when_it_returns_and_share_fsyncs(
 def test_append_async_of_a_cancelled_caller_is_still_written_and_close_writes_what_is_queued(
     tmp_path: Path,
 ) -> None:
-    spool = Spool(tmp_path, ["ledger"], fsync=False, inline_fsync_max_s=0)
+    spool = Spool(tmp_path, ["ledger"], inline_fsync_max_s=0, sync_process=False)
     path = spool.active_path
 
     async def main() -> None:
@@ -263,7 +263,7 @@ def test_append_async_write_failure_reaches_the_caller_and_leaves_no_torn_line(
 ) -> None:
     import metering.spool as spool_module
 
-    spool = Spool(tmp_path, ["ledger"], fsync=False, inline_fsync_max_s=0)
+    spool = Spool(tmp_path, ["ledger"], inline_fsync_max_s=0, sync_process=False)
     asyncio.run(spool.append_async({"request_id": "a"}))
     real_write_all = spool_module._write_all
 
@@ -288,7 +288,7 @@ def test_append_async_writes_inline_while_fsyncs_are_fast_and_hands_off_when_the
     import os
     import time
 
-    spool = Spool(tmp_path, ["ledger"])
+    spool = Spool(tmp_path, ["ledger"], sync_process=False)
     asyncio.run(spool.append_async({"request_id": "fast"}))
     assert spool._writer is None  # a fast disk: written and fsync'd on the loop, no thread involved
     real_sync = os.fdatasync
@@ -328,7 +328,7 @@ def test_append_async_lines_written_in_one_loop_iteration_share_one_sync(
     calls = []
     real_sync = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
-    spool = Spool(tmp_path, ["ledger"])
+    spool = Spool(tmp_path, ["ledger"], sync_process=False)
 
     async def one(i: int) -> None:
         await spool.append_async({"request_id": f"b{i}"})
@@ -361,3 +361,111 @@ def test_append_async_lines_of_an_unfinished_loop_iteration_are_written_by_close
     again = Spool(tmp_path, ["ledger"])  # the next process replays them
     assert [r["request_id"] for r in drain(again, "ledger")] == ["c0", "c1", "c2"]
     again.close()
+
+
+# The sync process (metering/syncer.py): the default for an event loop
+
+
+def no_fsync_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any fdatasync in this process fails: what still works was synced by the child."""
+    import os
+
+    def refuse(fd: int) -> None:
+        raise AssertionError("fdatasync on the event loop's process")
+
+    monkeypatch.setattr(os, "fdatasync", refuse)
+
+
+def test_append_async_is_synced_by_the_child_process_one_request_per_loop_iteration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metering.syncer import SyncProcess
+
+    spool = Spool(tmp_path, ["ledger"])
+    requests = []
+    real_request = SyncProcess.request
+    monkeypatch.setattr(
+        SyncProcess, "request", lambda self, seq, w: (requests.append(len(w)), real_request(self, seq, w))
+    )
+    no_fsync_here(monkeypatch)
+
+    async def one(i: int) -> None:
+        await spool.append_async({"request_id": f"p{i}"})
+        assert f"p{i}" in records_in(spool.active_path)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(i) for i in range(10)))
+        await one(10)
+
+    asyncio.run(main())
+    assert requests == [10, 1]
+    assert spool._writer is None
+    child = spool._syncer.process
+    assert child.poll() is None  # it serves the next appends
+    monkeypatch.undo()
+    spool.close()
+    assert child.wait(5) == 0  # the pipe closed: it ended
+    assert [r["request_id"] for r in drain(Spool(tmp_path, ["ledger"]), "ledger")] == [
+        f"p{i}" for i in range(11)
+    ]
+
+
+def test_a_lost_sync_process_is_replaced_by_syncing_in_this_process(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"])
+
+    async def main() -> None:
+        await spool.append_async({"request_id": "before"})
+        spool._syncer.process.kill()
+        spool._syncer.process.wait()
+        await asyncio.gather(*(spool.append_async({"request_id": f"after{i}"}) for i in range(3)))
+        await spool.append_async({"request_id": "later"})
+
+    asyncio.run(main())
+    assert spool._syncer_failed and not spool._syncer.alive
+    assert records_in(spool.active_path) == ["before", "after0", "after1", "after2", "later"]
+    spool.close()
+
+
+def test_close_syncs_what_the_child_has_not_confirmed_and_settles_its_callers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"])
+
+    async def main() -> list[BaseException | None]:
+        await spool.append_async({"request_id": "first"})  # the child runs
+        tasks = [asyncio.ensure_future(spool.append_async({"request_id": f"c{i}"})) for i in range(3)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the iteration's lines are written and the child asked
+        assert len(spool._syncer._pending) == 1
+        spool.close()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert asyncio.run(main()) == [None, None, None]
+    assert [r["request_id"] for r in drain(Spool(tmp_path, ["ledger"]), "ledger")] == [
+        "first",
+        "c0",
+        "c1",
+        "c2",
+    ]
+
+
+def test_an_fsync_error_of_the_child_reaches_every_waiting_caller() -> None:
+    import errno
+    import os
+
+    from metering.syncer import SyncProcess
+
+    read_end, write_end = os.pipe()  # fdatasync of a pipe fails: EINVAL
+
+    async def main() -> list[BaseException | None]:
+        loop = asyncio.get_running_loop()
+        syncer = SyncProcess(read_end, loop, lambda s: None)
+        futures = [loop.create_future() for _ in range(3)]
+        syncer.request(1, futures[:2])
+        syncer.request(2, futures[2:])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        syncer.close()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, OSError) and r.errno == errno.EINVAL for r in results)
+    os.close(read_end)
+    os.close(write_end)
