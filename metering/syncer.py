@@ -94,8 +94,11 @@ class SyncProcess:
         if len(data) < 8:  # end of file: the child is gone (acks are 8 bytes, written whole)
             self._lost()
             return
-        last = int.from_bytes(data[-8:], "little", signed=True)
-        error = OSError(-last, os.strerror(-last)) if last < 0 else None
+        values = [int.from_bytes(data[i : i + 8], "little", signed=True) for i in range(0, len(data) - 7, 8)]
+        last, worst = values[-1], min(values)
+        # After a failed fdatasync the kernel may have dropped the dirty pages: a later success does not prove the
+        # earlier lines are on disk, so every caller still waiting gets the error.
+        error = OSError(-worst, os.strerror(-worst)) if worst < 0 else None
         with self._lock:
             done = []
             while self._pending and (error is not None or self._pending[0][0] <= last):
