@@ -145,10 +145,13 @@ class SyncProcess:
         except subprocess.TimeoutExpired:  # pragma: no cover - a child stuck in fdatasync
             self.process.kill()
             self.process.wait()
-        if self.loop.is_closed() or _on_loop_thread(self.loop):
-            os.close(self._acks)
-        else:
-            self.loop.call_soon_threadsafe(os.close, self._acks)
+        if not self.loop.is_closed() and not _on_loop_thread(self.loop):
+            try:  # after _stop_reading, on the loop's thread
+                self.loop.call_soon_threadsafe(os.close, self._acks)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        os.close(self._acks)
 
 
 def settle(futures: Waiters, error: BaseException | None) -> None:

@@ -469,3 +469,28 @@ def test_an_fsync_error_of_the_child_reaches_every_waiting_caller() -> None:
     assert all(isinstance(r, OSError) and r.errno == errno.EINVAL for r in results)
     os.close(read_end)
     os.close(write_end)
+
+
+def test_close_from_another_thread_while_the_loop_runs(tmp_path: Path) -> None:
+    import threading
+
+    spool = Spool(tmp_path, ["ledger"])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(spool.append_async({"request_id": "a"}), loop).result(5)
+        child = spool._syncer.process
+        spool.close()  # this thread, not the loop's
+        assert child.wait(5) == 0
+        late = asyncio.run_coroutine_threadsafe(spool.append_async({"request_id": "late"}), loop)
+        with pytest.raises(RuntimeError, match="closed"):
+            late.result(5)
+        assert asyncio.run_coroutine_threadsafe(asyncio.sleep(0, "alive"), loop).result(5) == "alive"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    again = Spool(tmp_path, ["ledger"], sync_process=False)  # the next process replays what was promised
+    assert [r["request_id"] for r in drain(again, "ledger")] == ["a"]
+    again.close()
