@@ -64,7 +64,9 @@ class SyncProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-S", "-c", _CHILD, str(fd), str(read_requests), str(write_acks)],
                 pass_fds=(fd, read_requests, write_acks),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,  # and it holds none of this process's output pipes open
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,  # no Ctrl-C from the terminal: it ends when the pipe closes
             )
         except BaseException:

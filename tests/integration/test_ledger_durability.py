@@ -16,6 +16,7 @@ from fixtures.postgres import PostgresServer
 
 from hardware_profiles import load_profiles
 from metering.config import MeteringSettings
+from metering.drain import wait_until
 from metering.errors import LedgerUnavailable
 from metering.ledger import Ledger
 from metering.records import Charge, UsageRecord
@@ -80,24 +81,35 @@ def test_database_outage_mid_run_every_charge_arrives_once(
 
 CHILD = textwrap.dedent(
     """
-    import json, os, signal, sys
+    import asyncio, json, os, signal, sys
     from hardware_profiles import load_profiles
     from metering.config import MeteringSettings
     from metering.records import UsageRecord
     from metering.service import MeteringService
     import datetime as dt
 
-    spool_dir, n = sys.argv[1], int(sys.argv[2])
+    spool_dir, n, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     # an unreachable database: nothing leaves the spool before the crash
     s = MeteringSettings(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none", spool_dir=spool_dir,
                          retry_initial_s=60, retry_max_s=60)
     svc = MeteringService(s, load_profiles())
-    out = []
-    for i in range(n):
-        u = UsageRecord(f"crash-{i:04d}", dt.datetime.now(dt.timezone.utc), "org/m", "abc", "text-to-image",
-                        "nvidia-h100", 1_000_000 * (i + 1))
-        out.append(svc.record(u).to_dict())
-    sys.stdout.write(json.dumps(out))
+    usages = [UsageRecord(f"crash-{i:04d}", dt.datetime.now(dt.timezone.utc), "org/m", "abc", "text-to-image",
+                          "nvidia-h100", 1_000_000 * (i + 1)) for i in range(n)]
+    syncer = None
+    if how == "record":
+        out = [svc.record(u).to_dict() for u in usages]
+    else:  # the ingress's way: an event loop, batches of concurrent callers, fsync'd by the sync process
+
+        async def main():
+            done = []
+            for k in range(0, n, 7):
+                done += await asyncio.gather(*(svc.record_async(u) for u in usages[k : k + 7]))
+            assert svc.spool._syncer is not None and svc.spool._syncer.alive
+            return done
+
+        out = [c.to_dict() for c in asyncio.run(main())]
+        syncer = svc.spool._syncer.process.pid
+    sys.stdout.write(json.dumps({"charges": out, "syncer": syncer}))
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)  # a crash: no close(), no flush, no atexit
     """
@@ -111,18 +123,24 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_db_url")
 
 
-def test_spool_left_by_a_crash_replays_on_start_without_duplicates(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["record", "record_async"])
+def test_spool_left_by_a_crash_replays_on_start_without_duplicates(
+    db_url: str, tmp_path: Path, how: str
+) -> None:
     spool_dir = tmp_path / "spool"
     n = 30
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(spool_dir), str(n)],
+        [sys.executable, "-c", CHILD, str(spool_dir), str(n), how],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert proc.returncode == -9, proc.stderr
-    promised = [Charge.from_dict(d) for d in json.loads(proc.stdout)]
+    child = json.loads(proc.stdout)
+    promised = [Charge.from_dict(d) for d in child["charges"]]
+    if child["syncer"] is not None:  # the sync process saw its pipe close and ended with its parent
+        assert wait_until(lambda: not _running(child["syncer"]), 10)
     assert len(list(spool_dir.glob("*.jsonl"))) == 1
     # Some of them had reached the ledger before the crash (drained, offset not saved): they must not double.
     ledger = Ledger(db_url)
@@ -143,3 +161,11 @@ def test_spool_left_by_a_crash_replays_on_start_without_duplicates(db_url: str, 
         again.close()
     assert ledger.count() == n
     ledger.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended (its parent, the killed child, is gone too: init reaps it)
