@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from metering import metrics
 from metering.syncer import SyncProcess, settle
 
 log = logging.getLogger(__name__)
@@ -252,12 +253,14 @@ class Spool:
                     self._syncer = SyncProcess(self._active.fd, loop, self._syncer_lost)
                 except Exception:
                     log.exception("metering spool: could not start the sync process; syncing in this process")
+                    metrics.observe_error("spool-sync-process")
                     self._syncer_failed = True
         return self._syncer_for(loop) if self._syncer is not None else None
 
     def _syncer_lost(self, syncer: SyncProcess) -> None:
         """The sync process went away: sync what it had not confirmed here, and from now on without it."""
         self._syncer_failed = True
+        metrics.observe_error("spool-sync-process")
         self._sync_pending(syncer, settle)
 
     def _sync_pending(self, syncer: SyncProcess, deliver: Any) -> None:

@@ -411,6 +411,10 @@ def test_append_async_is_synced_by_the_child_process_one_request_per_loop_iterat
 
 
 def test_a_lost_sync_process_is_replaced_by_syncing_in_this_process(tmp_path: Path) -> None:
+    from metering import metrics
+
+    lost = metrics.METERING_ERRORS.labels("spool-sync-process")
+    before = lost._value.get()
     spool = Spool(tmp_path, ["ledger"])
 
     async def main() -> None:
@@ -422,6 +426,9 @@ def test_a_lost_sync_process_is_replaced_by_syncing_in_this_process(tmp_path: Pa
 
     asyncio.run(main())
     assert spool._syncer_failed and not spool._syncer.alive
+    assert (
+        lost._value.get() == before + 1
+    )  # counted for an alert: hfi_metering_errors{stage="spool-sync-process"}
     assert records_in(spool.active_path) == ["before", "after0", "after1", "after2", "later"]
     spool.close()
 
