@@ -60,6 +60,24 @@ def ledger(ledger_url: str) -> Iterator[Ledger]:
     ledger.close()
 
 
+# every optional field of a charge set to something other than its default (a request near midnight UTC)
+EVERY_FIELD = dict(
+    queue_ns=5_000_000,
+    total_ns=200_000_000,
+    batch_size=2,
+    batch_id="b1",
+    batch_compute_ns=30_000_000,
+    input_characters=12,
+    input_audio_seconds=1.5,
+    user="alice",
+    billed_account="acme",
+    status="client_disconnected",
+    client_request_id="client-1",
+    extra={"generated_tokens": 7},
+    started_at=dt.datetime(2026, 3, 1, 23, 59, 59, 999_999, tzinfo=UTC),
+)
+
+
 def charge(i: int, **kw) -> Charge:
     values = dict(
         request_id=str(uuid.UUID(int=i + 1)),
@@ -102,23 +120,8 @@ def test_a_replayed_charge_is_a_no_op(ledger: Ledger) -> None:
 
 def test_the_drains_insert_writes_the_same_rows_once(ledger: Ledger) -> None:
     """insert_new (the spool drain's driver-level executemany) stores what insert does, replays included."""
-    full = dict(
-        queue_ns=5_000_000,
-        total_ns=200_000_000,
-        batch_size=2,
-        batch_id="b1",
-        batch_compute_ns=30_000_000,
-        input_characters=12,
-        input_audio_seconds=1.5,
-        user="alice",
-        billed_account="acme",
-        status="client_disconnected",
-        client_request_id="client-1",
-        extra={"generated_tokens": 7},
-        started_at=dt.datetime(2026, 3, 1, 23, 59, 59, 999_999, tzinfo=UTC),
-    )
     cs = [
-        charge(0, **full),
+        charge(0, **EVERY_FIELD),
         charge(1),
         charge(2, started_at=T0.astimezone(dt.timezone(dt.timedelta(hours=5)))),
     ]
@@ -139,20 +142,7 @@ def test_the_drains_insert_writes_the_same_rows_once(ledger: Ledger) -> None:
 
 
 def test_round_trip_keeps_every_field(ledger: Ledger) -> None:
-    original = charge(
-        1,
-        queue_ns=5_000_000,
-        total_ns=200_000_000,
-        batch_size=3,
-        input_characters=12,
-        input_audio_seconds=1.5,
-        user="alice",
-        billed_account="acme",
-        status="client_disconnected",
-        client_request_id="client-1",
-        extra={"generated_tokens": 7},
-        started_at=dt.datetime(2026, 3, 1, 23, 59, 59, 999_999, tzinfo=UTC),
-    )
+    original = charge(1, **EVERY_FIELD)
     ledger.insert([original])
     [stored] = ledger.charges()
     assert stored == original
