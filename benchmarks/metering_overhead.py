@@ -19,8 +19,7 @@ alternate every few seconds without redeploying: each round runs on/off (then of
 batched/unbatched, and the ratios are taken per round and over the run. A drift of the machine's load (other
 processes on a shared box) then falls on both sides of each comparison; short arms and many rounds keep the pairs
 close in time, and the per-round ratios give a 95 % confidence interval (Student's t on their logarithms), so a
-run says how sure it is. Only one arm runs at a time; the idle
-applications cost both sides the same. Comparing the service against an in-process IngressCore instead would
+run says how sure it is. Only one arm runs at a time; the idle applications cost both sides the same. Comparing the service against an in-process IngressCore instead would
 measure Ray Serve's proxy and handles as well as metering: toggling only metering on the same stack isolates it.
 
 Where the time goes: for every arm, the CPU seconds per request of the proxy, the arm's ingress, its model

@@ -28,13 +28,6 @@ MS_PER_SECOND = 1000
 SECONDS_PER_HOUR = 3600
 
 
-def round_half_up(value: Fraction) -> int:
-    """Round a non-negative exact value to the nearest integer, halves up."""
-    if value < 0:
-        raise ValueError("cannot price a negative amount")
-    return int(value + Fraction(1, 2))
-
-
 def _div_half_up(numerator: int, denominator: int) -> int:
     """numerator / denominator rounded half-up, for non-negative integers (integer arithmetic only)."""
     if numerator < 0 or denominator <= 0:

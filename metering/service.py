@@ -139,8 +139,8 @@ class MeteringService:
         return charge
 
     async def record_async(self, usage: UsageRecord) -> Charge:
-        """`record` for an event loop (see `Spool.append_async`: on the loop while the disk syncs fast, else by a
-        group-committing writer thread so the loop never waits for a slow disk). With metering off, prices only."""
+        """`record` for an event loop: the charge is fsync'd before this returns, but the loop never waits for the
+        disk (see `Spool.append_async`: the sync process by default). With metering off, prices only."""
         charge, data = self._price(usage)
         if data is not None:
             try:

@@ -255,15 +255,17 @@ class Spool:
                     log.exception("metering spool: could not start the sync process; syncing in this process")
                     metrics.observe_error("spool-sync-process")
                     self._syncer_failed = True
-        return self._syncer_for(loop) if self._syncer is not None else None
+            syncer = self._syncer
+        return syncer if syncer is not None and syncer.alive and syncer.loop is loop else None
 
     def _syncer_lost(self, syncer: SyncProcess) -> None:
         """The sync process went away: sync what it had not confirmed here, and from now on without it."""
         self._syncer_failed = True
         metrics.observe_error("spool-sync-process")
-        self._sync_pending(syncer, settle)
+        self._sync_pending(syncer)
 
-    def _sync_pending(self, syncer: SyncProcess, deliver: Any) -> None:
+    def _sync_pending(self, syncer: SyncProcess) -> None:
+        """Sync here what `syncer` had not confirmed, and settle its callers (on their loop)."""
         pending = syncer.take_pending()
         if not pending:
             return
@@ -273,7 +275,7 @@ class Spool:
         except Exception as err:
             error = err
         for waiters in pending:
-            deliver(waiters, error)
+            _settle_on(syncer.loop, waiters, error)
 
     def _write_tick(self, lines: list[bytes]) -> BaseException | None:
         """Write and sync one iteration's lines; the error for their callers (record_async logs each charge)."""
@@ -427,7 +429,7 @@ class Spool:
             if self._syncer is not None:  # end the child; what it had not confirmed is synced here
                 syncer, self._syncer = self._syncer, None
                 syncer.close()
-                self._sync_pending(syncer, lambda waiters, error: _settle_on(syncer.loop, waiters, error))
+                self._sync_pending(syncer)
             self._closed = True
             self._queue_cv.notify()
         if self._writer is not None:

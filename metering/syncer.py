@@ -131,16 +131,7 @@ class SyncProcess:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """End the child (its pipe closes) and wait for it. Pending waiters stay for `take_pending`."""
-        self.alive = False
-        if self.loop.is_closed():
-            pass
-        elif _on_loop_thread(self.loop):
-            self._stop_reading()
-        else:
-            try:
-                self.loop.call_soon_threadsafe(self._stop_reading)
-            except RuntimeError:
-                pass
+        self.alive = False  # the end of file the loop may still read is then not a loss
         os.close(self._requests)
         try:
             self.process.wait(timeout_s)
@@ -148,11 +139,15 @@ class SyncProcess:
             self.process.kill()
             self.process.wait()
         if not self.loop.is_closed() and not _on_loop_thread(self.loop):
-            try:  # after _stop_reading, on the loop's thread
-                self.loop.call_soon_threadsafe(os.close, self._acks)
+            try:  # the reader belongs to the loop's thread
+                self.loop.call_soon_threadsafe(self._release_acks)
                 return
             except RuntimeError:  # the loop closed meanwhile
                 pass
+        self._release_acks()
+
+    def _release_acks(self) -> None:
+        self._stop_reading()
         os.close(self._acks)
 
 

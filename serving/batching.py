@@ -44,7 +44,7 @@ class Batcher:
         self.concurrency = concurrency
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._workers: list[asyncio.Task] = []
-        self._gathering: asyncio.Lock | None = None  # one worker forms a batch at a time
+        self._gathering = asyncio.Lock()  # one worker forms a batch at a time (binds to a loop on first use)
         self.batch_sizes: list[int] = []  # what ran, for tests and diagnostics (bounded below)
 
     async def submit(self, item: Any) -> Any:
@@ -59,8 +59,6 @@ class Batcher:
     def _enqueue(self, items: list[Any], *, may_wait: bool) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         self._workers = [w for w in self._workers if not w.done()]
-        if self._gathering is None:
-            self._gathering = asyncio.Lock()
         while len(self._workers) < self.concurrency:
             self._workers.append(loop.create_task(self._work()))
         now = time.perf_counter_ns()
@@ -72,7 +70,6 @@ class Batcher:
         return futures
 
     async def _gather(self) -> list[_Entry]:
-        assert self._gathering is not None
         async with self._gathering:
             batch = [await self._queue.get()]
             if batch[0][3] and self._queue.empty() and self.wait_timeout_s > 0:

@@ -210,17 +210,23 @@ def test_a_line_only_the_json_module_reads_is_replayed_and_a_corrupt_one_skipped
     spool.close()
 
 
-# append_async: the event loop's path (a writer thread, group commit)
+# append_async without the sync process: on the loop while fsyncs are fast, else a writer thread (group commit)
+
+
+def count_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fdatasync calls of this process from now on (the file descriptor of each)."""
+    import os
+
+    calls: list[int] = []
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
+    return calls
 
 
 def test_append_async_lines_are_on_disk_when_it_returns_and_share_fsyncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
-    calls = []
-    real_sync = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
+    calls = count_syncs(monkeypatch)
     spool = Spool(tmp_path, ["ledger"], inline_fsync_max_s=0, sync_process=False)  # always the writer thread
 
     async def one(i: int) -> None:
@@ -323,11 +329,7 @@ def test_append_async_writes_inline_while_fsyncs_are_fast_and_hands_off_when_the
 def test_append_async_lines_written_in_one_loop_iteration_share_one_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
-    calls = []
-    real_sync = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real_sync(fd))[1])
+    calls = count_syncs(monkeypatch)
     spool = Spool(tmp_path, ["ledger"], sync_process=False)
 
     async def one(i: int) -> None:
