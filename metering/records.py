@@ -43,6 +43,7 @@ class UsageRecord:
     batch_size: int = 1
     batch_id: str | None = None  # the batch this request ran in (None: it ran alone)
     batch_compute_ns: int | None = None  # the whole batch's compute time, of which compute_ns is a share
+    batch_offset_ns: int = 0  # where this share starts in the batch's time (the shares before it, summed)
     input_characters: int = 0
     input_images: int = 0
     input_audio_seconds: float = 0.0
@@ -58,7 +59,14 @@ class UsageRecord:
             raise InvalidUsage("request_id must be 1..128 characters")
         if not isinstance(self.started_at, dt.datetime):
             raise InvalidUsage("started_at must be a datetime")
-        for name in ("compute_ns", "queue_ns", "total_ns", "input_characters", "input_images"):
+        for name in (
+            "compute_ns",
+            "queue_ns",
+            "total_ns",
+            "batch_offset_ns",
+            "input_characters",
+            "input_images",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidUsage(f"{name} must be a non-negative integer, got {value!r}")
@@ -68,8 +76,12 @@ class UsageRecord:
             raise InvalidUsage("batch_id must be 1..64 characters")
         if self.batch_compute_ns is not None:
             bc = self.batch_compute_ns
-            if not isinstance(bc, int) or isinstance(bc, bool) or bc < self.compute_ns:
-                raise InvalidUsage(f"batch_compute_ns must be an integer >= compute_ns, got {bc!r}")
+            if not isinstance(bc, int) or isinstance(bc, bool) or bc < self.batch_offset_ns + self.compute_ns:
+                raise InvalidUsage(
+                    f"batch_compute_ns must be an integer >= batch_offset_ns + compute_ns, got {bc!r}"
+                )
+        elif self.batch_offset_ns:
+            raise InvalidUsage("batch_offset_ns needs batch_compute_ns")
         if self.input_audio_seconds < 0:
             raise InvalidUsage("input_audio_seconds cannot be negative")
         if self.status not in STATUSES:
@@ -106,7 +118,7 @@ class Charge:
     """A priced usage record: what the ledger stores, one per request id."""
 
     usage: UsageRecord
-    compute_ms: int  # billed compute, whole milliseconds (what x-compute-time shows)
+    compute_ms: int  # compute in whole milliseconds, half-up: display only (x-compute-time); billed from ns
     price_usd_per_hour: str  # the price used, as an exact decimal string
     price_effective_from: dt.date  # the price point used (the profile's price in force at started_at)
     cost_nanousd: int  # the charge: integer nano-USD (10^-9 USD)
@@ -132,8 +144,8 @@ class Charge:
 
     @property
     def compute_seconds(self) -> Decimal:
-        """Billed compute seconds, exact (whole milliseconds)."""
-        return Decimal(self.compute_ms).scaleb(-3)
+        """Billed compute seconds, exact (from the nanoseconds)."""
+        return Decimal(self.usage.compute_ns).scaleb(-9)
 
     def to_dict(self) -> dict[str, Any]:
         """A flat JSON-ready dict: every usage field, the price used and the cost (spool, events)."""

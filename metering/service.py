@@ -151,7 +151,7 @@ class MeteringService:
 
     def _price(self, usage: UsageRecord) -> tuple[Charge, dict[str, Any] | None]:
         """The charge, counted in the metrics, and its spool record (None when metering is off)."""
-        charge = price_in_catalog(usage, self.profiles)
+        charge = price_in_catalog(usage, self.profiles, self.settings.min_charge_nanousd)
         try:
             metrics.observe_charge(charge)
         except Exception:  # metrics must never lose a charge

@@ -20,6 +20,7 @@ class Timings:
     queue_ns: int = 0
     batch_size: int = 1
     batch_compute_ns: int | None = None
+    batch_offset_ns: int = 0  # where this request's share starts in the batch (what metering prices)
     work_units: int = 1
     batch_id: str | None = None
     extra: dict[str, int] = field(default_factory=dict)

@@ -137,15 +137,18 @@ class ModelExecutor:
         weights = [self.runner.work_units(r) for r in batch]
         shares = split_batch_ns(batch_ns, weights)
         batch_id = uuid.uuid4().hex
+        offset_ns = 0
         for i, (output, usage), share, weight in zip(valid, outputs, shares, weights, strict=True):
             timings = Timings(
                 compute_ns=share,
                 queue_ns=queue_ns[i] + wait_ns,
                 batch_size=len(batch),
                 batch_compute_ns=batch_ns,
+                batch_offset_ns=offset_ns,
                 work_units=weight,
                 batch_id=batch_id,
             )
+            offset_ns += share
             results[i] = RunResult(output=output, timings=timings, usage=usage)
 
     def stream(self, request: TaskRequest) -> Iterator[StreamChunk | RunResult]:

@@ -327,6 +327,7 @@ class IngressCore:
             batch_size=timings.batch_size if timings else 1,
             batch_id=timings.batch_id if timings else None,
             batch_compute_ns=timings.batch_compute_ns if timings else None,
+            batch_offset_ns=timings.batch_offset_ns if timings else 0,
             input_characters=job.characters,
             user=ctx.user,
             billed_account=ctx.billed_account,

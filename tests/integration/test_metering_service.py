@@ -23,7 +23,9 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from hardware_profiles import load_profiles
 from metering.ledger import charges_table, row_to_charge
+from metering.pricing import cost_nanousd
 from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge, usd_str
 
 FLUX = "/models/local/tiny-flux"
@@ -318,6 +320,51 @@ def test_batched_embeddings_split_the_measured_batch_time_exactly(hfi_service, l
                 weight,
                 total_ns,
             )
+
+
+def test_no_answered_request_in_a_batch_is_free(hfi_service, ledger) -> None:
+    """96 concurrent classifications share batches of up to 16 (shares well under half a millisecond): each one
+    costs at least a nano-USD through the cost look-up, and a batch's charges add up to the batch's own cost
+    (its whole compute time priced once) plus at most one minimum per member."""
+    prefix = tag_prefix("tinyshare")
+
+    async def burst() -> list[Sent]:
+        limits = httpx.Limits(max_connections=96)
+        async with httpx.AsyncClient(base_url=hfi_service.url, timeout=HTTP_TIMEOUT_S, limits=limits) as c:
+            return list(
+                await asyncio.gather(
+                    *(
+                        send(c, f"{prefix}{i:03d}", "text-classification", CLS_ID, CLS, {"inputs": "ok"})
+                        for i in range(96)
+                    )
+                )
+            )
+
+    sent = asyncio.run(burst())
+    assert all(s.status_code == 200 for s in sent), [(s.status_code, s.body[:200]) for s in sent]
+    rows = ledger.wait_for_tags(prefix, len(sent))
+    assert len(rows) == len(sent)
+    auth = {"authorization": f"Bearer {hfi_service.provider_secret}"}
+    looked_up = httpx.post(
+        hfi_service.url + "/billing/requests",
+        json={"requestIds": [s.inference_id for s in sent]},
+        headers=auth,
+        timeout=30,
+    ).json()["requests"]
+    assert len(looked_up) == len(sent)
+    assert all(a["costNanoUsd"] >= 1 for a in looked_up), sorted(a["costNanoUsd"] for a in looked_up)[:8]
+    for s in sent:
+        assert s.headers["x-hfi-cost-usd"] != usd_str(0)
+    price = load_profiles().get("cpu-basic").price_at(rows[0].usage.started_at_utc).usd_per_second_exact
+    members: dict[str, list[Charge]] = defaultdict(list)
+    for r in ledger.by_batch_ids({r.usage.batch_id for r in rows if r.usage.batch_id}):
+        members[r.usage.batch_id].append(r)
+    assert any(len(g) > 1 for g in members.values())
+    for batch_id, group in members.items():
+        batch_cost = cost_nanousd(group[0].usage.batch_compute_ns, price)
+        total = sum(r.cost_nanousd for r in group)
+        minimums = sum(1 for r in group if r.cost_nanousd == 1)
+        assert batch_cost <= total <= batch_cost + minimums, (batch_id, batch_cost, total, minimums)
 
 
 def test_a_bad_request_in_a_batch_fails_alone_and_is_not_charged(hfi_service, ledger) -> None:

@@ -76,8 +76,8 @@ def test_usage_json_totals_are_exact(app: typer.Typer, ledger_url: str) -> None:
     ]
     assert data["totals"]["requests"] == 4
     assert data["totals"]["cost_nanousd"] == sum(r["cost_nanousd"] for r in data["rows"])
-    # 1 s at 4.50 $/h = 1250000 nano-USD, 0.333 s = 416250, 77 ms at 0.033 $/h = 706, 2 s at 0.80 $/h = 444444
-    assert data["totals"]["cost_usd"] == "0.002111400"
+    # 1 s at 4.50 $/h = 1250000 nano-USD, 0.333333333 s = 416667, 77 ms at 0.033 $/h = 706, 2 s at 0.80 $/h = 444444
+    assert data["totals"]["cost_usd"] == "0.002111817"
 
 
 def test_usage_for_one_account_as_csv(app: typer.Typer, ledger_url: str) -> None:
@@ -119,7 +119,7 @@ def test_usage_raw_charges_for_an_interval(app: typer.Typer, ledger_url: str) ->
 def test_usage_table_reads_database_url_from_the_environment(app: typer.Typer, ledger_url: str) -> None:
     result = runner.invoke(app, ["usage", "--since", "2026-01-01"], env={"HFI_DATABASE_URL": ledger_url})
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1].split() == ["TOTAL", "4", "3.410", "0.002111400"]
+    assert result.output.splitlines()[-1].split() == ["TOTAL", "4", "3.410", "0.002111817"]
 
 
 def test_usage_rejects_a_bad_format_and_date(app: typer.Typer, ledger_url: str) -> None:

@@ -12,8 +12,16 @@ from hypothesis import strategies as st
 
 from hardware_profiles import HardwareProfile, ProfileCatalog, load_profiles
 from metering.errors import InvalidUsage
-from metering.pricing import billed_ms, cost_nanousd, price, price_in_catalog, usd_per_hour_str
+from metering.pricing import (
+    billed_ms,
+    cost_nanousd,
+    price,
+    price_in_catalog,
+    slice_cost_nanousd,
+    usd_per_hour_str,
+)
 from metering.records import Charge, UsageRecord
+from metering.timing import split_batch_ns
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -52,11 +60,11 @@ def test_billed_ms_examples() -> None:
     ]
 
 
-@given(st.integers(min_value=0, max_value=10**10), prices_usd_per_hour)
-def test_cost_is_within_half_a_nanodollar_of_exact(ms: int, usd_h: Decimal) -> None:
+@given(compute_ns, prices_usd_per_hour)
+def test_cost_is_within_half_a_nanodollar_of_exact(ns: int, usd_h: Decimal) -> None:
     per_s = Fraction(usd_h) / 3600
-    exact = Fraction(ms, 1000) * per_s * 10**9
-    cost = cost_nanousd(ms, per_s)
+    exact = Fraction(ns, 10**9) * per_s * 10**9
+    cost = cost_nanousd(ns, per_s)
     assert isinstance(cost, int)
     assert -Fraction(1, 2) < cost - exact <= Fraction(1, 2)
 
@@ -69,7 +77,8 @@ def test_totals_are_exact_integer_sums_within_rounding_bounds(items: list[tuple[
         charges.append(price(usage(ns, rid=f"r{i}"), prof))
     total = sum(c.cost_nanousd for c in charges)
     exact = sum(
-        Fraction(c.compute_ms, 1000) * Fraction(Decimal(c.price_usd_per_hour)) / 3600 * 10**9 for c in charges
+        Fraction(c.usage.compute_ns, 10**9) * Fraction(Decimal(c.price_usd_per_hour)) / 3600 * 10**9
+        for c in charges
     )
     assert abs(total - exact) <= Fraction(len(charges), 2)
     # the USD string of the total is the exact sum of the USD strings
@@ -99,8 +108,8 @@ def test_public_example_flux_10s_at_000012_per_second() -> None:
 
 def test_h100_and_cpu_basic_list_prices() -> None:
     catalog = load_profiles()
-    h100 = price_in_catalog(usage(1_234_567_890), catalog)  # 1.235 s at 4.50 $/h = 1/800 $/s
-    assert (h100.compute_ms, h100.cost_nanousd, h100.price_usd_per_hour) == (1235, 1_543_750, "4.50")
+    h100 = price_in_catalog(usage(1_234_567_890), catalog)  # 1.23456789 s at 4.50 $/h = 1/800 $/s
+    assert (h100.compute_ms, h100.cost_nanousd, h100.price_usd_per_hour) == (1235, 1_543_210, "4.50")
     cpu = price_in_catalog(usage(10_000_000, profile="cpu-basic"), catalog)  # 10 ms at 0.033 $/h
     assert cpu.cost_nanousd == 92  # 91.666... rounds half-up to 92
     assert cpu.compute_time_header == "0.010"
@@ -157,3 +166,62 @@ def test_no_binary_float_in_a_charge() -> None:
     money = (charge.cost_nanousd, charge.compute_ms)
     assert all(type(v) is int for v in money)
     assert isinstance(charge, Charge)
+
+
+def batch_usages(total_ns: int, weights: list[int]) -> list[UsageRecord]:
+    """The usage records of one batch, as the executor times them (shares and offsets)."""
+    records, offset = [], 0
+    for i, share in enumerate(split_batch_ns(total_ns, weights)):
+        record = usage(share, profile="cpu-basic", rid=f"b{i}")
+        record.batch_size, record.batch_compute_ns, record.batch_offset_ns = len(weights), total_ns, offset
+        records.append(record)
+        offset += share
+    return records
+
+
+def test_a_small_share_of_a_batch_is_never_free() -> None:
+    """256 requests in one 20 ms batch on cpu-basic: each share is ~78 us, under half a millisecond."""
+    charges = [price_in_catalog(u, load_profiles(), 1) for u in batch_usages(20_000_000, [9] * 256)]
+    assert all(c.cost_nanousd >= 1 for c in charges)
+    assert all(c.compute_time_header == "0.000" for c in charges)  # the display rounds; the bill does not
+
+
+@given(
+    st.integers(min_value=0, max_value=10**11),
+    st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=64),
+    prices_usd_per_hour,
+)
+def test_the_charges_of_a_batch_add_up_to_the_batch_cost(
+    total: int, weights: list[int], usd_h: Decimal
+) -> None:
+    prof = profile_with(("2025-01-01", str(usd_h)))
+    per_s = Fraction(usd_h) / 3600
+    records = batch_usages(total, weights)
+    assert sum(price(u, prof).cost_nanousd for u in records) == cost_nanousd(total, per_s)
+    # with a minimum: the batch cost plus each top-up, and no charge of a share that ran is 0 at a price > 0
+    with_min = [price(u, prof, 1).cost_nanousd for u in records]
+    top_ups = sum(1 for u in records if u.compute_ns > 0 and per_s > 0 and price(u, prof).cost_nanousd == 0)
+    assert sum(with_min) == cost_nanousd(total, per_s) + top_ups
+    assert all(c >= 1 for c, u in zip(with_min, records, strict=True) if u.compute_ns and per_s)
+
+
+def test_slice_cost_examples() -> None:
+    per_s = Fraction(1, 800)  # 4.50 $/h: 1.25 nano-USD per microsecond
+    assert slice_cost_nanousd(0, 1_000, per_s) == 1  # 1.25 rounds to 1
+    assert slice_cost_nanousd(1_000, 1_000, per_s) == 2  # 2.5 -> 3, minus 1
+    assert slice_cost_nanousd(0, 100, per_s) == 0  # 0.125: nothing without a minimum
+    assert slice_cost_nanousd(0, 100, per_s, min_charge_nanousd=1) == 1
+    assert slice_cost_nanousd(0, 0, per_s, min_charge_nanousd=1) == 0  # no compute, no minimum
+    assert slice_cost_nanousd(0, 10**9, Fraction(0), min_charge_nanousd=1) == 0  # a free profile stays free
+
+
+def test_a_batch_offset_needs_the_batch_time_and_stays_inside_it() -> None:
+    record = usage(10, profile="cpu-basic")
+    record.batch_offset_ns = 5
+    with pytest.raises(InvalidUsage, match="batch_offset_ns needs batch_compute_ns"):
+        price_in_catalog(record, load_profiles())
+    record.batch_compute_ns = 12
+    with pytest.raises(InvalidUsage, match="batch_compute_ns must be"):
+        price_in_catalog(record, load_profiles())
+    record.batch_compute_ns = 15
+    assert price_in_catalog(record, load_profiles()).cost_nanousd >= 0

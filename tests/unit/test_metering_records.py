@@ -52,8 +52,8 @@ def test_charge_dict_carries_every_field_the_spec_lists() -> None:
         "input_characters": 42,
         "input_images": 0,
         "input_audio_seconds": 0.0,
-        "cost_nanousd": 521_333,  # 2.346 s * 0.8/3600 $/s = 521333.33 nano-USD
-        "cost_usd": "0.000521333",
+        "cost_nanousd": 521_262,  # 2.345678901 s * 0.8/3600 $/s = 521261.98 nano-USD (billed from the ns)
+        "cost_usd": "0.000521262",
         "user": "alice",
         "billed_account": "acme",
         "status": "client_disconnected",
@@ -92,7 +92,7 @@ def test_header_and_amount_formats() -> None:
         UsageRecord("r", dt.datetime(2026, 1, 1), "m", "r", "t", "nvidia-h100", 593_400_000), CATALOG
     )
     assert charge.compute_time_header == "0.593"
-    assert charge.cost_usd_header == "0.000741250"
+    assert charge.cost_usd_header == "0.000741750"  # 593.4 ms (not the 593 ms shown) at 1/800 $/s
     assert usd_str(12_345_678_901) == "12.345678901"
     assert usd_str(-5) == "-0.000000005"
     assert seconds_str(1_234_567_891, 3) == "1.234"
