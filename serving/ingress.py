@@ -78,6 +78,20 @@ class Job:
         return parsed.characters if parsed.characters is not None else parsed.request.input_characters()
 
 
+# The longest client request id kept with a charge (the ledger's client_request_id column holds 256).
+MAX_CLIENT_REQUEST_ID_CHARS = 256
+
+
+def _client_header(headers: Any, name: str) -> str | None:
+    """A client-supplied id header, refused (400, naming it) when longer than the ledger keeps."""
+    value = headers.get(name)
+    if value is not None and len(value) > MAX_CLIENT_REQUEST_ID_CHARS:
+        raise InvalidInput(
+            f"header {name}: at most {MAX_CLIENT_REQUEST_ID_CHARS} characters, got {len(value)}"
+        )
+    return value
+
+
 def _seconds(ns: int) -> str:
     return f"{ns / 1e9:.3f}"
 
@@ -130,7 +144,7 @@ class IngressCore:
 
     def context(self, request: Request, spec: ModelSpec) -> RequestContext:
         headers = request.headers
-        client_id = headers.get("x-request-id") or headers.get("x-amzn-trace-id")
+        client_id = _client_header(headers, "x-request-id") or _client_header(headers, "x-amzn-trace-id")
         inference_id = str(uuid.uuid4())
         ctx = RequestContext(
             request_id=client_id or inference_id,

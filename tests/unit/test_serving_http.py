@@ -62,6 +62,17 @@ def test_client_request_id_is_reused(client):
     assert r.headers["x-request-id"] == "my-id-1" and r.headers["inference-id"] != "my-id-1"
 
 
+@pytest.mark.parametrize("header", ["x-request-id", "x-amzn-trace-id"])
+def test_an_over_long_client_request_id_is_a_400_naming_the_header(client, header):
+    """The id is stored with the charge (256 characters at most): a longer one is refused before any compute."""
+    r = client.post(CLS, json={"inputs": "hi"}, headers={header: "x" * 257})
+    assert r.status_code == 400, r.text
+    assert header in r.json()["error"] and "256" in r.json()["error"]
+    assert "inference-id" not in r.headers  # refused before a request id was made: nothing ran, nothing charged
+    ok = client.post(CLS, json={"inputs": "hi"}, headers={header: "y" * 256})
+    assert ok.status_code == 200, ok.text
+
+
 def test_cors_exposes_the_compute_headers(client):
     r = client.post(CLS, json={"inputs": "hi"}, headers={"origin": "http://example.test"})
     exposed = r.headers["access-control-expose-headers"]
