@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,6 +77,16 @@ class TaskRunner(ABC):
     @abstractmethod
     def run(self, request: TaskRequest) -> tuple[Any, dict[str, int]]:
         """Run one validated request; return its output and usage counts (tokens)."""
+
+    # True for a runner whose run_steps reports each step and can stop early (a long request: images, generation).
+    stoppable: bool = False
+
+    def run_steps(
+        self, request: TaskRequest, on_step: Callable[[], None], should_stop: Callable[[], bool]
+    ) -> tuple[Any, dict[str, int]]:
+        """`run`, calling `on_step()` after each step and raising StopRun once `should_stop()` says so (the
+        client went away). A runner without steps just runs."""
+        return self.run(request)
 
     def run_batch(self, requests: list[TaskRequest]) -> list[tuple[Any, dict[str, int]]]:
         """Run several requests in one forward pass where the runner can; the default runs them in turn."""

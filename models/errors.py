@@ -68,6 +68,14 @@ class Overloaded(ServiceError):
     error_type = "overloaded"
 
 
+class ReplicaUnavailable(ServiceError):
+    """503 with Retry-After: the replica running the request died before answering, and the one retry failed too.
+    Nothing was charged."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+
 class GenerationError(ServiceError):
     """A fault while running the model: the details go to the log, the client sees `unknown error`."""
 

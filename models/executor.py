@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from metering.timing import Stopwatch, Timings, split_batch_ns
@@ -20,7 +20,7 @@ from models.catalog import ModelSpec
 from models.errors import GenerationError, ServiceError
 from models.loading import LoadOptions, resolve_source
 from models.registry import runner_class
-from models.types import RunResult, StreamChunk, TaskRequest
+from models.types import Interrupted, RunResult, StopRun, StreamChunk, TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,34 @@ class ModelExecutor:
         log.exception("model %s failed", self.spec.id, exc_info=err)
         return GenerationError("unknown error")
 
-    def run(self, request: TaskRequest) -> RunResult:
-        """Validate and run one request; compute time covers validation, the model and post-processing."""
+    @property
+    def stoppable(self) -> bool:
+        """Whether a request can report its steps and stop early (see `run`)."""
+        return self.runner.stoppable
+
+    def run(
+        self,
+        request: TaskRequest,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> RunResult:
+        """Validate and run one request; compute time covers validation, the model and post-processing.
+
+        With `should_stop`, a stoppable runner calls `on_step(compute_ns so far)` after each step and stops once
+        `should_stop()` holds: Interrupted then carries the compute that ran."""
         arrived = time.perf_counter_ns()
         with self._lock:
             queue_ns = time.perf_counter_ns() - arrived
             watch = Stopwatch(self.runner.device_sync).start()
             try:
                 self.runner.validate(request)
-                output, usage = self.runner.run(request)
+                if should_stop is None:
+                    output, usage = self.runner.run(request)
+                else:
+                    step = (lambda: on_step(watch.elapsed_ns())) if on_step is not None else (lambda: None)
+                    output, usage = self.runner.run_steps(request, step, should_stop)
+            except StopRun:
+                raise Interrupted(watch.elapsed_ns()) from None
             except Exception as err:
                 raise self._guard(err) from None
             compute_ns = watch.elapsed_ns()

@@ -60,3 +60,29 @@ class StreamChunk:
     special: bool = False
     logprob: float | None = None
     elapsed_ns: int = 0  # compute consumed so far: what a client that disconnects here is charged
+
+
+@dataclass
+class Progress:
+    """A heartbeat of a long request (image steps, generated tokens): the compute it has consumed so far, which is
+    what a client that leaves at this point is charged."""
+
+    elapsed_ns: int
+
+
+class StopRun(Exception):
+    """Raised inside a runner's step callback to stop the work early (its client went away)."""
+
+
+class Interrupted(Exception):
+    """The request's client went away after `compute_ns` of compute ran for it: charge that, flagged as such.
+
+    `result` is the whole result when the work finished anyway (it could not stop early)."""
+
+    def __init__(self, compute_ns: int, result: RunResult | None = None) -> None:
+        super().__init__(f"the client went away after {compute_ns} ns of compute")
+        self.compute_ns = compute_ns
+        self.result = result
+
+    def __reduce__(self):  # crosses Ray handles with its fields
+        return (Interrupted, (self.compute_ns, self.result))

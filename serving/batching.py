@@ -13,6 +13,7 @@ request, which saves the per-call cost of Ray on both sides (see serving/deploym
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,7 +61,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self._workers = [w for w in self._workers if not w.done()]
         while len(self._workers) < self.concurrency:
-            self._workers.append(loop.create_task(self._work()))
+            # In a context of their own: a worker serves every caller, so it must not carry the request context
+            # of the caller that happened to start it (Serve cancels a request's handle calls with it).
+            self._workers.append(loop.create_task(self._work(), context=contextvars.Context()))
         now = time.perf_counter_ns()
         futures = []
         for item in items:

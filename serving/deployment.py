@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.handle import DeploymentHandle
 
 from hardware_profiles import HardwareProfile
 from models.catalog import ModelSpec
-from models.errors import ServiceError
+from models.errors import ReplicaUnavailable, ServiceError
 from models.executor import ModelExecutor
-from models.types import RunResult, StreamChunk, TaskRequest
+from models.types import Progress, RunResult, StreamChunk, TaskRequest
 from serving.batching import Batcher
 from serving.config import Settings
-from serving.streaming import iterate_in_thread
+from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
 
 log = logging.getLogger("serving.deployment")
+T = TypeVar("T")
 
 
 @serve.deployment
@@ -45,12 +48,19 @@ class ModelDeployment:
             "device": self.executor.device,
             "load_seconds": self.executor.load_seconds,
             "batching": self.batcher is not None,
+            "stoppable": self.executor.stoppable and self.batcher is None,
         }
 
     async def run(self, request: TaskRequest) -> RunResult:
         if self.batcher is not None:
             return await self.batcher.submit(request)
         return await asyncio.to_thread(self.executor.run, request)
+
+    async def run_progress(self, request: TaskRequest) -> AsyncIterator[Progress | RunResult]:
+        """`run` for a stoppable model: heartbeats with the compute so far, then the result. Cancelling the
+        stream (the client went away) stops the work at its next step."""
+        async for item in run_with_progress(self.executor, request):
+            yield item
 
     async def run_many(self, requests: list[TaskRequest]) -> list[RunResult | Exception]:
         """Run requests the ingress batched (one call for many): each result in order, an error as its value.
@@ -88,6 +98,7 @@ class RayBackend:
 
     def __init__(self, handles: dict[str, DeploymentHandle], specs: list[ModelSpec] | None = None) -> None:
         self.handles = handles
+        self.stoppable: dict[str, bool] = {}  # from each model's info: run through run_progress
         self.batchers: dict[str, Batcher] = {}
         for spec in specs or []:
             if spec.batching is not None and spec.id in handles:
@@ -99,13 +110,35 @@ class RayBackend:
                 )
 
     async def info(self, model_id: str) -> dict[str, Any]:
-        return await self.handles[model_id].info.remote()
+        info = await self.handles[model_id].info.remote()
+        self.stoppable[model_id] = bool(info.get("stoppable"))
+        return info
 
     async def run(self, model_id: str, request: TaskRequest) -> RunResult:
+        """Run one request. A replica that dies before answering (nothing charged) gets the request retried once,
+        on another replica or the restarted one; then ReplicaUnavailable (503, Retry-After). A caller cancelled
+        meanwhile (its client went away) gets Interrupted with the compute that ran (see serving/streaming.py)."""
+        for attempt in range(REPLICA_ATTEMPTS):
+            try:
+                return await self._run_once(model_id, request)
+            except REPLICA_GONE as err:
+                if attempt + 1 == REPLICA_ATTEMPTS:
+                    raise ReplicaUnavailable(
+                        f"The replica serving {model_id} stopped before answering. Try again shortly.",
+                        retry_after_s=REPLICA_RETRY_AFTER_S,
+                    ) from err
+                log.warning("a replica of %s died before answering (%s): retrying once", model_id, err)
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, model_id: str, request: TaskRequest) -> RunResult:
+        handle = self.handles[model_id]
+        if self.stoppable.get(model_id):
+            gen = detached(lambda: handle.options(stream=True).run_progress.remote(request))
+            return await result_of(gen, gen.cancel)
         batcher = self.batchers.get(model_id)
         if batcher is not None:
-            return await batcher.submit(request)
-        return await self.handles[model_id].run.remote(request)
+            return await finish_despite_cancel(batcher.submit(request))
+        return await finish_despite_cancel(detached(lambda: handle.run.remote(request)))
 
     @staticmethod
     def _sender(handle: DeploymentHandle) -> Any:
@@ -119,7 +152,8 @@ class RayBackend:
         return send
 
     async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
-        gen = self.handles[model_id].options(stream=True).stream.remote(request)
+        handle = self.handles[model_id]
+        gen = detached(lambda: handle.options(stream=True).stream.remote(request))
         finished = False
         try:
             async for item in gen:
@@ -128,6 +162,18 @@ class RayBackend:
         finally:
             if not finished:
                 gen.cancel()  # the client went away: stop the replica's generation too
+
+
+# Ray's word that the replica holding a request is gone (a process killed, a node lost) before it answered.
+REPLICA_GONE = (RayActorError, WorkerCrashedError, NodeDiedError)
+REPLICA_ATTEMPTS = 2
+REPLICA_RETRY_AFTER_S = 2
+
+
+def detached(call: Callable[[], T]) -> T:
+    """Make a handle call outside the Serve request context: Serve cancels a request's own handle calls when
+    its client disconnects, and the ingress must decide that itself (finish and charge, or stop and charge)."""
+    return contextvars.Context().run(call)
 
 
 def calls_in_flight(spec: ModelSpec) -> int:

@@ -12,9 +12,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
@@ -25,7 +25,7 @@ from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge, Usag
 from metering.service import MeteringService
 from models.catalog import ModelSpec
 from models.errors import InvalidInput, ModelLoading, ModelNotFound, PayloadTooLarge, UnprocessableRequest
-from models.types import RunResult, StreamChunk, TaskRequest
+from models.types import Interrupted, RunResult, StreamChunk, TaskRequest
 from serving.config import Settings
 from serving.errors import error_body, error_status
 from serving.routes.accounts import bearer_token
@@ -33,6 +33,7 @@ from serving.routes.base import Parsed, RequestContext, TaskAdapter, sse
 from serving.routes.registry import ADAPTERS, choose_task
 
 log = logging.getLogger("serving.ingress")
+T = TypeVar("T")
 
 EXPOSED_HEADERS = [
     "x-compute-type",
@@ -114,6 +115,7 @@ class IngressCore:
         self.metering = metering or MeteringService(settings.metering, self.profiles)
         self.billing = billing or BillingService(settings.billing, settings.metering.resolved_database_url())
         self._info: dict[str, dict[str, Any]] = {}
+        self._background: set[asyncio.Task] = set()  # charges and settlements that outlive their request
         # Behind Ray Serve's proxy, the proxy itself answers with x-request-id (the client's, when it sent one).
         self.set_request_id_header = set_request_id_header
 
@@ -183,12 +185,12 @@ class IngressCore:
         started_ns = time.perf_counter_ns()
         try:
             response = await self._handle(request, model_id, hint)
-        except Exception as err:
+        except (Exception, asyncio.CancelledError) as err:
             label = getattr(request.state, "metric_labels", None)
             if label is not None:
                 metrics.observe_request(
                     **label,
-                    status=error_status(err),
+                    status=499 if isinstance(err, asyncio.CancelledError) else error_status(err),
                     total_seconds=(time.perf_counter_ns() - started_ns) / 1e9,
                 )
             raise
@@ -233,16 +235,27 @@ class IngressCore:
             return self.streaming_response(job)
         try:
             result = await self.backend.run(spec.id, parsed.request)
+        except Interrupted as gone:  # the client went away: charge what ran, flagged, and answer no one
+            self.in_background(self.charge(job, gone.compute_ns, gone.result, STATUS_CLIENT_DISCONNECTED))
+            raise asyncio.CancelledError from None
         except BaseException:
-            await self.release(job.admission)
+            await asyncio.shield(self.in_background(self.release(job.admission)))
             raise
-        charge = await self.charge(job, result.timings.compute_ns, result)
+        # The charge and its settlement go on if the client leaves now: they must not be cancelled half-way.
+        charge = await asyncio.shield(self.in_background(self.charge(job, result.timings.compute_ns, result)))
         request.state.queue_seconds = result.timings.queue_ns / 1e9
         request.state.compute_seconds = result.timings.compute_ns / 1e9
         response = adapter.render(result, parsed, ctx)
         response.headers.update(self.base_headers(job))
         response.headers.update(self.result_headers(result, charge, ctx))
         return response
+
+    def in_background(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `work` as a task of its own that a cancelled request cannot stop (held until it ends)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # Billing: admission before compute, settlement after
 
@@ -254,11 +267,33 @@ class IngressCore:
         else:
             price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
             estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
-            admission = await asyncio.to_thread(
-                self.billing.admit, token, bill_to, spec.id, estimate, ctx.started_at
+            reserving = self.in_background(
+                asyncio.to_thread(
+                    self.billing.admit,
+                    token,
+                    bill_to,
+                    spec.id,
+                    estimate,
+                    ctx.started_at,
+                    request_id=ctx.inference_id,
+                )
             )
+            try:
+                admission = await asyncio.shield(reserving)
+            except (
+                asyncio.CancelledError
+            ):  # the client left while its estimate was being reserved: give it back
+                self.in_background(self._release_when_reserved(reserving))
+                raise
         ctx.user, ctx.billed_account = admission.user, admission.billed_account
         return admission
+
+    async def _release_when_reserved(self, reserving: asyncio.Task[Admission]) -> None:
+        try:
+            admission = await reserving
+        except Exception:  # refused (401/402/403/503): nothing was reserved
+            return
+        await self.release(admission)
 
     async def release(self, admission: Admission) -> None:
         """Give back the reservation of a request that was not charged."""
@@ -390,7 +425,7 @@ class IngressCore:
             _, body = error_body(err)
             yield sse(body)
         finally:
-            await asyncio.shield(self._settle_stream(job, final, consumed_ns, outcome))
+            await asyncio.shield(self.in_background(self._settle_stream(job, final, consumed_ns, outcome)))
 
     async def _settle_stream(self, job: Job, final: RunResult | None, consumed_ns: int, outcome: str) -> None:
         spec = job.spec

@@ -11,7 +11,7 @@ from models.catalog import ModelCatalog
 from models.executor import ModelExecutor
 from models.loading import LoadOptions
 from models.types import RunResult, StreamChunk, TaskRequest
-from serving.streaming import iterate_in_thread
+from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
 
 
 class InProcessBackend:
@@ -28,7 +28,13 @@ class InProcessBackend:
         }
 
     async def run(self, model_id: str, request: TaskRequest) -> RunResult:
-        return await asyncio.to_thread(self.executors[model_id].run, request)
+        """Run one request; if the caller is cancelled, stop a stoppable model early, or let the work finish,
+        and raise Interrupted with the compute that ran (as RayBackend does)."""
+        executor = self.executors[model_id]
+        if executor.stoppable:
+            items = run_with_progress(executor, request)
+            return await result_of(items, items.aclose)
+        return await finish_despite_cancel(asyncio.to_thread(executor.run, request))
 
     async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
         async for item in iterate_in_thread(lambda: self.executors[model_id].stream(request)):

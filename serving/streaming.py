@@ -42,3 +42,79 @@ async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[
             yield item
     finally:
         stop.set()
+
+
+# Heartbeats are sent at most this often: a client that leaves is charged the compute of the last one it got.
+PROGRESS_INTERVAL_NS = 20_000_000
+
+
+async def run_with_progress(executor: Any, request: Any) -> AsyncIterator[Any]:
+    """Run a request of a stoppable runner on a thread: yield Progress heartbeats (the compute so far, at most one
+    per PROGRESS_INTERVAL_NS), then its RunResult. Closing this generator early (the caller went away) stops the
+    runner at its next step."""
+    from models.types import Progress
+
+    loop = asyncio.get_running_loop()
+    beats: asyncio.Queue[Any] = asyncio.Queue()
+    stop = threading.Event()
+    last = [-PROGRESS_INTERVAL_NS]
+
+    def on_step(elapsed_ns: int) -> None:
+        if elapsed_ns - last[0] >= PROGRESS_INTERVAL_NS:
+            last[0] = elapsed_ns
+            loop.call_soon_threadsafe(beats.put_nowait, elapsed_ns)
+
+    task = asyncio.ensure_future(asyncio.to_thread(executor.run, request, stop.is_set, on_step))
+    task.add_done_callback(lambda _: beats.put_nowait(_DONE))
+    try:
+        finished = False
+        while not finished:
+            got = [await beats.get()]
+            while not beats.empty():
+                got.append(beats.get_nowait())
+            finished = any(b is _DONE for b in got)
+            elapsed = [b for b in got if b is not _DONE]
+            if elapsed:
+                yield Progress(elapsed[-1])  # only the latest heartbeat matters
+        yield await task
+    finally:
+        if not task.done():
+            stop.set()  # the thread ends at the runner's next step; its Interrupted is nobody's to read
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def result_of(items: AsyncIterator[Any], stop: Callable[[], Any]) -> Any:
+    """The RunResult at the end of `run_with_progress`'s items. If the caller is cancelled (its client went
+    away), `stop()` ends the work and Interrupted carries the compute of the last heartbeat."""
+    from models.errors import GenerationError
+    from models.types import Interrupted, Progress, RunResult
+
+    consumed_ns = 0
+    try:
+        async for item in items:
+            if isinstance(item, RunResult):
+                return item
+            if isinstance(item, Progress):
+                consumed_ns = item.elapsed_ns
+    except asyncio.CancelledError:
+        done = stop()
+        if asyncio.iscoroutine(done):
+            await done
+        raise Interrupted(consumed_ns) from None
+    raise GenerationError("the model ended without a result")
+
+
+async def finish_despite_cancel(work: Any) -> Any:
+    """Await `work` (a RunResult) to its end even if the caller is cancelled meanwhile (its client went away):
+    the compute runs anyway, so it is charged. Then Interrupted carries the whole result."""
+    from models.types import Interrupted
+
+    inner = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        try:
+            result = await inner
+        except Exception:  # it failed anyway: a failure is never charged
+            raise asyncio.CancelledError from None
+        raise Interrupted(result.timings.compute_ns, result) from None

@@ -13,7 +13,7 @@ from typing import Any
 
 from models.base import TaskRunner, param_bool, param_float, param_int
 from models.errors import InvalidInput, UnprocessableRequest
-from models.types import CHAT_COMPLETION, COMPLETION, TEXT_GENERATION, StreamChunk, TaskRequest
+from models.types import CHAT_COMPLETION, COMPLETION, TEXT_GENERATION, StopRun, StreamChunk, TaskRequest
 
 _ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -258,8 +258,18 @@ class TextGenerationRunner(TaskRunner):
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(gen.ids)}
         return {"output": output, "usage": usage}
 
+    stoppable = True
+
     def run(self, request: TaskRequest) -> tuple[Any, dict[str, int]]:
         result = self._run_generation(request, lambda chunk: None, lambda: False)
+        return result["output"], result["usage"]
+
+    def run_steps(
+        self, request: TaskRequest, on_step: Callable[[], None], should_stop: Callable[[], bool]
+    ) -> tuple[Any, dict[str, int]]:
+        result = self._run_generation(request, lambda chunk: on_step(), should_stop)
+        if should_stop():  # generation ended because the client went away: nobody wants the text
+            raise StopRun
         return result["output"], result["usage"]
 
     def stream(

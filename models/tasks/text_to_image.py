@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from models.base import TaskRunner, param_float, param_int, param_str
 from models.errors import InvalidInput
-from models.types import TEXT_TO_IMAGE, TaskRequest
+from models.types import TEXT_TO_IMAGE, StopRun, TaskRequest
 
 
 def image_format(accept: str | None) -> str:
@@ -90,7 +91,28 @@ class TextToImageRunner(TaskRunner):
                 f"(choose from: {', '.join(sorted(self._schedulers))})"
             )
 
+    stoppable = True
+
     def run(self, request: TaskRequest) -> tuple[Any, dict[str, int]]:
+        return self._generate(request, None)
+
+    def run_steps(
+        self, request: TaskRequest, on_step: Callable[[], None], should_stop: Callable[[], bool]
+    ) -> tuple[Any, dict[str, int]]:
+        if "callback_on_step_end" not in self._call_params:  # a pipeline without step callbacks runs whole
+            return self._generate(request, None)
+
+        def step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step()
+            if should_stop():
+                raise StopRun  # out of the denoising loop now: no more steps, no decode
+            return callback_kwargs
+
+        return self._generate(request, step_end)
+
+    def _generate(
+        self, request: TaskRequest, step_end: Callable[..., Any] | None
+    ) -> tuple[Any, dict[str, int]]:
         import torch
 
         p, d = request.parameters, self.spec.defaults
@@ -108,6 +130,8 @@ class TextToImageRunner(TaskRunner):
         seed = p.get("seed")
         if seed is not None:
             kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
+        if step_end is not None:
+            kwargs["callback_on_step_end"] = step_end
         scheduler = p.get("scheduler")
         try:
             if scheduler and scheduler != type(self._default_scheduler).__name__:
