@@ -1,4 +1,5 @@
-"""`hfi usage` and `hfi profiles`: usage reports from the ledger, and the hardware profiles with their prices.
+"""`hfi usage`, `hfi profiles` and `hfi metering dead-letters`: usage reports from the ledger, the hardware
+profiles with their prices, and the spooled records that the ledger or a sink refused for good.
 
 Imports stay inside the commands so that `hfi --help` stays fast.
 """
@@ -64,6 +65,23 @@ def usage_text(
         ledger.close()
 
 
+def dead_letters_list(
+    database_url: str, spool_dir: str, *, consumer: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The dead letters: the ledger's (table `metering_dead_letters`, each with its `id`), then the sinks'
+    (`<spool_dir>/dead-letter/*.jsonl`, each with its `file`), oldest first in each."""
+    from metering.drain import read_dead_letter_files
+    from metering.ledger import Ledger
+
+    ledger = Ledger(database_url)
+    try:
+        letters = ledger.dead_letters(consumer=consumer, limit=limit)
+    finally:
+        ledger.close()
+    in_files = [d for d in read_dead_letter_files(spool_dir) if consumer in (None, d.get("consumer"))]
+    return letters + in_files[: None if limit is None else max(0, limit - len(letters))]
+
+
 def profiles_rows(profiles_dir: str | None, on: dt.date | None = None) -> list[dict[str, Any]]:
     """One row per hardware profile: accelerator, CPUs, memory and the price in force on `on` (today)."""
     from hardware_profiles import load_profiles
@@ -97,8 +115,10 @@ def profiles_rows(profiles_dir: str | None, on: dt.date | None = None) -> list[d
 
 
 def register(app: typer.Typer) -> None:
-    """Add `usage` and `profiles` to the `hfi` command line."""
+    """Add `usage`, `profiles` and `metering dead-letters` to the `hfi` command line."""
     import typer
+
+    _register_dead_letters(app)
 
     @app.command("usage")
     def usage(
@@ -153,3 +173,41 @@ def register(app: typer.Typer) -> None:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
         for r in rows:
             typer.echo("  ".join(r[c].ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+
+
+def _register_dead_letters(app: typer.Typer) -> None:
+    """Add `metering dead-letters`."""
+    import typer
+
+    metering = typer.Typer(no_args_is_help=True, help="The metering pipeline: records refused for good.")
+    app.add_typer(metering, name="metering")
+
+    @metering.command("dead-letters")
+    def dead_letters(
+        consumer: str | None = typer.Option(None, "--consumer", help="only this consumer (ledger, a sink)"),
+        limit: int | None = typer.Option(None, "--limit", min=0, help="at most this many"),
+        database_url: str | None = typer.Option(
+            None,
+            "--database-url",
+            help="the ledger (default: $HFI_DATABASE_URL, then the local SQLite ledger)",
+        ),
+        spool_dir: str | None = typer.Option(
+            None, "--spool-dir", help="the spool directory (default: $HFI_SPOOL_DIR, then the local one)"
+        ),
+    ) -> None:
+        """Spooled charges the ledger or a usage-event sink refused for good, as JSON (oldest first)."""
+        import json
+
+        from sqlalchemy.exc import OperationalError
+
+        from metering.config import MeteringSettings
+
+        spool = spool_dir or os.environ.get("HFI_SPOOL_DIR") or MeteringSettings().spool_dir
+        try:
+            rows = dead_letters_list(
+                resolve_database_url(database_url), spool, consumer=consumer, limit=limit
+            )
+        except OperationalError as err:
+            typer.echo(f"cannot read the ledger database: {err.orig}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))

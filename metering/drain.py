@@ -2,15 +2,28 @@
 
 A consumer reads a batch at its offset, delivers it, and only then commits the offset. On failure it waits
 (exponential back-off, capped) and retries the same batch, so nothing is skipped and every retry carries the
-same request ids. A `PermanentDeliveryError` drops the batch (logged and counted) instead of blocking forever.
+same request ids.
+
+A failure that says the records themselves are refused (`refused(err)`: the database refused a value, a
+collector answered 400) would fail every retry and block every later record. Then the consumer delivers the
+batch's records one at a time: those delivered go in; each one still refused goes to the consumer's dead-letter
+store (kept whole, logged, counted in `hfi_metering_errors{stage="<consumer>-dead-letter"}`), and the drain goes
+on past it. If the dead-letter store cannot take them either, the batch is retried later like any failure: a
+record leaves the spool only once it is delivered or dead-lettered.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from metering import metrics
@@ -20,6 +33,115 @@ from metering.spool import Spool
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[list[dict[str, Any]]], None]
+DEAD_LETTER_DIR = "dead-letter"  # under the spool directory, out of the spool's *.jsonl glob
+_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A spooled record its destination refused for good, and why."""
+
+    record: dict[str, Any]
+    error: str
+
+
+DeadLetterStore = Callable[[list[DeadLetter]], None]
+
+
+def record_request_id(record: Any) -> Any:
+    """The request id of a spooled record (None when it has none, or is not even a JSON object)."""
+    return record.get("request_id") if isinstance(record, dict) else None
+
+
+def is_permanent(err: BaseException) -> bool:
+    """The default refusal test: a sink said the batch itself is bad (`PermanentDeliveryError`)."""
+    return isinstance(err, PermanentDeliveryError)
+
+
+def describe_error(err: BaseException) -> str:
+    """`err` in one bounded line for a dead letter: its type and the driver's or sink's own message."""
+    orig = getattr(err, "orig", None)  # a SQLAlchemy DBAPIError: the driver's message, without the SQL text
+    text = f"{type(err).__name__}: {orig if orig is not None else err}"
+    return text[:_ERROR_CHARS]
+
+
+class DeadLetterFile:
+    """A JSON-lines file of dead letters, one object a line, appended under an exclusive lock and fsync'd.
+
+    Where a sink's refused events go (the sink's own destination refused them, and the ledger's database may be
+    another service or down): in `<spool_dir>/dead-letter/<consumer>.jsonl`, on the volume that already keeps
+    the spool, beside it but out of the spool's own files (the spool takes every *.jsonl directly in its
+    directory for a spool file). The lock lets several processes that share the spool directory append to it.
+    Each line: consumer, request_id, error, dead_at, record (the spooled charge), plus `extra(record)`.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        consumer: str,
+        extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.consumer = consumer
+        self.extra = extra
+
+    def add(self, letters: Sequence[DeadLetter]) -> None:
+        """Append `letters` and fsync them; raises (so the batch is retried) when the file cannot be written."""
+        if not letters:
+            return
+        now = dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        lines = []
+        for letter in letters:
+            entry = {
+                "consumer": self.consumer,
+                "request_id": record_request_id(letter.record),
+                "error": letter.error,
+                "dead_at": now,
+                "record": letter.record,
+            }
+            if self.extra is not None:
+                entry.update(self.extra(letter.record))
+            lines.append(json.dumps(entry, sort_keys=True, default=str) + "\n")
+        new_dir, new_file = not self.path.parent.exists(), not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = "".join(lines).encode()
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # releases the lock
+        if new_file:  # the new names must outlive a power cut too
+            _fsync_dir(self.path.parent)
+        if new_dir:
+            _fsync_dir(self.path.parent.parent)
+
+
+def read_dead_letter_files(spool_dir: Path | str) -> list[dict[str, Any]]:
+    """Every dead letter in `<spool_dir>/dead-letter/*.jsonl`, each with the file it is in (`file`).
+
+    A line that is not JSON (torn by a crash mid-append) is returned as `{"file", "unreadable_line"}`."""
+    directory = Path(spool_dir).expanduser() / DEAD_LETTER_DIR
+    letters = []
+    for path in sorted(directory.glob("*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                letters.append({**json.loads(line), "file": str(path)})
+            except ValueError:
+                letters.append({"file": str(path), "unreadable_line": line})
+    return letters
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SpoolConsumer:
@@ -35,16 +157,26 @@ class SpoolConsumer:
         interval_s: float,
         retry_initial_s: float,
         retry_max_s: float,
+        refused: Callable[[BaseException], bool] = is_permanent,
+        dead_letter: DeadLetterStore | None = None,
     ) -> None:
+        """`refused(err)`: whether a delivery failure is a refusal of the records (isolated and dead-lettered)
+        rather than a transient one (retried). `dead_letter`: where refused records go (default: the
+        consumer's DeadLetterFile in the spool directory)."""
         self.name = name
         self.spool = spool
         self.deliver = deliver
+        self.refused = refused
+        if dead_letter is None:
+            dead_letter = DeadLetterFile(spool.directory / DEAD_LETTER_DIR / f"{name}.jsonl", name).add
+        self.dead_letter = dead_letter
         self.batch_size = batch_size
         self.interval_s = interval_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.failures = 0  # consecutive failed attempts
         self.delivered_records = 0
+        self.dead_lettered_records = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"metering-{name}", daemon=True)
@@ -98,17 +230,55 @@ class SpoolConsumer:
         batch = self.spool.read(self.name, self.batch_size)
         if batch is None:
             return 0
-        try:
-            if batch.records:
-                self.deliver(batch.records)
-        except PermanentDeliveryError as err:
-            metrics.EVENTS_DROPPED.labels(self.name).inc(len(batch.records))
-            log.error(
-                "metering %s: dropping %d records refused for good: %s", self.name, len(batch.records), err
-            )
+        dead = self._deliver_isolating(batch.records) if batch.records else []
+        if dead:
+            self._bury(dead)  # raises when the store cannot take them: the batch is retried, nothing skipped
         self.spool.commit(self.name, batch.cursor)
-        self.delivered_records += len(batch.records)
+        self.delivered_records += len(batch.records) - len(dead)
         return max(1, len(batch.records))
+
+    def _deliver_isolating(self, records: list[dict[str, Any]]) -> list[DeadLetter]:
+        """Deliver `records`; when they are refused, deliver them one at a time and return those refused alone.
+
+        Any failure that is not a refusal (the database or the collector unreachable) is raised, whole batch
+        or single record, so the batch is retried later; deliveries are idempotent by request id, so the
+        records that went in one at a time are not doubled by that retry."""
+        try:
+            self.deliver(records)
+            return []
+        except Exception as err:
+            if not self.refused(err):
+                raise
+            if len(records) == 1:
+                return [DeadLetter(records[0], describe_error(err))]
+            log.warning(
+                "metering %s: a batch of %d records was refused (%s); delivering them one at a time",
+                self.name,
+                len(records),
+                describe_error(err)[:300],
+            )
+        dead = []
+        for record in records:
+            try:
+                self.deliver([record])
+            except Exception as err:
+                if not self.refused(err):
+                    raise
+                dead.append(DeadLetter(record, describe_error(err)))
+        return dead
+
+    def _bury(self, dead: list[DeadLetter]) -> None:
+        """Put refused records in the dead-letter store, then count and log each one."""
+        self.dead_letter(dead)
+        metrics.observe_error(f"{self.name}-dead-letter", len(dead))
+        self.dead_lettered_records += len(dead)
+        for letter in dead:
+            log.error(
+                "metering %s: dead-lettered a record refused for good (%s): %s",
+                self.name,
+                letter.error,
+                json.dumps(letter.record, sort_keys=True, default=str),
+            )
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.01) -> bool:

@@ -18,6 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 from metering.records import Charge
 
 CLOUDEVENTS_BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+# The statuses that say the payload itself is bad: a retry of the same events would be refused again. Every other
+# failure (401/403 while a token is rotated, 404 while a collector is redeployed, 408, 425, 429, 5xx, no
+# connection) is retried with back-off: usage events are never given up because the collector is unwell.
+PAYLOAD_REFUSED_STATUSES = frozenset({400, 413, 415, 422})
 
 
 def charge_event(
@@ -42,7 +46,8 @@ def event_of(charge: Charge, *, source: str, event_type: str = "inference.usage"
 
 
 class PermanentDeliveryError(Exception):
-    """The sink refused the batch for good (e.g. HTTP 400): retrying cannot help, so the batch is dropped."""
+    """The sink refused the events themselves (e.g. HTTP 400): retrying them cannot help. The spool consumer
+    then sends the batch's events one at a time and dead-letters those refused alone (metering/drain.py)."""
 
 
 @runtime_checkable
@@ -101,8 +106,9 @@ class InMemorySink:
 class HttpCollectorSink:
     """POSTs a batch of events as `application/cloudevents-batch+json` (OpenMeter's `POST /api/v1/events`).
 
-    2xx: delivered. 408, 429, 5xx and connection errors: raises so the batch is retried with the same ids.
-    Any other status: PermanentDeliveryError (a retry would be refused again).
+    2xx: delivered. 400, 413, 415, 422 (the payload is bad): PermanentDeliveryError. Any other status (401 and
+    403 too: tokens get rotated) and connection errors: ConnectionError, so the batch is retried with the same
+    ids.
     """
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 10.0) -> None:
@@ -137,9 +143,9 @@ class HttpCollectorSink:
         if 200 <= status < 300:
             return
         message = f"collector {self.url} answered {status}: {response.text[:200]}"
-        if status in (408, 429) or status >= 500:
-            raise ConnectionError(message)
-        raise PermanentDeliveryError(message)
+        if status in PAYLOAD_REFUSED_STATUSES:
+            raise PermanentDeliveryError(message)
+        raise ConnectionError(message)
 
     def close(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    Text,
     TypeDecorator,
     create_engine,
     event,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError, StatementError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from metering.config import expand_sqlite_url
@@ -101,6 +103,31 @@ class ChargeRow(Base):
 
 
 charges_table = ChargeRow.__table__
+
+DEAD_LETTER_ERROR_CHARS = 2000  # the error column's bound: a driver message with its parameters fits
+
+
+class DeadLetterRow(Base):
+    """A spooled record the ledger refused for good (a value no column takes), kept whole for an operator.
+
+    Every column but `error` is unbounded text, so that any record fits: the record as ASCII JSON, the request id
+    as it came (not unique: a replay after a crash may bury the same record twice; none is lost)."""
+
+    __tablename__ = "metering_dead_letters"
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    consumer: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(String(DEAD_LETTER_ERROR_CHARS))
+    record: Mapped[str] = mapped_column(Text)  # JSON text
+    dead_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+dead_letters_table = DeadLetterRow.__table__
+
+
+class UnstorableCharge(ValueError):
+    """A charge with a value the ledger's columns cannot take (found before the database was asked)."""
 
 
 def charge_to_row(charge: Charge, recorded_at: dt.datetime) -> dict[str, Any]:
@@ -289,14 +316,19 @@ class Ledger:
         sql, converters, convert_time = self._driver_insert()
         now = dt.datetime.now(dt.timezone.utc)
         recorded_at = convert_time(now) if convert_time else now  # the batch's, converted once
-        rows = sorted({c.request_id: charge_to_row(c, now) for c in charges}.values(), key=_request_id)
-        params = []
-        for row in rows:
-            values = [row[name] for name in _ROW_COLUMNS]
-            for i, convert in converters:
-                values[i] = convert(values[i])
-            values[_RECORDED_AT] = recorded_at
-            params.append(tuple(values))
+        try:
+            rows = sorted({c.request_id: charge_to_row(c, now) for c in charges}.values(), key=_request_id)
+            params = []
+            for row in rows:
+                values = [row[name] for name in _ROW_COLUMNS]
+                for i, convert in converters:
+                    values[i] = convert(values[i])
+                values[_RECORDED_AT] = recorded_at
+                params.append(tuple(values))
+        except (TypeError, ValueError, OverflowError, AttributeError) as err:
+            # A value of the wrong kind in a charge (a spool record edited by hand, or written by a buggy
+            # version): a refusal of the data, which the drain isolates, never a reason to retry forever.
+            raise UnstorableCharge(f"{type(err).__name__}: {err}") from err
         with self.engine.begin() as conn:
             conn.exec_driver_sql(sql, params)
 
@@ -394,6 +426,62 @@ class Ledger:
                 for r in conn.execute(stmt)
             ]
 
+    def add_dead_letters(self, consumer: str, letters: Sequence[tuple[dict[str, Any], str]]) -> int:
+        """Keep each (record, error) refused for good, in one transaction; return how many were new.
+
+        A record already kept for this consumer (the same JSON) is not added again, so the retry of a batch whose
+        offset could not be committed does not bury its records twice. Raises when the database cannot be
+        written (the caller retries later: nothing is lost)."""
+        self.ensure_schema()
+        if not letters:
+            return 0
+        now = dt.datetime.now(dt.timezone.utc)
+        t = dead_letters_table
+        name = safe_text(consumer)
+        added = 0
+        with self.engine.begin() as conn:
+            for record, error in letters:
+                text = record_json(record)
+                rid = record.get("request_id") if isinstance(record, dict) else None
+                request_id = None if rid is None else safe_text(str(rid))
+                known = select(t.c.id).where(t.c.consumer == name, t.c.record == text).limit(1)
+                if conn.execute(known).first() is not None:
+                    continue
+                row = {
+                    "request_id": request_id,
+                    "consumer": name,
+                    "error": safe_text(error)[:DEAD_LETTER_ERROR_CHARS],
+                    "record": text,
+                    "dead_at": now,
+                }
+                conn.execute(t.insert(), row)
+                added += 1
+        return added
+
+    def dead_letters(self, *, consumer: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """The records refused for good, oldest first: id, consumer, request_id, error, dead_at (ISO), record."""
+        import json
+
+        self.ensure_schema()
+        t = dead_letters_table
+        stmt = select(t).order_by(t.c.id)
+        if consumer is not None:
+            stmt = stmt.where(t.c.consumer == consumer)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "id": int(r.id),
+                    "consumer": r.consumer,
+                    "request_id": r.request_id,
+                    "error": r.error,
+                    "dead_at": r.dead_at.isoformat().replace("+00:00", "Z"),
+                    "record": json.loads(r.record),
+                }
+                for r in conn.execute(stmt)
+            ]
+
     def count(self) -> int:
         """How many charges the ledger holds."""
         self.ensure_schema()
@@ -413,3 +501,45 @@ def _filtered(stmt: Any, since: dt.datetime | None, until: dt.datetime | None, a
     if account is not None:
         stmt = stmt.where(t.c.billed_account == account)
     return stmt
+
+
+# PostgreSQL's SQLSTATEs of a refused value: class 22 (data exception: too long, out of range, bad encoding) and
+# 23 (integrity: NOT NULL, CHECK), and a parameter of the wrong type for its column (42804).
+_DATA_SQLSTATE_CLASSES = ("22", "23")
+_DATA_SQLSTATES = frozenset({"42804"})
+
+
+def is_data_error(err: BaseException) -> bool:
+    """True when `err` says the database refused the values of an insert, so retrying the same rows cannot help.
+
+    Yes: IntegrityError, DataError, a driver that could not bind a value (psycopg's client-side
+    ProgrammingError, sqlite3's, an OverflowError), an UnstorableCharge, a parameter of the wrong type. No (so
+    the batch is retried with back-off): a lost or refused connection (OperationalError, InterfaceError),
+    missing privileges or tables, and anything else, which are about the database, not about one record."""
+    if isinstance(err, (UnstorableCharge, OverflowError)):
+        return True
+    if isinstance(err, DBAPIError):
+        if err.connection_invalidated:
+            return False
+        sqlstate = getattr(err.orig, "sqlstate", None)
+        if isinstance(err, (IntegrityError, DataError)):
+            return True
+        if isinstance(err, ProgrammingError):
+            # No SQLSTATE: the driver refused to bind a value before sending it. With one: a statement the
+            # server refused (class 42: privileges, a missing table), not this row, but for a type mismatch.
+            return sqlstate is None or sqlstate in _DATA_SQLSTATES
+        return isinstance(sqlstate, str) and sqlstate[:2] in _DATA_SQLSTATE_CLASSES
+    # SQLAlchemy's own refusal of a parameter (a bind processor failed), raised before the driver is called.
+    return isinstance(err, StatementError)
+
+
+def record_json(record: Any) -> str:
+    """The record as ASCII JSON text (sorted keys; anything not JSON as its str): storable in any text column."""
+    import json
+
+    return json.dumps(record, sort_keys=True, default=str, ensure_ascii=True)
+
+
+def safe_text(value: str) -> str:
+    """`value` with what PostgreSQL's text refuses escaped: NUL characters and unpaired surrogates."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

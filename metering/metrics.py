@@ -74,7 +74,7 @@ COST_USD = Counter(
 CHARGES = Counter("hfi_charges", "Charges recorded, by status", (*_LABELS, "status"), registry=REGISTRY)
 METERING_ERRORS = Counter(
     "hfi_metering_errors",
-    "Metering failures by stage (price, spool, ledger, sink)",
+    "Metering failures by stage (spool, ledger, a sink; <consumer>-dead-letter: records refused for good)",
     ("stage",),
     registry=REGISTRY,
 )
@@ -83,9 +83,6 @@ SPOOL_PENDING_BYTES = Gauge(
     "Spooled bytes not yet delivered, by consumer",
     ("consumer",),
     registry=REGISTRY,
-)
-EVENTS_DROPPED = Counter(
-    "hfi_metering_events_dropped", "Usage events refused for good by a sink", ("sink",), registry=REGISTRY
 )
 
 
@@ -127,9 +124,9 @@ def observe_charge(charge: Charge) -> None:
     count.inc()
 
 
-def observe_error(stage: str) -> None:
-    """Count a metering failure (the request itself went on)."""
-    METERING_ERRORS.labels(stage).inc()
+def observe_error(stage: str, count: int = 1) -> None:
+    """Count `count` metering failures at `stage` (the request itself went on)."""
+    METERING_ERRORS.labels(stage).inc(count)
 
 
 def render() -> tuple[bytes, str]:

@@ -23,10 +23,17 @@ from sqlalchemy.exc import OperationalError
 from hardware_profiles import ProfileCatalog
 from metering import metrics
 from metering.config import MeteringSettings
-from metering.drain import SpoolConsumer
+from metering.drain import (
+    DEAD_LETTER_DIR,
+    DeadLetter,
+    DeadLetterFile,
+    SpoolConsumer,
+    describe_error,
+    record_request_id,
+)
 from metering.errors import InvalidLookup, LedgerUnavailable
-from metering.events import EventSink, HttpCollectorSink, JsonLinesSink, charge_event
-from metering.ledger import Ledger
+from metering.events import EventSink, HttpCollectorSink, JsonLinesSink, PermanentDeliveryError, charge_event
+from metering.ledger import Ledger, is_data_error
 from metering.pricing import price_in_catalog
 from metering.records import Charge, UsageRecord
 from metering.reports import UsageReport, UsageRow
@@ -72,14 +79,23 @@ class MeteringService:
             inline_fsync_max_s=settings.spool_inline_fsync_max_s,
             sync_process=settings.spool_sync_process,
         )
-        self.consumers = [self._consumer(LEDGER, self._deliver_to_ledger, settings.drain_batch_size)]
+        self.consumers = [
+            self._consumer(
+                LEDGER,
+                self._deliver_to_ledger,
+                settings.drain_batch_size,
+                refused=is_data_error,
+                dead_letter=self._dead_letter_to_ledger,
+            )
+        ]
         for name, sink in self.sinks.items():
             size = (
                 settings.collector_batch_size
                 if isinstance(sink, HttpCollectorSink)
                 else settings.drain_batch_size
             )
-            self.consumers.append(self._consumer(name, self._sink_delivery(sink), size))
+            deliver, dead_letter = self._sink_delivery(sink), self._sink_dead_letters(name)
+            self.consumers.append(self._consumer(name, deliver, size, dead_letter=dead_letter))
         for consumer in self.consumers:
             consumer.start()
 
@@ -100,7 +116,8 @@ class MeteringService:
             sinks[name] = sink
         return sinks
 
-    def _consumer(self, name: str, deliver: Any, batch_size: int) -> SpoolConsumer:
+    def _consumer(self, name: str, deliver: Any, batch_size: int, **dead_letters: Any) -> SpoolConsumer:
+        """The consumer `name`; `dead_letters`: its `refused` test and `dead_letter` store (SpoolConsumer)."""
         s = self.settings
         return SpoolConsumer(
             name,
@@ -110,6 +127,7 @@ class MeteringService:
             interval_s=s.drain_interval_s,
             retry_initial_s=s.retry_initial_s,
             retry_max_s=s.retry_max_s,
+            **dead_letters,
         )
 
     @property
@@ -167,23 +185,57 @@ class MeteringService:
         log.exception("metering: could not spool charge, recover it from this line: %s", data)
 
     def _deliver_to_ledger(self, records: list[dict[str, Any]]) -> None:
-        charges = []
+        """Insert the records' charges (idempotent). Raises what the ledger raised: the consumer retries the
+        batch, or isolates and dead-letters the records the database refuses (`is_data_error`)."""
+        charges, unreadable = [], []
         for data in records:
             try:
                 charges.append(Charge.from_dict(data))
-            except (KeyError, TypeError, ValueError) as err:
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
                 metrics.observe_error("spool-decode")
-                log.error("metering: skipping an unreadable spooled charge (%s): %s", err, data)
+                log.error("metering: an unreadable spooled charge, dead-lettered (%s): %s", err, data)
+                unreadable.append(DeadLetter(data, f"unreadable charge: {describe_error(err)}"))
+        if unreadable:  # kept once however often the batch is retried: identical records are not added twice
+            self._dead_letter_to_ledger(unreadable)
         self.ledger.insert_new(charges)
         with self._pending_lock:
             for c in charges:
                 self._pending.pop(c.request_id, None)
 
+    def _dead_letter_to_ledger(self, letters: list[DeadLetter]) -> None:
+        """Keep the charges the ledger refused in its `metering_dead_letters` table (`hfi metering dead-letters`).
+
+        In the ledger's database: durable, and where an operator already looks. When that fails too (the
+        database went down meanwhile), this raises and the consumer retries the batch later."""
+        self.ledger.add_dead_letters(LEDGER, [(d.record, d.error) for d in letters])
+        with self._pending_lock:  # never going to be in the ledger: the cost look-up stops answering them
+            for d in letters:
+                rid = record_request_id(d.record)
+                if isinstance(rid, str):
+                    self._pending.pop(rid, None)
+
+    def _sink_dead_letters(self, name: str) -> Any:
+        """The dead-letter file of sink `name`; each line carries the refused event beside its charge."""
+        source, event_type = self.settings.events_source, self.settings.events_type
+        path = self.settings.resolved_spool_dir() / DEAD_LETTER_DIR / f"{name}.jsonl"
+
+        def event(record: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return {"event": charge_event(record, source=source, event_type=event_type)}
+            except (KeyError, TypeError):  # a record without the event's fields: the record alone says it all
+                return {}
+
+        return DeadLetterFile(path, name, event).add
+
     def _sink_delivery(self, sink: EventSink) -> Any:
         source, event_type = self.settings.events_source, self.settings.events_type
 
         def deliver(records: list[dict[str, Any]]) -> None:
-            sink.emit([charge_event(r, source=source, event_type=event_type) for r in records])
+            try:
+                events = [charge_event(r, source=source, event_type=event_type) for r in records]
+            except (KeyError, TypeError) as err:  # a record no event can be made of: refused, like a 400
+                raise PermanentDeliveryError(f"not a charge record: {describe_error(err)}") from err
+            sink.emit(events)
 
         return deliver
 

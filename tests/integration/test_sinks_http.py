@@ -1,7 +1,9 @@
-"""The HTTP collector sink against a real local collector on 127.0.0.1 that fails the first attempts."""
+"""The HTTP collector sink against a real local collector on 127.0.0.1 that fails the first attempts, or refuses
+some events (those are dead-lettered)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import threading
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from hardware_profiles import load_profiles
+from metering import metrics
 from metering.config import MeteringSettings
+from metering.drain import read_dead_letter_files
 from metering.events import CLOUDEVENTS_BATCH_CONTENT_TYPE, HttpCollectorSink, PermanentDeliveryError
 from metering.records import UsageRecord
 from metering.service import MeteringService
@@ -34,6 +38,8 @@ class Collector:
         self.attempts = 0
         self.content_types: set[str] = set()
         self.auth: set[str | None] = set()
+        self.attempt_ids: list[list[str]] = []  # the ids of every POST, answered or not
+        self.refuse_subjects: set[str] = set()  # a batch with an event of such a subject: 400, nothing stored
         self.lock = threading.Lock()
 
     def handle(self, handler: BaseHTTPRequestHandler) -> int:
@@ -42,6 +48,9 @@ class Collector:
             self.attempts += 1
             self.content_types.add(handler.headers["Content-Type"])
             self.auth.add(handler.headers.get("Authorization"))
+            self.attempt_ids.append([e["id"] for e in json.loads(body)])
+            if any(e["subject"] in self.refuse_subjects for e in json.loads(body)):
+                return 400
             if self.fail_before_store > 0:
                 self.fail_before_store -= 1
                 return self.status
@@ -152,16 +161,88 @@ def test_events_wait_in_the_spool_while_the_collector_is_down_then_arrive(
 
 def test_permanent_and_transient_statuses(collector_server) -> None:
     _, url, holder = collector_server
-    event = {"specversion": "1.0", "id": "e1", "type": "inference.usage"}
-    holder[0] = Collector(fail_before_store=1, status=400)
+    event = {"specversion": "1.0", "id": "e1", "type": "inference.usage", "subject": "acme"}
     sink = HttpCollectorSink(url)
-    with pytest.raises(PermanentDeliveryError):
-        sink.emit([event])
-    holder[0] = Collector(fail_before_store=1, status=429)
-    with pytest.raises(ConnectionError):
-        sink.emit([event])
+    for status in (400, 413, 415, 422):  # the payload itself is bad: final
+        holder[0] = Collector(fail_before_store=1, status=status)
+        with pytest.raises(PermanentDeliveryError):
+            sink.emit([event])
+    for status in (401, 403, 404, 408, 425, 429, 500, 503):  # a token being rotated, the collector unwell
+        holder[0] = Collector(fail_before_store=1, status=status)
+        with pytest.raises(ConnectionError):
+            sink.emit([event])
     sink.emit([event])  # the retry of the same batch
     assert holder[0].order == ["e1"]
     sink.close()
     with pytest.raises(ConnectionError):  # nothing listens on port 9
         HttpCollectorSink("http://127.0.0.1:9/", timeout_s=1).emit([event])
+
+
+def dead_letter_errors() -> float:
+    labels = {"stage": "events-http-dead-letter"}
+    return metrics.REGISTRY.get_sample_value("hfi_metering_errors_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_auth_failure_is_retried_with_the_same_ids_until_accepted(
+    collector_server, tmp_path: Path, status: int
+) -> None:
+    _, url, holder = collector_server
+    collector = holder[0] = Collector(fail_before_store=3, status=status)  # a token rotated meanwhile
+    before = dead_letter_errors()
+    svc = make_service(tmp_path, url)
+    try:
+        charges = [svc.record(usage(i)) for i in range(8)]
+        assert svc.flush(30)
+    finally:
+        svc.close()
+    assert collector.order == [c.request_id for c in charges]  # every event delivered, in order, once
+    first = collector.attempt_ids[0]
+    assert all(later[: len(first)] == first for later in collector.attempt_ids[1:4])  # retried, same ids
+    assert read_dead_letter_files(tmp_path / "spool") == []
+    assert dead_letter_errors() == before
+
+
+def test_a_400_dead_letters_the_refused_events_and_the_rest_is_delivered(
+    collector_server, tmp_path: Path
+) -> None:
+    _, url, holder = collector_server
+    collector = holder[0] = Collector()
+    collector.refuse_subjects = {"poison"}
+    before = dead_letter_errors()
+    svc = make_service(tmp_path, url)
+    try:
+        charges = [
+            svc.record(dataclasses.replace(usage(i), billed_account="poison") if i in (3, 14) else usage(i))
+            for i in range(25)
+        ]
+        assert svc.flush(30)  # not blocked behind the refused events
+        later = [svc.record(usage(i)) for i in range(25, 30)]
+        assert svc.flush(30)
+    finally:
+        svc.close()
+    refused = [charges[3], charges[14]]
+    assert collector.ids == {c.request_id for c in charges + later} - {c.request_id for c in refused}
+    letters = read_dead_letter_files(tmp_path / "spool")
+    assert [d["request_id"] for d in letters] == [c.request_id for c in refused]
+    assert [d["event"]["id"] for d in letters] == [c.request_id for c in refused]
+    assert all(d["event"]["subject"] == "poison" and d["consumer"] == "events-http" for d in letters)
+    assert all("answered 400" in d["error"] for d in letters)
+    assert letters[0]["record"] == json.loads(json.dumps(refused[0].to_dict()))
+    assert dead_letter_errors() == before + 2
+
+
+def test_a_collector_refusing_everything_dead_letters_every_event(collector_server, tmp_path: Path) -> None:
+    _, url, holder = collector_server
+    holder[0] = Collector(fail_before_store=10**9, status=422)
+    before = dead_letter_errors()
+    svc = make_service(tmp_path, url)
+    try:
+        charges = [svc.record(usage(i)) for i in range(12)]
+        assert svc.flush(30)
+        assert svc.ledger.count() == 12  # the ledger is not concerned
+    finally:
+        svc.close()
+    letters = read_dead_letter_files(tmp_path / "spool")
+    assert sorted(d["event"]["id"] for d in letters) == sorted(c.request_id for c in charges)
+    assert dead_letter_errors() == before + 12
