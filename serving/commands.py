@@ -55,8 +55,17 @@ def _first_start_tokens(settings) -> None:
     if settings.billing.mode != "tokens":
         return
     from billing.cli import bootstrap
+    from billing.errors import AccountsUnavailable
 
-    tokens = bootstrap(settings.metering.resolved_database_url(), settings.billing)
+    try:
+        tokens = bootstrap(settings.metering.resolved_database_url(), settings.billing)
+    except AccountsUnavailable:  # serve anyway: admission answers 503 until the database is back
+        typer.echo(
+            "warning: the database cannot be reached, so no first-start tokens were made; requests get 503 "
+            "until it is back (then `hfi accounts create-user` and `hfi accounts issue-token` make tokens).",
+            err=True,
+        )
+        return
     if tokens is not None:  # stored hashed: shown this once
         typer.echo(f"First start: admin token {tokens[0]}\n             user token  {tokens[1]}")
         typer.echo("Keep them: they are not shown again (`hfi accounts issue-token` makes more).")

@@ -2,22 +2,29 @@
 
 Typed errors (models.errors.ServiceError, and billing's errors, which carry `status_code` and `message`) keep
 their status and message. Anything else is a bug: logged with its traceback, answered `500 unknown error`.
-Errors raised in a replica arrive wrapped by Ray; the cause is unwrapped here.
+Errors raised in a replica arrive wrapped by Ray; the cause is unwrapped here. A database that cannot be
+reached (SQLAlchemy's OperationalError, from the account API or reports) is a 503, not a bug. Every 503 carries
+`Retry-After` (seconds): the error's `retry_after_s`, else its `estimated_time`, else DEFAULT_RETRY_AFTER_S.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import ServiceError
 
 log = logging.getLogger("serving.errors")
+
+DEFAULT_RETRY_AFTER_S = 5
+DATABASE_DOWN_MESSAGE = "The database cannot be reached. Try again shortly."
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -37,6 +44,8 @@ def _typed(err: BaseException) -> tuple[int, str] | None:
 
     4xx and 503 (loading, overloaded: the client should retry) are told; other 5xx details stay in the log.
     """
+    if isinstance(err, OperationalError):  # the driver's details (host, port) stay in the log
+        return 503, DATABASE_DOWN_MESSAGE
     status = getattr(err, "status_code", None)
     message = getattr(err, "message", None)
     if isinstance(status, int) and isinstance(message, str) and (400 <= status < 500 or status == 503):
@@ -58,6 +67,8 @@ def error_body(err: BaseException) -> tuple[int, dict[str, Any]]:
         log.error("internal error", exc_info=err)
         return 500, {"error": "unknown error"}
     status, message = typed
+    if isinstance(err, OperationalError):
+        log.warning("database unavailable: %s", err.orig if err.orig is not None else err)
     body: dict[str, Any] = {"error": message}
     error_type = getattr(err, "error_type", None)
     if error_type:
@@ -67,9 +78,22 @@ def error_body(err: BaseException) -> tuple[int, dict[str, Any]]:
     return status, body
 
 
+def retry_after_s(err: BaseException) -> int:
+    """Whole seconds for the Retry-After of a 503: when the error says it may work again, at least 1."""
+    extra = getattr(unwrap(err), "extra", None) or {}
+    for key in ("retry_after_s", "estimated_time"):
+        value = extra.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            return max(1, math.ceil(value))
+    return DEFAULT_RETRY_AFTER_S
+
+
 def error_response(err: BaseException, request_id: str | None = None) -> JSONResponse:
+    """The JSON error response of `err`, with x-request-id when given and Retry-After on a 503."""
     status, body = error_body(err)
     headers = {"x-request-id": request_id} if request_id else {}
+    if status == 503:
+        headers["retry-after"] = str(retry_after_s(err))
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from models.errors import ModelNotFound
 from models.types import CHAT_COMPLETION, COMPLETION
 from serving import errors
+from serving.health import database_probe, health_report
 from serving.ingress import EXPOSED_HEADERS, IngressCore
 from serving.routes import accounts as accounts_routes
 from serving.routes import usage as usage_routes
@@ -70,9 +71,12 @@ def create_app(core: IngressCore) -> FastAPI:
     )
     app.add_middleware(StripPrefix)
 
+    probe = app.state.health_probe = database_probe(core)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": [m.id for m in core.catalog.models]}
+        """Up (200) with the database's state, cached a few seconds: see serving/health.py."""
+        return await health_report(core, probe)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
