@@ -445,6 +445,31 @@ def test_disconnect_mid_stream_is_charged_for_what_ran_and_bad_requests_are_not(
     assert metric(after, "hfi_charges_total", **chat, status=STATUS_CLIENT_DISCONNECTED) >= 1
 
 
+def test_a_client_that_leaves_an_image_request_is_charged_and_the_replica_stops(hfi_service, ledger) -> None:
+    """A non-streamed 50-step image whose client leaves after a moment: charged for the steps that ran (flagged
+    client_disconnected, found by its tag since no response came back), and the replica stops at its next step,
+    so the next image is answered at once instead of after the whole abandoned run."""
+    prefix = tag_prefix("leave-image")
+    slow = {"inputs": "a cat", "parameters": {"width": 256, "height": 256, "num_inference_steps": 50}}
+    with httpx.Client(base_url=hfi_service.url, timeout=HTTP_TIMEOUT_S) as c:
+        c.post(FLUX, json={"inputs": "warm"}, headers={"x-request-id": prefix + "warm"})  # a loaded replica
+    with pytest.raises(httpx.ReadTimeout):  # leave after 3 s, mid-run (a full run takes over a minute here)
+        httpx.post(hfi_service.url + FLUX, json=slow, headers={"x-request-id": prefix + "left"}, timeout=3.0)
+    with httpx.Client(base_url=hfi_service.url, timeout=HTTP_TIMEOUT_S) as c:
+        started = time.monotonic()
+        after = c.post(FLUX, json={"inputs": "next"}, headers={"x-request-id": prefix + "next"})
+        waited_s = time.monotonic() - started
+    assert after.status_code == 200, after.text
+    rows = {r.usage.client_request_id: r for r in ledger.wait_for_tags(prefix, 3)}
+    left = rows[prefix + "left"]
+    assert left.usage.status == STATUS_CLIENT_DISCONNECTED
+    assert left.usage.compute_ns > 0 and left.cost_nanousd > 0
+    # The abandoned run stopped within a step or two of the client leaving: its billed compute is a few
+    # seconds, nowhere near the minute-plus of the whole run, and the next request did not wait for it.
+    assert left.usage.compute_ns < 30 * 10**9, left.usage.compute_ns
+    assert waited_s < 30, waited_s
+
+
 def test_billing_endpoint_answers_the_ledger_costs_of_real_inference_ids(hfi_service, mixed_run) -> None:
     _, sent, rows = mixed_run
     ledger_cost = {r.request_id: r.cost_nanousd for r in rows}
