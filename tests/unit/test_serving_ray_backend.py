@@ -84,3 +84,68 @@ def test_calls_in_flight_follow_the_replicas_and_the_autoscaling_target():
     assert calls_in_flight(spec("m", replicas=0)) == 1
     autoscaled = spec("m", autoscaling={"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 1.5})
     assert calls_in_flight(autoscaled) == 6
+
+
+def dying_handle(deaths: int) -> StandInHandle:
+    """A handle whose replica dies (Ray's ActorDiedError) on the first `deaths` calls, then answers."""
+    from ray.exceptions import ActorDiedError
+
+    handle = StandInHandle(0.0)
+    left = [deaths]
+
+    async def run_one(request):
+        if left[0] > 0:
+            left[0] -= 1
+            raise ActorDiedError()
+        return RunResult(output=request * 10, timings=Timings(compute_ns=1_000))
+
+    handle.run = Method(run_one)
+    return handle
+
+
+def test_a_request_whose_replica_died_is_retried_once():
+    handle = dying_handle(1)
+    backend = RayBackend({"m": handle}, [spec("m")])
+    assert asyncio.run(backend.run("m", 4)).output == 40
+    assert handle.run.calls == [4, 4]
+
+
+def test_a_second_death_is_a_503_with_retry_after_never_a_500():
+    from models.errors import ReplicaUnavailable
+    from serving.errors import error_response
+
+    handle = dying_handle(2)
+    backend = RayBackend({"m": handle}, [spec("m")])
+    try:
+        asyncio.run(backend.run("m", 4))
+    except ReplicaUnavailable as err:
+        response = error_response(err)
+    else:
+        raise AssertionError("two deaths must not answer")
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert handle.run.calls == [4, 4]  # once, then one retry: no more
+
+
+def test_a_batch_whose_replica_died_is_retried_for_each_caller():
+    from ray.exceptions import ActorDiedError
+
+    handle = StandInHandle(0.0)
+    died = [False]
+    run_many = handle.run_many.fn
+
+    async def dies_once(requests):
+        if not died[0]:
+            died[0] = True
+            raise ActorDiedError()
+        return await run_many(requests)
+
+    handle.run_many = Method(dies_once)
+    backend = RayBackend(
+        {"m": handle}, [spec("m", batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.005})]
+    )
+
+    async def main():
+        return await asyncio.gather(*(backend.run("m", i) for i in range(6)))
+
+    assert [r.output for r in asyncio.run(main())] == [i * 10 for i in range(6)]
+    assert sum(len(c) for c in handle.run_many.calls) >= 12  # every request went out twice
