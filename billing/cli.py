@@ -121,16 +121,19 @@ def _usd(nanousd: int | None) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `accounts` and `hub` to the `hfi` command line."""
+    """Add `accounts`, `billing` and `hub` to the `hfi` command line."""
     import typer
 
     accounts = typer.Typer(no_args_is_help=True, help="Users, organizations, tokens, limits and usage.")
+    billing = typer.Typer(no_args_is_help=True, help="Housekeeping of reservations: sweep, prune.")
     hub = typer.Typer(no_args_is_help=True, help="The Hugging Face Hub: model mappings of this provider.")
     app.add_typer(accounts, name="accounts")
+    app.add_typer(billing, name="billing")
     app.add_typer(hub, name="hub")
     _register_accounts(accounts)
     _register_tokens_and_limits(accounts)
     _register_views(accounts)
+    _register_housekeeping(billing)
     _register_hub(hub)
 
 
@@ -279,17 +282,14 @@ def _register_views(accounts: typer.Typer) -> None:
         account: str,
         month: str = typer.Option(None, "--month", help="YYYY-MM (default: this month)"),
         fmt: str = typer.Option("json", "--format", help="json or csv"),
+        limit: int = typer.Option(None, "--limit", help="charges a page (default 1000, at most 10000)"),
+        cursor: str = typer.Option(None, "--cursor", help="the next page: next_cursor of the previous one"),
+        every: bool = typer.Option(False, "--all", help="csv: every charge of the month, page after page"),
         database_url: str = _db_option(),
     ) -> None:
-        """An account's month: included credits used, pay-as-you-go, by model and profile, charges."""
-        from billing.accounts import Caller
-        from billing.reports import report_csv
-
-        if fmt not in ("json", "csv"):
-            raise typer.BadParameter("use json or csv", param_hint="--format")
-        operator = Caller(name="(operator)", tier="", is_admin=True)
-        report = _run(database_url, lambda s: s.usage(operator, account, month))
-        typer.echo(json.dumps(report, indent=2) if fmt == "json" else report_csv(report), nl=fmt == "json")
+        """An account's month: included credits used, pay-as-you-go, by model and profile, a page of charges."""
+        _check_usage_options(fmt, every)
+        _run(database_url, lambda s: _print_usage(s, account, month, fmt, limit, cursor, every))
 
     @accounts.command("reconcile")
     def reconcile_cmd(
@@ -313,6 +313,56 @@ def _register_views(accounts: typer.Typer) -> None:
             typer.echo(f"different: {rid}: billing {ours}, ledger {theirs} nano-USD")
         if not rec.ok:
             raise typer.Exit(1)
+
+
+def _check_usage_options(fmt: str, every: bool) -> None:
+    import typer
+
+    if fmt not in ("json", "csv"):
+        raise typer.BadParameter("use json or csv", param_hint="--format")
+    if every and fmt != "csv":
+        raise typer.BadParameter("--all writes csv: add --format csv", param_hint="--all")
+
+
+def _print_usage(
+    svc: BillingService, account: str, month: str | None, fmt: str, limit, cursor, every: bool
+) -> None:
+    """One page of the usage report (its next cursor on stderr), or with `every` the whole month as CSV."""
+    import typer
+
+    from billing.accounts import Caller
+    from billing.reports import report_csv
+
+    operator = Caller(name="(operator)", tier="", is_admin=True)
+    report = svc.usage(operator, account, month, limit=limit, cursor=cursor)
+    if fmt == "json":
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(report_csv(report, total_row=not (every and report["next_cursor"])), nl=False)
+    while every and report["next_cursor"]:
+        report = svc.usage(operator, account, month, limit=limit, cursor=report["next_cursor"])
+        typer.echo(report_csv(report, header=False, total_row=not report["next_cursor"]), nl=False)
+    if report["next_cursor"]:
+        typer.echo(f"more charges: --cursor {report['next_cursor']}", err=True)
+
+
+def _register_housekeeping(billing: typer.Typer) -> None:
+    import typer
+
+    @billing.command("sweep")
+    def sweep(database_url: str = _db_option()) -> None:
+        """Settle reservations whose settlement was lost from the ledger's charges; expire stale ones."""
+        done = _run(database_url, lambda s: s.sweep_reservations())
+        typer.echo(f"settled from the ledger: {done.settled_from_ledger}; expired: {done.expired}")
+
+    @billing.command("prune")
+    def prune(
+        dry_run: bool = typer.Option(False, "--dry-run", help="count, delete nothing"),
+        database_url: str = _db_option(),
+    ) -> None:
+        """Delete finished reservations older than billing.reservation_retention_days (default 70)."""
+        n = _run(database_url, lambda s: s.prune_reservations(dry_run=dry_run))
+        typer.echo(f"{'would prune' if dry_run else 'pruned'} {n} reservation(s)")
 
 
 def _limit(value: str | None) -> int | None:

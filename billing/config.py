@@ -63,8 +63,37 @@ class BillingSettings(BaseModel):
     estimate_compute_s: float = Field(
         default=5.0, gt=0, description="compute seconds reserved per request (x the profile's price)"
     )
+    # Housekeeping of reservations (billing/spend.py), run in the background at most every sweep_interval_s
+    # (resp. prune_interval_s) per process. The metering ledger's charges are the truth: a reservation whose
+    # settlement was lost (a client cut off, a crash) is settled from its charge after settle_grace_s, and only
+    # one with no charge is expired after reservation_ttl_s (a lost release, or a request that never ran).
     reservation_ttl_s: float = Field(
-        default=3600, gt=0, description="an open reservation older than this is released (a crashed ingress)"
+        default=600,
+        gt=0,
+        description="an open reservation this old with no charge in the ledger is expired (its estimate given "
+        "back); a request running longer than this no longer holds its estimate",
+    )
+    settle_grace_s: float = Field(
+        default=60, gt=0, description="an open reservation this old whose charge is in the ledger is settled"
+    )
+    sweep_interval_s: float = Field(
+        default=30, gt=0, description="how often each process sweeps reservations"
+    )
+    late_charge_window_s: float = Field(
+        default=86400,
+        ge=0,
+        description="an expired reservation this recent is still settled when its charge reaches the ledger",
+    )
+    reservation_retention_days: int = Field(
+        default=70,
+        ge=62,
+        description="settled, released and expired reservations older than this are pruned; at least 62 days, "
+        "so the previous calendar month is always whole (reconciliation, reports)",
+    )
+    prune_interval_s: float = Field(
+        default=3600,
+        ge=0,
+        description="how often each process prunes old reservations (0: only `hfi billing prune`)",
     )
 
     token_prefix: str = Field(default="hfi_", min_length=2, max_length=16)

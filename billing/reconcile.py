@@ -8,11 +8,13 @@ For every request billed to one of our accounts both must hold the same cost. Ro
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 
 from billing.db import read_session
+from billing.errors import InvalidRequest
 from billing.reports import month_bounds
 from billing.schema import Reservation
 from billing.spend import SETTLED
@@ -36,11 +38,27 @@ class Reconciliation:
         return not (self.missing_in_ledger or self.missing_in_billing or self.different)
 
 
-def reconcile(engine: Engine, database_url: str, month: str, *, routed_prefix: str = "hf:") -> Reconciliation:
-    """Compare billing's settled requests of `month` with the ledger's charges of the same month."""
+def reconcile(
+    engine: Engine,
+    database_url: str,
+    month: str,
+    *,
+    routed_prefix: str = "hf:",
+    pruned_before: dt.datetime | None = None,
+) -> Reconciliation:
+    """Compare billing's settled requests of `month` with the ledger's charges of the same month.
+
+    `pruned_before`: reservations created before it may have been pruned, so a month that starts earlier cannot
+    be compared (InvalidRequest, a 400, rather than a list of false differences).
+    """
     from metering.ledger import Ledger
 
     start, end = month_bounds(month)
+    if pruned_before is not None and start < pruned_before:
+        raise InvalidRequest(
+            f"month: {month} starts before {pruned_before:%Y-%m-%d %H:%M} UTC, where old reservations were "
+            "pruned: only the ledger holds all its charges"
+        )
     with read_session(engine) as s:
         ours = {
             (r.request_id or r.id): int(r.cost_nanousd or 0)

@@ -1,18 +1,24 @@
 """Usage reports: one account's month (UTC), with included credits used, pay-as-you-go, breakdowns, charges.
 
-Every total is the sum of the charges it covers, in integer nano-USD.
+Every total is the sum of the month's charges, in integer nano-USD, computed by the database; the list of
+charges comes a page at a time (`limit`, at most MAX_CHARGES_LIMIT, and the `next_cursor` of the previous page),
+oldest first, so a report's cost does not grow with the month.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import datetime as dt
 import io
+import json
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, and_, func, inspect, or_, select
 
 from billing.accounts import BilledAccount
 from billing.db import as_utc, read_session
@@ -22,6 +28,11 @@ from billing.spend import OPEN, SETTLED
 
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 CSV_COLUMNS = ("request_id", "started_at", "user", "model_id", "hardware_profile", "cost_nanousd", "cost_usd")
+DEFAULT_CHARGES_LIMIT = 1000
+MAX_CHARGES_LIMIT = 10_000
+
+# (model_id, hardware_profile, user, requests, cost_nanousd): the month's charges summed per model, profile, user
+Group = tuple[str, str | None, str, int, int]
 
 
 def check_month(month: str) -> str:
@@ -29,6 +40,49 @@ def check_month(month: str) -> str:
     if not isinstance(month, str) or not MONTH_RE.match(month):
         raise InvalidRequest(f"month: {month!r} is not a month (YYYY-MM)")
     return month
+
+
+def check_limit(limit: int | str | None) -> int:
+    """How many charges one page lists: DEFAULT_CHARGES_LIMIT when not given, 1 to MAX_CHARGES_LIMIT."""
+    if limit is None or limit == "":
+        return DEFAULT_CHARGES_LIMIT
+    text = str(limit).strip()
+    if not re.fullmatch(r"[+-]?\d{1,12}", text):
+        raise InvalidRequest(f"limit: {limit!r} is not a whole number")
+    n = int(text)
+    if n < 1:
+        raise InvalidRequest("limit: at least 1")
+    if n > MAX_CHARGES_LIMIT:
+        raise InvalidRequest(
+            f"limit: at most {MAX_CHARGES_LIMIT} charges a page; ask for the next page with `cursor`"
+        )
+    return n
+
+
+def encode_cursor(started_at: dt.datetime, key: str | int) -> str:
+    """An opaque cursor: the page after the charge (started_at, key)."""
+    raw = json.dumps([as_utc(started_at).isoformat(), key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, key_type: type) -> tuple[dt.datetime, Any] | None:
+    """The (started_at, key) a cursor stands for, None for the first page; a bad cursor is a 400."""
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        when, key = json.loads(raw)
+        started_at = as_utc(dt.datetime.fromisoformat(when))
+    except (ValueError, TypeError, binascii.Error):
+        started_at, key = None, None
+    if started_at is None or type(key) is not key_type:
+        raise InvalidRequest("cursor: not a cursor of this report (use next_cursor from the previous page)")
+    return started_at, key
+
+
+def _after(started_at_col: Any, key_col: Any, after: tuple[dt.datetime, Any]) -> Any:
+    when, key = after
+    return or_(started_at_col > when, and_(started_at_col == when, key_col > key))
 
 
 def month_bounds(month: str) -> tuple[dt.datetime, dt.datetime]:
@@ -47,12 +101,12 @@ def usd(nanousd: int) -> str:
     return f"{sign}{n // 10**9}.{n % 10**9:09d}"
 
 
-def _group(charges: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+def _group(groups: Sequence[Group], key: str, index: int) -> list[dict[str, Any]]:
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for c in charges:
-        t = totals[str(c[key])]
-        t[0] += 1
-        t[1] += c["cost_nanousd"]
+    for g in groups:
+        t = totals[str(g[index] or "unknown")]
+        t[0] += g[3]
+        t[1] += g[4]
     return [
         {key: k, "requests": n, "cost_nanousd": cost, "cost_usd": usd(cost)}
         for k, (n, cost) in sorted(totals.items())
@@ -71,72 +125,120 @@ def _charge(request_id: str, started_at, user: str, model_id: str, profile: str 
     }
 
 
+def _groups(rows: Iterable[Any]) -> list[Group]:
+    return [(r[0], r[1], r[2], int(r[3]), int(r[4] or 0)) for r in rows]
+
+
 def usage_report(
-    engine: Engine, account: BilledAccount, month: str, *, per_member: bool = False
+    engine: Engine,
+    account: BilledAccount,
+    month: str,
+    *,
+    per_member: bool = False,
+    limit: int = DEFAULT_CHARGES_LIMIT,
+    cursor: str | None = None,
 ) -> dict[str, Any]:
     """The month's usage of `account` from billing's settled requests: included credits first, then PAYG."""
     check_month(month)
+    after = decode_cursor(cursor, str)
+    r = Reservation
+    mine = (r.account == account.name, r.month == month)
+    settled = and_(*mine, r.state == SETTLED)
     with read_session(engine) as s:
-        rows = s.scalars(
-            select(Reservation)
-            .where(
-                Reservation.account == account.name,
-                Reservation.month == month,
-                Reservation.state.in_((SETTLED, OPEN)),
-            )
-            .order_by(Reservation.started_at, Reservation.id)
-        ).all()
+        keys = (r.model_id, r.hardware_profile, r.user)
+        groups = _groups(
+            s.execute(select(*keys, func.count(), func.sum(r.cost_nanousd)).where(settled).group_by(*keys))
+        )
+        in_flight = s.scalar(
+            select(func.coalesce(func.sum(r.estimate_nanousd), 0)).where(*mine, r.state == OPEN)
+        )
+        page = select(r).where(settled)
+        if after is not None:
+            page = page.where(_after(r.started_at, r.id, after))
+        rows = s.scalars(page.order_by(r.started_at, r.id).limit(limit + 1)).all()
         charges = [
             _charge(
-                r.request_id or r.id,
-                r.started_at,
-                r.user,
-                r.model_id,
-                r.hardware_profile,
-                int(r.cost_nanousd or 0),
+                x.request_id or x.id,
+                x.started_at,
+                x.user,
+                x.model_id,
+                x.hardware_profile,
+                int(x.cost_nanousd or 0),
             )
-            for r in rows
-            if r.state == SETTLED
+            for x in rows[:limit]
         ]
-        in_flight = sum(int(r.estimate_nanousd) for r in rows if r.state == OPEN)
-    return build_report(account, month, charges, in_flight_nanousd=in_flight, per_member=per_member)
+        next_cursor = (
+            encode_cursor(rows[limit - 1].started_at, rows[limit - 1].id) if len(rows) > limit else None
+        )
+    return build_report(
+        account,
+        month,
+        groups,
+        charges,
+        limit=limit,
+        next_cursor=next_cursor,
+        in_flight_nanousd=int(in_flight or 0),
+        per_member=per_member,
+    )
 
 
-def ledger_usage_report(database_url: str, account: BilledAccount, month: str) -> dict[str, Any]:
-    """The month's usage of `account` from the metering ledger's charges (open mode keeps no reservations)."""
-    from metering.ledger import Ledger
+def ledger_usage_report(
+    engine: Engine,
+    account: BilledAccount,
+    month: str,
+    *,
+    per_member: bool = False,
+    limit: int = DEFAULT_CHARGES_LIMIT,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """The month's usage of `account` from the metering ledger's charges (open mode keeps no reservations, and
+    months past the reservations' retention have been pruned)."""
+    from metering.ledger import charges_table as t
 
     start, end = month_bounds(month)
-    ledger = Ledger(database_url)
-    try:
-        found = ledger.charges(start, end, account=account.name)
-    finally:
-        ledger.close()
-    charges = [
-        _charge(
-            c.request_id,
-            c.usage.started_at,
-            c.usage.user,
-            c.usage.model_id,
-            c.usage.hardware_profile,
-            c.cost_nanousd,
-        )
-        for c in found
-    ]
-    return build_report(account, month, charges)
+    after = decode_cursor(cursor, int)
+    mine = (t.c.billed_account == account.name, t.c.started_at >= start, t.c.started_at < end)
+    groups: list[Group] = []
+    charges: list[dict[str, Any]] = []
+    next_cursor = None
+    with read_session(engine) as s:
+        if inspect(s.connection()).has_table(t.name):  # no ledger yet: no charges
+            keys = (t.c.model_id, t.c.hardware_profile, t.c.user)
+            groups = _groups(
+                s.execute(
+                    select(*keys, func.count(), func.sum(t.c.cost_nanousd)).where(*mine).group_by(*keys)
+                )
+            )
+            page = select(t.c.id, t.c.request_id, t.c.started_at, *keys, t.c.cost_nanousd).where(*mine)
+            if after is not None:
+                page = page.where(_after(t.c.started_at, t.c.id, after))
+            rows = s.execute(page.order_by(t.c.started_at, t.c.id).limit(limit + 1)).all()
+            charges = [
+                _charge(
+                    x.request_id, x.started_at, x.user, x.model_id, x.hardware_profile, int(x.cost_nanousd)
+                )
+                for x in rows[:limit]
+            ]
+            if len(rows) > limit:
+                next_cursor = encode_cursor(rows[limit - 1].started_at, int(rows[limit - 1].id))
+    return build_report(
+        account, month, groups, charges, limit=limit, next_cursor=next_cursor, per_member=per_member
+    )
 
 
 def build_report(
     account: BilledAccount,
     month: str,
+    groups: Sequence[Group],
     charges: list[dict[str, Any]],
     *,
+    limit: int = DEFAULT_CHARGES_LIMIT,
+    next_cursor: str | None = None,
     in_flight_nanousd: int = 0,
     per_member: bool = False,
 ) -> dict[str, Any]:
-    """The report of `charges`: every total is their exact sum; included credits are used first."""
-    in_flight = in_flight_nanousd
-    total = sum(c["cost_nanousd"] for c in charges)
+    """The report of a month: totals over all its charges (`groups`), and one page of them (`charges`)."""
+    total = sum(g[4] for g in groups)
     included_used = min(total, account.included_nanousd)
     report: dict[str, Any] = {
         "account": account.name,
@@ -150,23 +252,28 @@ def build_report(
         "total_nanousd": total,
         "total_usd": usd(total),
         "spending_limit_nanousd": account.spending_limit_nanousd,
-        "in_flight_reserved_nanousd": in_flight,
-        "requests": len(charges),
-        "by_model": _group(charges, "model_id"),
-        "by_hardware_profile": _group(charges, "hardware_profile"),
+        "in_flight_reserved_nanousd": in_flight_nanousd,
+        "requests": sum(g[3] for g in groups),
+        "by_model": _group(groups, "model_id", 0),
+        "by_hardware_profile": _group(groups, "hardware_profile", 1),
         "charges": charges,
+        "charges_limit": limit,
+        "next_cursor": next_cursor,
     }
     if per_member:
-        report["by_member"] = _group(charges, "user")
+        report["by_member"] = _group(groups, "user", 2)
     return report
 
 
-def report_csv(report: dict[str, Any]) -> str:
-    """The report's charges as CSV, one row per charge, and a final total row."""
+def report_csv(report: dict[str, Any], *, header: bool = True, total_row: bool = True) -> str:
+    """The report's page of charges as CSV, one row per charge, and a final row with the month's total
+    (`header` and `total_row` off: the middle pages of one CSV written page by page)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    if header:
+        writer.writerow(CSV_COLUMNS)
     for c in report["charges"]:
         writer.writerow([c[k] for k in CSV_COLUMNS])
-    writer.writerow(["TOTAL", "", "", "", "", report["total_nanousd"], report["total_usd"]])
+    if total_row:
+        writer.writerow(["TOTAL", "", "", "", "", report["total_nanousd"], report["total_usd"]])
     return buf.getvalue()

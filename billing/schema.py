@@ -106,10 +106,28 @@ class MonthSpend(Base):
 
 
 class Reservation(Base):
-    """One admitted request: its estimate while open, its true cost once settled, nothing once released."""
+    """One admitted request: its estimate while open, its true cost once settled, nothing once released.
+
+    `request_id` is the request's Inference-Id, the key of its charge in the metering ledger: stored at
+    admission, so a reservation whose settlement never came can be settled from the ledger.
+    """
 
     __tablename__ = "billing_reservations"
-    __table_args__ = (Index("ix_billing_reservations_account_month_state", "account", "month", "state"),)
+    __table_args__ = (
+        # reports: one account's month, page by page in (started_at, id) order
+        Index(
+            "ix_billing_reservations_account_month_state_started",
+            "account",
+            "month",
+            "state",
+            "started_at",
+            "id",
+        ),
+        # admission: the account's stale open reservations (expiry)
+        Index("ix_billing_reservations_account_state_created", "account", "state", "created_at"),
+        # the background sweep (open past the grace, recently expired) and pruning (old terminal rows)
+        Index("ix_billing_reservations_state_created", "state", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     account: Mapped[str] = mapped_column(String(120))
@@ -120,8 +138,18 @@ class Reservation(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     estimate_nanousd: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(10))  # open | settled | released
+    state: Mapped[str] = mapped_column(String(10))  # open | settled | released | expired
     cost_nanousd: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     hardware_profile: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class HousekeepingMark(Base):
+    """A fact housekeeping leaves for readers: `pruned_before`, the instant before which finished reservations
+    may have been deleted (so older months are read from the metering ledger)."""
+
+    __tablename__ = "billing_housekeeping"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

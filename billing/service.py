@@ -1,7 +1,8 @@
 """The billing facade the ingress calls: admit before compute, settle or release after.
 
 billing = BillingService(settings.billing, settings.metering.database_url)
-admission = billing.admit(token, bill_to, model_id, estimate_nanousd, started_at)   # 401/402/403 raise here
+admission = billing.admit(token, bill_to, model_id, estimate_nanousd, started_at,
+                          request_id=inference_id)   # 401/402/403 raise here
 try:
     ... run ...
 except BaseException:
@@ -23,12 +24,12 @@ from sqlalchemy.exc import OperationalError
 
 from billing.accounts import AccountStore, BilledAccount, Caller
 from billing.config import BillingSettings
-from billing.db import as_utc, make_engine, upgrade, utcnow
+from billing.db import DatabaseDown, LazyMigrations, as_utc, make_engine, utcnow
 from billing.errors import AccountsUnavailable, Forbidden, PaymentRequired, Unauthorized
 from billing.hub import WhoamiCache
 from billing.reconcile import Reconciliation, reconcile
-from billing.reports import check_month, ledger_usage_report, usage_report
-from billing.spend import SpendBook, month_of
+from billing.reports import check_limit, check_month, ledger_usage_report, month_bounds, usage_report
+from billing.spend import Housekeeping, SpendBook, SweepResult, month_of
 
 FREE_TIER_MESSAGE = (
     "You have exceeded your monthly included credits for Inference Providers. "
@@ -86,17 +87,43 @@ class BillingService:
         self.settings = settings
         self._clock_fn = clock or utcnow
         self.database_url = database_url
+        # No connection here: the service starts while the database is down (open mode never needs it on the
+        # request path). The first use of `accounts` or `spend` runs the migrations (LazyMigrations).
         self.engine = make_engine(database_url)
-        if migrate:
-            upgrade(self.engine)
-        self.accounts = AccountStore(self.engine, settings, clock=self.now)
-        self.spend = SpendBook(
+        self.migrations: LazyMigrations | None = LazyMigrations(self.engine) if migrate else None
+        self._accounts = AccountStore(self.engine, settings, clock=self.now)
+        self._spend = SpendBook(
             self.engine,
             allowance_nanousd=settings.overshoot_allowance_nanousd,
             reservation_ttl_s=settings.reservation_ttl_s,
+            housekeeping=Housekeeping.from_settings(settings),
             clock=self.now,
         )
         self._whoami: WhoamiCache | None = None
+
+    def ensure_schema(self) -> None:
+        """Migrate billing's tables on first use; AccountsUnavailable (503, `retry_after_s`) while the database
+        cannot be reached. Retried by a later call after a short back-off; no restart needed."""
+        if self.migrations is None:
+            return
+        try:
+            self.migrations.ensure()
+        except DatabaseDown as err:
+            raise AccountsUnavailable(
+                "The accounts database cannot be reached. Try again shortly.", retry_after_s=err.retry_after_s
+            ) from err
+
+    @property
+    def accounts(self) -> AccountStore:
+        """Users, organizations and tokens (migrates on first use: see ensure_schema)."""
+        self.ensure_schema()
+        return self._accounts
+
+    @property
+    def spend(self) -> SpendBook:
+        """Reservations and settled costs (migrates on first use: see ensure_schema)."""
+        self.ensure_schema()
+        return self._spend
 
     def now(self) -> dt.datetime:
         """The service clock, aware UTC."""
@@ -124,11 +151,17 @@ class BillingService:
         model_id: str,
         estimate_nanousd: int,
         started_at: dt.datetime,
+        *,
+        request_id: str | None = None,
     ) -> Admission:
         """Decide before any compute: 401 token, 403 bill-to or disabled model, 402 credits or limit; 503 when
-        the accounts database cannot be reached."""
+        the accounts database cannot be reached.
+
+        `request_id`: the request's Inference-Id, the key of its charge in the metering ledger. Stored on the
+        reservation, it lets a lost settlement be settled from the ledger (see SpendBook.sweep).
+        """
         try:
-            return self._admit(token, bill_to, model_id, estimate_nanousd, started_at)
+            return self._admit(token, bill_to, model_id, estimate_nanousd, started_at, request_id)
         except OperationalError as err:
             raise AccountsUnavailable(
                 "The accounts database cannot be reached: the request was not run. Try again shortly."
@@ -141,6 +174,7 @@ class BillingService:
         model_id: str,
         estimate_nanousd: int,
         started_at: dt.datetime,
+        request_id: str | None = None,
     ) -> Admission:
         started_at = as_utc(started_at)
         estimate = max(int(estimate_nanousd), self.settings.min_estimate_nanousd)
@@ -164,7 +198,7 @@ class BillingService:
             caller = self.accounts.resolve_token(token)
             account = self.accounts.billed_account(caller, (bill_to or "").strip() or None, model_id)
             reservation = self._reserve(
-                account.name, account.cap_nanousd, caller.name, model_id, estimate, started_at
+                account.name, account.cap_nanousd, caller.name, model_id, estimate, started_at, request_id
             )
             if reservation is None:
                 raise _refusal(account)
@@ -174,7 +208,14 @@ class BillingService:
         raise Unauthorized("Invalid credentials in Authorization header")
 
     def _reserve(
-        self, account: str, cap: int | None, user: str, model_id: str, estimate: int, started_at: dt.datetime
+        self,
+        account: str,
+        cap: int | None,
+        user: str,
+        model_id: str,
+        estimate: int,
+        started_at: dt.datetime,
+        request_id: str | None = None,
     ) -> Admission | None:
         rid = self.spend.reserve(
             account=account,
@@ -184,6 +225,7 @@ class BillingService:
             model_id=model_id,
             started_at=started_at,
             estimate_nanousd=estimate,
+            request_id=request_id,
         )
         if rid is None:
             return None
@@ -267,35 +309,67 @@ class BillingService:
         """Server admins manage everything; an org admin manages the org's limit, models and usage."""
         return caller.is_admin or caller.name == account or self.accounts.is_org_admin(caller.name, account)
 
-    def usage(self, caller: Caller, account: str | None = None, month: str | None = None) -> dict[str, Any]:
-        """A month's usage that `caller` may see: their own, or an org's for its admins (per member)."""
+    def usage(
+        self,
+        caller: Caller,
+        account: str | None = None,
+        month: str | None = None,
+        *,
+        limit: int | str | None = None,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """A month's usage that `caller` may see: their own, or an org's for its admins (per member).
+
+        Totals cover the whole month; `charges` is one page of at most `limit` charges (default
+        DEFAULT_CHARGES_LIMIT, at most MAX_CHARGES_LIMIT: more is a 400), the next one from `next_cursor`.
+        """
         month = check_month(month) if month else self.now().strftime("%Y-%m")
+        page = {"limit": check_limit(limit), "cursor": cursor}
         account = account or caller.name
         if account == self.settings.local_account and self.settings.mode == "open":
             if not caller.is_admin:
                 raise Forbidden(f"You cannot see the usage of {account!r}")
             local = BilledAccount(account, "user", "open", 0, True, None)  # open mode: no credits, no limit
-            return ledger_usage_report(self.database_url, local, month)
+            return ledger_usage_report(self.engine, local, month, **page)
         kind = self.accounts.account_kind(account)
         allowed = caller.is_admin or (
             caller.name == account if kind == "user" else self.accounts.is_org_admin(caller.name, account)
         )
         if not allowed:
             raise Forbidden(f"You cannot see the usage of {account!r}")
-        return usage_report(
-            self.engine, self.accounts.account_policy(account), month, per_member=kind == "org"
-        )
+        policy, per_member = self.accounts.account_policy(account), kind == "org"
+        pruned_before = self.spend.pruned_before()
+        if pruned_before is not None and month_bounds(month)[0] < pruned_before:
+            # Old reservations are pruned: a month that may have lost some is read from the ledger (complete).
+            return ledger_usage_report(self.engine, policy, month, per_member=per_member, **page)
+        return usage_report(self.engine, policy, month, per_member=per_member, **page)
 
     def reconcile(self, month: str) -> Reconciliation:
         """Billing's settled costs of `month` against the metering ledger's charges, request by request."""
+        self.ensure_schema()
         return reconcile(
-            self.engine, self.database_url, month, routed_prefix=self.settings.routed_account_prefix
+            self.engine,
+            self.database_url,
+            month,
+            routed_prefix=self.settings.routed_account_prefix,
+            pruned_before=self.spend.pruned_before(),
         )
+
+    def sweep_reservations(self) -> SweepResult:
+        """Settle lost settlements from the ledger and expire stale reservations now (also run in the
+        background every `sweep_interval_s`)."""
+        return self.spend.sweep()
+
+    def prune_reservations(self, *, dry_run: bool = False) -> int:
+        """Delete finished reservations older than `reservation_retention_days` now (also run in the
+        background every `prune_interval_s`); the number deleted, or that would be with `dry_run`."""
+        return self.spend.prune(dry_run=dry_run)
 
     def close(self) -> None:
         """Release the database connections and the Hub client."""
         if self._whoami is not None:
             self._whoami.close()
+        self._spend.close()  # its background housekeeping first: it uses the engine
         self.engine.dispose()
 
 

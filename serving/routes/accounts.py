@@ -37,13 +37,26 @@ def _billing(request: Request) -> BillingService:
 
 
 async def admission_for(
-    request: Request, model_id: str, estimate_nanousd: int, started_at: dt.datetime
+    request: Request,
+    model_id: str,
+    estimate_nanousd: int,
+    started_at: dt.datetime,
+    *,
+    request_id: str | None = None,
 ) -> Admission:
-    """Admit a request before compute (401/402/403 raise): its token and X-HF-Bill-To, in a worker thread."""
+    """Admit a request before compute (401/402/403 raise): its token and X-HF-Bill-To, in a worker thread.
+
+    `request_id`: the Inference-Id its charge will carry in the ledger (see BillingService.admit)."""
     billing = _billing(request)
     bill_to = request.headers.get("x-hf-bill-to")
     return await run_in_threadpool(
-        billing.admit, bearer_token(request), bill_to, model_id, estimate_nanousd, started_at
+        billing.admit,
+        bearer_token(request),
+        bill_to,
+        model_id,
+        estimate_nanousd,
+        started_at,
+        request_id=request_id,
     )
 
 
@@ -76,14 +89,24 @@ def _manager(request: Request, account: str) -> BillingService:
 
 @router.get("/billing/usage")
 def usage(
-    request: Request, account: str | None = None, month: str | None = None, format: str = "json"
+    request: Request,
+    response: Response,
+    account: str | None = None,
+    month: str | None = None,
+    format: str = "json",
+    limit: str | None = None,
+    cursor: str | None = None,
 ) -> Any:
-    """A month's usage: included credits used, pay-as-you-go, by model, hardware profile (member), charges."""
+    """A month's usage: included credits used, pay-as-you-go, by model, hardware profile (member), and a page
+    of its charges (`limit`, default 1000, at most 10000; `cursor`: the previous page's `next_cursor`, also
+    sent as the `x-next-cursor` header). The totals are the whole month's."""
     if format not in ("json", "csv"):
         raise InvalidRequest("format: use json or csv")
-    report = _billing(request).usage(caller_of(request), account, month)
+    report = _billing(request).usage(caller_of(request), account, month, limit=limit, cursor=cursor)
+    headers = {"x-next-cursor": report["next_cursor"]} if report["next_cursor"] else {}
     if format == "csv":
-        return Response(report_csv(report), media_type="text/csv")
+        return Response(report_csv(report), media_type="text/csv", headers=headers)
+    response.headers.update(headers)
     return report
 
 
