@@ -28,11 +28,9 @@ class MeteringSettings(BaseModel):
     # crash guarantee (a power cut may lose the last charges) for latency.
     spool_fsync: bool = True
     # The ingress's charges are fsync'd by a small child process, one fdatasync for each event-loop iteration's
-    # charges, so that the event loop goes on serving meanwhile (metering/syncer.py).
+    # charges, so that the event loop goes on serving meanwhile (metering/syncer.py). False, or if it fails: a
+    # worker thread runs that fdatasync.
     spool_sync_process: bool = True
-    # Without it (or if it fails): on the loop itself while fdatasync averages less than this, else by a writer
-    # thread. 0: always the writer thread.
-    spool_inline_fsync_max_s: float = Field(default=0.001, ge=0)
     # The active spool file is truncated once fully delivered and at least this large.
     spool_compact_bytes: int = Field(default=1024 * 1024, ge=0)
     # How often the background threads look for new charges, and how many they move at once.

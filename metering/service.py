@@ -76,7 +76,6 @@ class MeteringService:
             [LEDGER, *self.sinks],
             fsync=settings.spool_fsync,
             compact_bytes=settings.spool_compact_bytes,
-            inline_fsync_max_s=settings.spool_inline_fsync_max_s,
             sync_process=settings.spool_sync_process,
         )
         self.consumers = [

@@ -7,7 +7,8 @@ Delivery is therefore at-least-once, and every consumer is idempotent by request
 the event id).
 
 - Start-up: files of other processes whose lock can be taken (their process is gone) are adopted and replayed
-  first, from their saved offsets; once every consumer is past their end they are deleted.
+  first, from their saved offsets; once every consumer is past their end they are deleted. `adopt_orphans()`
+  does the same later, for files whose process went away since (the ledger consumer calls it periodically).
 - Compaction: when every consumer has read the whole active file and it is at least `compact_bytes` long, its
   records are overwritten with zeros and appending starts again at 0 (offsets saved first, so a crash in
   between only replays: never skips).
@@ -88,7 +89,6 @@ class Spool:
         *,
         fsync: bool = True,
         compact_bytes: int = 1024 * 1024,
-        inline_fsync_max_s: float = 0.001,
         preallocate_bytes: int = 1024 * 1024,
         sync_process: bool = True,
     ) -> None:
@@ -104,23 +104,15 @@ class Spool:
         self._write_seq = 0
         self._synced_seq = 0
         self._closed = False
-        # Group commit for event-loop callers (append_async): one writer thread takes every line queued so far,
-        # writes them at once, fsyncs once, and wakes each waiting loop once.
-        self._queued: list[tuple[bytes, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._queue_cv = threading.Condition()
-        self._writer: threading.Thread | None = None
-        self._writer_busy = False
-        # append_async's inline path: the lines and waiting callers of each loop's current iteration
+        self._queue_cv = threading.Condition()  # guards the ticks, the sync process and closing
+        # append_async: the lines and waiting callers of each loop's current iteration
         self._ticks: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future[None]]]] = {}
         # ... whose fdatasync a child process runs, so that the loop never waits for the disk (metering/syncer.py):
-        # for the first loop that appends (an ingress has one); other loops, or all if it fails, sync themselves.
+        # for the first loop that appends (an ingress has one). Other loops, or all if it is off or fails, hand
+        # the fdatasync to a worker thread.
         self.sync_process = sync_process
         self._syncer: SyncProcess | None = None
         self._syncer_failed = False
-        # append_async writes on the caller's thread while fsyncs take less than this (a moving average): on a
-        # local SSD that is cheaper than any hand-off to a thread; on a slow disk the loop must not wait.
-        self.inline_fsync_max_s = inline_fsync_max_s
-        self._fsync_avg_s = 0.0
         self._segments: list[_Segment] = self._adopt_orphans()
         self._active = self._create_active()
         self._segments.append(self._active)
@@ -148,9 +140,15 @@ class Spool:
         if self.fsync:
             os.fsync(seg.fd)
 
-    def _adopt_orphans(self) -> list[_Segment]:
+    def _adopt_orphans(self, skip: frozenset[Path] = frozenset()) -> list[_Segment]:
+        """Take every spool file in the directory whose lock can be taken (its process is gone), but `skip`.
+
+        The exclusive flock makes this safe between live processes: a file is adopted by at most one of them
+        (flock locks belong to the open file, so even a second Spool in this process cannot take ours)."""
         adopted = []
         for path in sorted(self.directory.glob("*" + SUFFIX), key=_mtime):
+            if path in skip:
+                continue
             try:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:
@@ -171,6 +169,32 @@ class Spool:
             adopted.append(seg)
         return adopted
 
+    def adopt_orphans(self) -> int:
+        """Adopt the spool files left since start-up by processes that are gone (a pod on the same volume
+        deleted, a replica killed): replayed from their saved offsets like the files found at start-up, and
+        deleted once every consumer is past their end. Returns how many files were adopted.
+
+        Called periodically by the ledger consumer (`metering.adopt_interval_s`), so that a spool orphaned on a
+        shared directory (a node's hostPath, a ReadWriteMany claim) does not wait for a new process to start
+        there. A file already fully delivered is deleted at once."""
+        with self._lock:
+            if self._closed:
+                return 0
+            known = frozenset(s.path for s in self._segments)
+        found = self._adopt_orphans(known)  # outside the lock: reading a large orphan must not block appends
+        with self._lock:
+            if self._closed:  # close() ran meanwhile: let the files go (unlocked) for the next adopter
+                for seg in found:
+                    os.close(seg.fd)
+                return 0
+            at = self._segments.index(self._active)
+            self._segments[at:at] = found  # before our own file: the older charges go first
+            for seg in found:
+                if all(seg.offsets[c] >= seg.size for c in self.consumers):
+                    self._remove(seg)
+            self._changed.notify_all()
+        return len(found)
+
     # Writing
 
     def append(self, record: dict[str, Any]) -> None:
@@ -179,66 +203,51 @@ class Spool:
         self._sync(seq)
 
     async def append_async(self, record: dict[str, Any]) -> None:
-        """`append` for an event loop: the line is on disk (fsync'd) when this returns.
+        """`append` for an event loop: the line is on disk (fsync'd) when this returns, and the loop never waits
+        for the disk meanwhile.
 
-        The lines of one loop iteration are written at its end with one pwrite and synced together: by the sync
-        process (`sync_process`, the default: the loop goes on serving meanwhile and no thread of this process
-        needs the GIL for it), else on the loop itself while fsyncs are fast (a moving average under
-        `inline_fsync_max_s`). Otherwise the loop does not wait: a writer thread takes every line queued so far,
-        writes them at once with one fsync (group commit), and wakes each waiting loop once per group. With fsync
-        off, the line is written at once.
+        The lines of one loop iteration (a batch's requests finish together) are written at its end with one
+        pwrite and synced together: by the sync process (`sync_process`, the default: no thread of this process
+        needs the GIL for it), else by a worker thread. With fsync off, the line is written at once.
+
+        Two write paths in all, each for its callers: `append` blocks its thread for the fsync (threads, the CLI,
+        tests); this one never blocks the loop it serves (the ingress).
         """
         line = encode_line(record)
         if not self.fsync:
             self._write(line, 1)
             return
         loop = asyncio.get_running_loop()
-        syncer = self._syncer_for(loop)
-        if syncer is not None or (
-            not self._queued and not self._writer_busy and self._fsync_avg_s < self.inline_fsync_max_s
-        ):
-            # The lines of one loop iteration (a batch's requests finish together) are written at its end with one
-            # pwrite, and synced by the sync process, or on the loop while fsyncs are fast (cheaper than waking a
-            # thread and then the loop).
-            future: asyncio.Future[None] = loop.create_future()
-            with self._queue_cv:  # close() may run on another thread: it writes the ticks it finds
-                if self._closed:
-                    raise RuntimeError("spool is closed")
-                tick = self._ticks.get(loop)
-                if tick is None:
-                    tick = self._ticks[loop] = ([], [])
-                    loop.call_soon(self._sync_tick, loop)
-                tick[0].append(line)
-                tick[1].append(future)
-            await future
-            return
-        future = loop.create_future()
-        with self._queue_cv:
+        future: asyncio.Future[None] = loop.create_future()
+        with self._queue_cv:  # close() may run on another thread: it writes the ticks it finds
             if self._closed:
                 raise RuntimeError("spool is closed")
-            self._queued.append((line, loop, future))
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_queued, name="metering-spool", daemon=True)
-                self._writer.start()
-            self._queue_cv.notify()
+            tick = self._ticks.get(loop)
+            if tick is None:
+                tick = self._ticks[loop] = ([], [])
+                loop.call_soon(self._sync_tick, loop)
+            tick[0].append(line)
+            tick[1].append(future)
         await future
 
     def _sync_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At the end of a loop iteration: write its lines with one pwrite, then have them synced off the loop."""
         with self._queue_cv:
             tick = self._ticks.pop(loop, None)
-            syncer = self._syncer if self._syncer is not None and self._syncer.loop is loop else None
         if tick is None:  # close() wrote it
             return
         lines, waiters = tick
-        if syncer is None or not syncer.alive:
-            settle(waiters, self._write_tick(lines))
-            return
         try:
             seq = self._write(b"".join(lines), len(lines))
         except Exception as err:
             settle(waiters, err)
             return
-        syncer.request(seq, waiters)
+        syncer = self._syncer_for(loop)
+        if syncer is not None:
+            syncer.request(seq, waiters)
+            return
+        synced = loop.run_in_executor(None, self._sync, seq)
+        synced.add_done_callback(lambda f: settle(waiters, None if f.cancelled() else f.exception()))
 
     def _syncer_for(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
         """The sync process of `loop` (started on first use), or None: this loop syncs on its own."""
@@ -285,32 +294,10 @@ class Spool:
             return err
         return None
 
-    def _write_queued(self) -> None:
-        while True:
-            with self._queue_cv:
-                while not self._queued and not self._closed:
-                    self._queue_cv.wait()
-                if not self._queued:
-                    return  # closed and nothing left
-                group, self._queued = self._queued, []
-                self._writer_busy = True
-            error: BaseException | None = None
-            try:
-                self._sync(self._write(b"".join(line for line, _, _ in group), len(group)))
-            except BaseException as err:  # every caller of the group gets it (record() logs the charge)
-                error = err
-            finally:
-                self._writer_busy = False
-            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-            for _, loop, future in group:
-                by_loop.setdefault(loop, []).append(future)
-            for loop, futures in by_loop.items():
-                _settle_on(loop, futures, error)
-
     def _write(self, data: bytes, lines: int) -> int:
         """Write whole lines at the end of the active file; return the write's sequence number."""
         with self._lock:
-            if self._closed and self._writer is not threading.current_thread():
+            if self._closed:
                 raise RuntimeError("spool is closed")
             seg = self._active
             if seg.size + len(data) > seg.allocated:
@@ -334,9 +321,7 @@ class Spool:
         with self._sync_lock:
             if self._synced_seq < seq:
                 target = self._write_seq  # every write numbered up to here is in the file already
-                started = time.perf_counter()
                 os.fdatasync(self._active.fd)  # the file's length never changes on append (preallocated)
-                self._fsync_avg_s += (time.perf_counter() - started - self._fsync_avg_s) / 8
                 self._synced_seq = target
 
     # Reading
@@ -431,10 +416,12 @@ class Spool:
                 syncer.close()
                 self._sync_pending(syncer)
             self._closed = True
-            self._queue_cv.notify()
-        if self._writer is not None:
-            self._writer.join()
-        with self._lock:
+        # Under the sync lock: a worker thread's fdatasync still to come finds everything synced here and never
+        # touches a file this closes.
+        with self._sync_lock, self._lock:
+            if self.fsync and self._synced_seq < self._write_seq:
+                os.fdatasync(self._active.fd)
+                self._synced_seq = self._write_seq
             for seg in list(self._segments):
                 if all(seg.offsets[c] >= seg.size for c in self.consumers):
                     self._remove(seg)
