@@ -1,5 +1,6 @@
-"""`hfi usage`, `hfi profiles` and `hfi metering dead-letters`: usage reports from the ledger, the hardware
-profiles with their prices, and the spooled records that the ledger or a sink refused for good.
+"""`hfi usage`, `hfi profiles`, `hfi metering dead-letters` and `hfi metering drain`: usage reports from the
+ledger, the hardware profiles with their prices, the spooled records that the ledger or a sink refused for good,
+and the delivery of the spool files a pod's stopped processes left (its preStop hook).
 
 Imports stay inside the commands so that `hfi --help` stays fast.
 """
@@ -8,10 +9,27 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import typer
+
+    from metering.config import MeteringSettings
+    from metering.spool import Spool
+
+# The environment variables of the metering settings, as the service reads them (serving.config.ENV_VARS).
+METERING_ENV_VARS = {
+    "HFI_DATABASE_URL": "database_url",
+    "HFI_SPOOL_DIR": "spool_dir",
+    "HFI_EVENTS_FILE": "events_file",
+    "HFI_COLLECTOR_URL": "collector_url",
+    "HFI_COLLECTOR_TOKEN": "collector_token",
+}
 
 
 def parse_when(value: str | None, *, end: bool = False) -> dt.datetime | None:
@@ -114,8 +132,100 @@ def profiles_rows(profiles_dir: str | None, on: dt.date | None = None) -> list[d
     return rows
 
 
+def drain_settings(
+    spool_dir: str | None, database_url: str | None, env: Mapping[str, str] | None = None
+) -> MeteringSettings:
+    """The service's metering settings as its processes read them (HFI_CONFIG's `metering`, then the
+    environment), with --spool-dir and --database-url over them. The drain must feed the same ledger and
+    sinks: a spool file is deleted once every consumer it is drained for is past its end."""
+    import yaml
+
+    from metering.config import MeteringSettings
+
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if env.get("HFI_CONFIG"):
+        config = yaml.safe_load(Path(env["HFI_CONFIG"]).read_text()) or {}
+        data.update(config.get("metering") or {})
+    data.update({key: env[name] for name, key in METERING_ENV_VARS.items() if env.get(name)})
+    data.update({k: v for k, v in (("spool_dir", spool_dir), ("database_url", database_url)) if v})
+    return MeteringSettings.model_validate(data)
+
+
+@dataclass
+class DrainResult:
+    """What `drain_spool` did."""
+
+    adopted_files: int  # spool files of processes that were gone (and the ones that went during the drain)
+    delivered: int  # charges that went to the ledger (or its dead-letter table)
+    left_bytes: int  # undelivered bytes: their files stay for the next process on this volume to adopt
+    held_files: list[str] = field(default_factory=list)  # this host's files still locked by a live process
+
+    @property
+    def complete(self) -> bool:
+        return self.left_bytes == 0 and not self.held_files
+
+    def summary(self) -> str:
+        """One line for the operator (a preStop hook's output shows in the pod's events when it fails)."""
+        line = f"metering drain: {self.delivered} charges delivered from {self.adopted_files} spool files"
+        if self.left_bytes:
+            line += f"; {self.left_bytes} bytes undelivered, left in the spool for the next process to adopt"
+        if self.held_files:
+            line += f"; still held by a live process: {', '.join(self.held_files)}"
+        return line
+
+
+def drain_spool(settings: MeteringSettings, timeout_s: float, *, poll_s: float = 0.5) -> DrainResult:
+    """Deliver every spool file in the spool directory whose process is gone to the ledger and the sinks,
+    for at most `timeout_s`; a pod's preStop hook, after its Ray processes were stopped.
+
+    Files still locked belong to live processes. Those of this host (named after it: a pod's host name is the
+    pod's) are waited for, as its processes are stopping; other hosts' (pods sharing a node's hostPath) are
+    left to their owners. What cannot be delivered in time stays in the directory, whole, for the next
+    process there to adopt (at its start, or periodically: `metering.adopt_interval_s`)."""
+    from hardware_profiles.schema import ProfileCatalog
+    from metering.service import MeteringService
+
+    retry_max_s = min(settings.retry_max_s, 2.0)  # the database may come back within the grace period
+    settings = settings.model_copy(
+        update={
+            "enabled": True,
+            "adopt_interval_s": 0.0,  # adopted here, between flushes
+            "close_timeout_s": 0.0,
+            "drain_interval_s": min(settings.drain_interval_s, poll_s),
+            "retry_initial_s": min(settings.retry_initial_s, retry_max_s),
+            "retry_max_s": retry_max_s,
+        }
+    )
+    deadline = time.monotonic() + timeout_s
+    svc = MeteringService(settings, ProfileCatalog(profiles={}))  # charges are priced already: no prices
+    spool: Spool = svc.spool  # type: ignore[assignment]
+    adopted = len(spool.files()) - 1  # all but its own (empty) file, deleted at close
+    try:
+        while True:
+            adopted += spool.adopt_orphans()
+            left = sum(spool.pending(c.name) for c in svc.consumers)
+            held = _held_by_this_host(spool)
+            remaining = deadline - time.monotonic()
+            if (left == 0 and not held) or remaining <= 0:
+                break
+            svc.flush(min(poll_s, remaining))
+        ledger = svc.consumers[0]
+        delivered = ledger.delivered_records + ledger.dead_lettered_records
+    finally:
+        svc.close()
+    return DrainResult(adopted, delivered, left, held)
+
+
+def _held_by_this_host(spool: Spool) -> list[str]:
+    """This host's spool files that another process still holds (spool files are named `<host>-<pid>-...`)."""
+    ours = set(spool.files())
+    prefix = socket.gethostname() + "-"
+    return sorted(p.name for p in spool.directory.glob(prefix + "*.jsonl") if p not in ours)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `usage`, `profiles` and `metering dead-letters` to the `hfi` command line."""
+    """Add `usage`, `profiles`, `metering dead-letters` and `metering drain` to the `hfi` command line."""
     import typer
 
     _register_dead_letters(app)
@@ -176,11 +286,14 @@ def register(app: typer.Typer) -> None:
 
 
 def _register_dead_letters(app: typer.Typer) -> None:
-    """Add `metering dead-letters`."""
+    """Add the `metering` group: `dead-letters` and `drain`."""
     import typer
 
-    metering = typer.Typer(no_args_is_help=True, help="The metering pipeline: records refused for good.")
+    metering = typer.Typer(
+        no_args_is_help=True, help="The metering pipeline: records refused for good, a stopped pod's spool."
+    )
     app.add_typer(metering, name="metering")
+    _register_drain(metering)
 
     @metering.command("dead-letters")
     def dead_letters(
@@ -211,3 +324,29 @@ def _register_dead_letters(app: typer.Typer) -> None:
             typer.echo(f"cannot read the ledger database: {err.orig}", err=True)
             raise typer.Exit(1) from None
         typer.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
+
+
+def _register_drain(metering: typer.Typer) -> None:
+    """Add `metering drain`."""
+    import typer
+
+    @metering.command("drain")
+    def drain(
+        spool_dir: str | None = typer.Option(
+            None, "--spool-dir", help="the spool directory (default: $HFI_SPOOL_DIR, then the local one)"
+        ),
+        database_url: str | None = typer.Option(
+            None,
+            "--database-url",
+            help="the ledger (default: $HFI_DATABASE_URL, then the local SQLite ledger)",
+        ),
+        timeout_s: float = typer.Option(60.0, "--timeout-s", min=0, help="give up after this many seconds"),
+    ) -> None:
+        """Deliver the spool files of stopped processes to the ledger (a pod's preStop hook, after `ray stop`).
+
+        Files that a process of this host still holds are waited for, up to --timeout-s. Exit status 1 when
+        charges are left: they stay in the spool directory for the next process there."""
+        result = drain_spool(drain_settings(spool_dir, database_url), timeout_s)
+        typer.echo(result.summary())
+        if not result.complete:
+            raise typer.Exit(1)

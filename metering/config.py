@@ -41,6 +41,9 @@ class MeteringSettings(BaseModel):
     retry_max_s: float = Field(default=10.0, gt=0)
     # close() waits this long for the spool to drain; what is left is replayed at the next start.
     close_timeout_s: float = Field(default=5.0, ge=0)
+    # How often the ledger consumer re-scans the spool directory for files of processes gone since the start (a
+    # deleted pod's spool on a shared hostPath or claim) and adopts them; 0: only at start.
+    adopt_interval_s: float = Field(default=30.0, ge=0)
     # The least a request that ran any compute on a priced profile costs, in nano-USD (1: the smallest unit of the
     # cost look-up, so no answered request is free). A batch's charges add up to its cost plus these top-ups.
     min_charge_nanousd: int = Field(default=1, ge=0)

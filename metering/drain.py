@@ -159,10 +159,12 @@ class SpoolConsumer:
         retry_max_s: float,
         refused: Callable[[BaseException], bool] = is_permanent,
         dead_letter: DeadLetterStore | None = None,
+        adopt_interval_s: float = 0.0,
     ) -> None:
         """`refused(err)`: whether a delivery failure is a refusal of the records (isolated and dead-lettered)
         rather than a transient one (retried). `dead_letter`: where refused records go (default: the
-        consumer's DeadLetterFile in the spool directory)."""
+        consumer's DeadLetterFile in the spool directory). `adopt_interval_s` > 0: every so often, adopt the
+        spool files of processes gone since the start (Spool.adopt_orphans; one consumer per spool does it)."""
         self.name = name
         self.spool = spool
         self.deliver = deliver
@@ -177,6 +179,8 @@ class SpoolConsumer:
         self.failures = 0  # consecutive failed attempts
         self.delivered_records = 0
         self.dead_lettered_records = 0
+        self.adopt_interval_s = adopt_interval_s
+        self._next_adopt_s = time.monotonic() + adopt_interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"metering-{name}", daemon=True)
@@ -201,6 +205,7 @@ class SpoolConsumer:
     def _run(self) -> None:
         backoff_s = self.retry_initial_s
         while not self._stop.is_set():
+            self._adopt_when_due()
             try:
                 delivered = self.step()
             except Exception as err:  # any failure: keep the batch, back off, retry it
@@ -224,6 +229,16 @@ class SpoolConsumer:
             if not delivered:
                 metrics.SPOOL_PENDING_BYTES.labels(self.name).set(self.spool.pending(self.name))
                 self._sleep(self.interval_s)
+
+    def _adopt_when_due(self) -> None:
+        if self.adopt_interval_s <= 0 or time.monotonic() < self._next_adopt_s:
+            return
+        self._next_adopt_s = time.monotonic() + self.adopt_interval_s
+        try:
+            self.spool.adopt_orphans()
+        except Exception:  # the directory unreadable for a while: our own file still drains, try again later
+            metrics.observe_error("spool-adopt")
+            log.exception("metering %s: could not re-scan the spool directory for orphaned files", self.name)
 
     def step(self) -> int:
         """Deliver one batch; return its size (0: nothing to do). Raises when delivery failed."""

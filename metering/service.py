@@ -85,6 +85,7 @@ class MeteringService:
                 settings.drain_batch_size,
                 refused=is_data_error,
                 dead_letter=self._dead_letter_to_ledger,
+                adopt_interval_s=settings.adopt_interval_s,  # re-scans for orphaned files: one consumer does it
             )
         ]
         for name, sink in self.sinks.items():
