@@ -40,15 +40,15 @@ RUN pip install ".[defaults]" \
 # Where the chart mounts the spool and the model cache; writable by the user when run without volumes.
 RUN mkdir -p /home/ray/.local/share/hfi /home/ray/.cache/hfi
 
-ENV HFI_SERVE_IMPORT_PATH=serving.app:build_app \
-    RAY_SERVE_DEFAULT_HTTP_HOST=0.0.0.0 \
+ENV RAY_SERVE_DEFAULT_HTTP_HOST=0.0.0.0 \
     RAY_AUTH_MODE=disabled
 EXPOSE 8000 8265 8080
 LABEL org.opencontainers.image.title="hf-inference-backend" \
       org.opencontainers.image.description="Self-hosted hf-inference compute backend (Ray Serve)" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# The Serve builder is the entry: `serve run` starts Ray in the container and serves build_app's application on
-# 0.0.0.0:8000 (the CPU defaults with no arguments). Under KubeRay the operator replaces the command with
-# `ray start`, and the RayService's serveConfigV2 names the same import path.
-CMD ["serve", "run", "serving.app:build_app"]
+# `hfi serve` is the entry: it starts Ray in the container and deploys serving.app.applications (one Serve
+# application per model at /models/{id}, the router at /) on 0.0.0.0:8000, the CPU defaults with no arguments.
+# Under KubeRay the operator replaces the command with `ray start`, and the RayService's serveConfigV2 lists the
+# same applications with their import paths (serving.app:build_model_app, serving.app:build_ingress_app).
+CMD ["hfi", "serve", "--host", "0.0.0.0"]

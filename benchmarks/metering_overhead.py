@@ -300,6 +300,7 @@ def app_args(
             entry["hardware_profile"] = profile["name"]
     return {
         "port": port,
+        "route_prefix": APPS[app][0] or "/",
         "model_store": model_store,
         "offline": True,
         "models": chosen,
@@ -318,7 +319,7 @@ def start_apps(configs: dict[str, dict[str, Any]], ray_tmp: str) -> str:
     from ray import serve
 
     from serving import local
-    from serving.app import build_app
+    from serving.app import applications
     from serving.config import Settings
 
     need = sum(local.logical_cpus(Settings.load(c, env={})) for c in configs.values())
@@ -330,11 +331,14 @@ def start_apps(configs: dict[str, dict[str, Any]], ray_tmp: str) -> str:
         log_to_driver=False,
         _temp_dir=ray_tmp,
     )
-    url = local.start(configs["hfi"])  # Ray is up: this starts Serve and deploys the metering-on app at /
-    for app, args in configs.items():
-        if app != "hfi":
-            settings = Settings.load(args, env={})
-            serve.run(build_app(settings.replica_args()), name=app, route_prefix=APPS[app][0], blocking=False)
+    url = local.start(configs["hfi"])  # Ray is up: this starts Serve and deploys the metering-on stack at /
+    targets = [
+        serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix)
+        for app, args in configs.items()
+        if app != "hfi"
+        for a in applications(Settings.load(args, env={}).replica_args())
+    ]
+    serve.run_many(targets)  # the other stacks beside it, each under its own mount point
     return url
 
 

@@ -1,11 +1,14 @@
-"""The composition root: `build_app(args)` makes the Serve application from settings.
+"""The composition root: `applications(args)` lays the service out as Serve applications, from settings.
 
-It is the Serve config's `import_path` target (`serving.app:build_app`), so `serve run`, `serve deploy`, KubeRay's
-`serveConfigV2` and `hfi serve` all build the same application. `args` are validated as serving.config.Settings.
+One application per catalog model (`serving.app:build_model_app`, args: the settings plus `model`), routed at
+`/models/{id}`, and the router (`serving.app:build_ingress_app`) at `/`. `hfi serve`, the Serve config that
+`hfi serve-config` prints (for `serve deploy`) and KubeRay's `serveConfigV2` in the Helm chart all build the same
+applications. `args` are validated as serving.config.Settings.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hardware_profiles import HardwareProfile
@@ -34,22 +37,90 @@ def deployment_options(spec: ModelSpec, profile: HardwareProfile) -> dict[str, A
     return options
 
 
-def build_app(args: dict[str, Any] | None = None) -> Any:
-    """Build the Serve application: one deployment per catalog model, and the ingress in front."""
-    from serving.deployment import Ingress, ModelDeployment
+@dataclass(frozen=True)
+class AppSpec:
+    """One Serve application of the service: its name, route prefix, and the builder args of its import path."""
+
+    name: str
+    route_prefix: str
+    import_path: str
+    args: dict[str, Any]
+
+    def build(self) -> Any:
+        """The bound application (what `import_path` makes of `args`)."""
+        builder = build_model_app if self.import_path == MODEL_IMPORT_PATH else build_ingress_app
+        return builder(self.args)
+
+
+MODEL_IMPORT_PATH = "serving.app:build_model_app"
+INGRESS_IMPORT_PATH = "serving.app:build_ingress_app"
+INGRESS_APP = "hf-inference"
+
+
+def model_route_prefix(spec: ModelSpec, settings: Settings) -> str:
+    """Where a model application takes HTTP: its model's routes, `/models/{id}` and everything under it."""
+    return f"{settings.route_prefix.rstrip('/')}/models/{spec.id}"
+
+
+def app_name(spec: ModelSpec | None, settings: Settings) -> str:
+    """A Serve application's name: the model's deployment name (None: the router), after the mount point's."""
+    base = INGRESS_APP if spec is None else spec.deployment_name
+    mount = settings.route_prefix.strip("/").replace("/", "-")
+    return f"{mount}-{base}" if mount else base
+
+
+def applications(args: dict[str, Any] | None = None) -> list[AppSpec]:
+    """The service as Serve applications: one per catalog model (named like its deployment, routed at
+    `/models/{id}`), then the router at `/`. The Serve config, `hfi serve` and the Helm chart all use this."""
+    settings = Settings.load(args or {})
+    catalog, _ = settings.validated()
+    plain = settings.replica_args()  # secrets stay in each replica's environment
+    apps = [
+        AppSpec(
+            app_name(spec, settings),
+            model_route_prefix(spec, settings),
+            MODEL_IMPORT_PATH,
+            {**plain, "model": spec.id},
+        )
+        for spec in catalog.models
+    ]
+    apps.append(AppSpec(app_name(None, settings), settings.route_prefix, INGRESS_IMPORT_PATH, plain))
+    return apps
+
+
+def _split_model(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    rest = dict(args)
+    model_id = rest.pop("model", None)
+    if not isinstance(model_id, str):
+        raise ValueError("a model application's args name its model: {'model': '<id>', ...settings}")
+    return model_id, rest
+
+
+def build_model_app(args: dict[str, Any]) -> Any:
+    """One model's application: its deployment, which serves the model's HTTP routes and the router's calls."""
+    from serving.deployment import ModelDeployment
+
+    model_id, rest = _split_model(args)
+    settings = Settings.load(rest)
+    catalog, profiles = settings.validated()
+    spec = catalog.get(model_id)
+    if spec is None:
+        raise ValueError(f"model {model_id!r} is not in the catalog")
+    profile = profiles.get(spec.hardware_profile)
+    return ModelDeployment.options(**deployment_options(spec, profile)).bind(
+        spec.model_dump(mode="json"), profile.model_dump(mode="json"), settings.replica_args()
+    )
+
+
+def build_ingress_app(args: dict[str, Any] | None = None) -> Any:
+    """The router application: routes that name the model in the body, listings, accounts, billing."""
+    from serving.deployment import Ingress
 
     settings = Settings.load(args or {})
-    catalog, profiles = settings.validated()
-    plain = settings.replica_args()  # secrets stay in each replica's environment
-    models = {}
-    for spec in catalog.models:
-        profile = profiles.get(spec.hardware_profile)
-        models[spec.id] = ModelDeployment.options(**deployment_options(spec, profile)).bind(
-            spec.model_dump(mode="json"), profile.model_dump(mode="json"), plain
-        )
+    catalog, _ = settings.validated()
     return Ingress.options(
         name="ingress",
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
-    ).bind(models, plain)
+    ).bind({spec.id: app_name(spec, settings) for spec in catalog.models}, settings.replica_args())

@@ -69,6 +69,12 @@ class Settings(BaseModel):
     offline: bool = False
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     model_wait_timeout_s: float = Field(default=300, gt=0)
+    # Where the service is mounted: "/" (the default), or a path such as "/blue" to run a second copy beside
+    # another on one Serve instance (routes then live under it: /blue/models/{id}, /blue/v1/...).
+    route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?$")
+    # Local runs (`hfi serve`): Serve's HAProxy ingress, one hop from the socket to the model replica, where it can
+    # run (Linux); False, or elsewhere: Serve's Python proxy. On a cluster the Helm chart sets it on every node.
+    haproxy: bool = True
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_max_ongoing_requests: int = Field(default=256, ge=1)

@@ -1,4 +1,6 @@
-"""The Ray Serve deployments: one ModelDeployment per catalog model, and the HTTP Ingress."""
+"""The Ray Serve deployments: one ModelDeployment per catalog model, each its own Serve application that takes
+its model's HTTP routes itself (one hop from the socket to the model), and the Ingress, a small router application
+for the routes that name the model in the body (/v1/chat/completions, ...), which calls the models by handle."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from models.executor import ModelExecutor
 from models.types import Progress, RunResult, StreamChunk, TaskRequest
 from serving.batching import Batcher
 from serving.config import Settings
+from serving.inprocess import LocalBackend
 from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
 
 log = logging.getLogger("serving.deployment")
@@ -27,29 +30,42 @@ T = TypeVar("T")
 
 
 @serve.deployment
+@serve.ingress()
 class ModelDeployment:
-    """One replica of one model: loads it once, runs requests (batched where configured), times them."""
+    """One replica of one model: loads it once, runs requests (batched where configured), times them.
+
+    It serves its model's HTTP routes itself (`/models/{id}...`: parse, admission, the model, metering, in this
+    process), and the router's handle calls (`info`, `run`, `run_many`, `run_progress`, `stream`)."""
 
     def __init__(self, spec: dict[str, Any], profile: dict[str, Any], settings: dict[str, Any]) -> None:
+        from serving.ingress import IngressCore
+
         logging.basicConfig(level=logging.INFO)
         self.spec = ModelSpec.model_validate(spec)
         self.profile = HardwareProfile.model_validate(profile)
-        options = Settings.load(settings).load_options()  # secrets (HF_TOKEN) come from this replica's env
+        loaded = Settings.load(settings)
+        options = loaded.load_options()  # secrets (HF_TOKEN) come from this replica's env
         self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
         batching = self.spec.batching
         self.batcher: Batcher | None = None
         if batching is not None and self.executor.runner.batchable:
             self.batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
+        batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
+        self.local = LocalBackend({self.spec.id: self.executor}, batchers)
+        self.core = IngressCore(loaded, self.local, set_request_id_header=False)
+
+    def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serving.http import create_app
+
+        return create_app(self.core)
 
     async def info(self) -> dict[str, Any]:
-        return {
-            "revision": self.executor.revision,
-            "tasks": list(self.executor.tasks()),
-            "device": self.executor.device,
-            "load_seconds": self.executor.load_seconds,
-            "batching": self.batcher is not None,
-            "stoppable": self.executor.stoppable and self.batcher is None,
-        }
+        return await self.local.info(self.spec.id)
 
     async def run(self, request: TaskRequest) -> RunResult:
         if self.batcher is not None:
@@ -186,14 +202,24 @@ def calls_in_flight(spec: ModelSpec) -> int:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    """The HTTP entry point: the FastAPI app of serving/http.py over Ray handles to the models."""
+    """The router application's HTTP entry: the FastAPI app of serving/http.py over Ray handles to the models.
 
-    def __init__(self, handles: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
+    It takes the routes that no model application's prefix claims: those that name the model in the body
+    (`/v1/chat/completions`, `/v1/completions`), `/pipeline/{task}/{id}`, `/hf-inference/...`, the listings, the
+    account and billing APIs. Each model is found by its application's name (`app_names`: model id -> name)."""
+
+    def __init__(self, app_names: dict[str, str], settings: dict[str, Any]) -> None:
         from serving.ingress import IngressCore
 
         logging.basicConfig(level=logging.INFO)
         loaded = Settings.load(settings)
-        backend = RayBackend(handles, loaded.validated()[0].models)
+        catalog = loaded.validated()[0]
+        handles = {
+            spec.id: serve.get_deployment_handle(spec.deployment_name, app_name=app_names[spec.id])
+            for spec in catalog.models
+            if spec.id in app_names
+        }
+        backend = RayBackend(handles, catalog.models)
         self.core = IngressCore(loaded, backend, set_request_id_header=False)
 
     def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool

@@ -29,16 +29,24 @@ _POST_SUFFIXES = (
 
 
 class StripPrefix:
-    """Pure ASGI: serve every route under /hf-inference too, for clients that rewrite the router's host."""
+    """Pure ASGI: route on the whole path, less the service's mount point (`route_prefix`), and serve every route
+    under /hf-inference too, for clients that rewrite the router's host.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Serve hands an application's requests over with its route prefix as `root_path`, which Starlette would strip
+    before matching: a model application (at `/models/{id}`) serves the same full paths as the router."""
+
+    def __init__(self, app: ASGIApp, mount: str = "/") -> None:
         self.app = app
+        self.prefixes = [p for p in (mount.rstrip("/"), PREFIX) if p]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["path"] == PREFIX or scope["path"].startswith(PREFIX + "/")):
-            scope = dict(scope)
-            scope["path"] = scope["path"][len(PREFIX) :] or "/"
-            scope["raw_path"] = scope["path"].encode()
+        if scope["type"] == "http":
+            scope = {**scope, "root_path": ""}
+            for prefix in self.prefixes:
+                path = scope["path"]
+                if path == prefix or path.startswith(prefix + "/"):
+                    scope["path"] = path[len(prefix) :] or "/"
+                    scope["raw_path"] = scope["path"].encode()
         await self.app(scope, receive, send)
 
 
@@ -69,7 +77,7 @@ def create_app(core: IngressCore) -> FastAPI:
         allow_headers=["*"],
         expose_headers=EXPOSED_HEADERS,
     )
-    app.add_middleware(StripPrefix)
+    app.add_middleware(StripPrefix, mount=core.settings.route_prefix)
 
     probe = app.state.health_probe = database_probe(core)
 

@@ -236,7 +236,10 @@ class IngressCore:
         try:
             result = await self.backend.run(spec.id, parsed.request)
         except Interrupted as gone:  # the client went away: charge what ran, flagged, and answer no one
-            self.in_background(self.charge(job, gone.compute_ns, gone.result, STATUS_CLIENT_DISCONNECTED))
+            if gone.compute_ns > 0 or gone.result is not None:
+                self.in_background(self.charge(job, gone.compute_ns, gone.result, STATUS_CLIENT_DISCONNECTED))
+            else:  # no step ran (still queued, or refused on the replica): nothing to charge, as for a stream
+                self.in_background(self.release(job.admission))
             raise asyncio.CancelledError from None
         except BaseException:
             await asyncio.shield(self.in_background(self.release(job.admission)))

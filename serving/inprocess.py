@@ -1,5 +1,6 @@
-"""A ModelBackend that runs executors in this process: no Ray. For unit tests, benchmarks' in-process
-baseline, and a single-process debug server. Batching here is per call (no cross-request batching)."""
+"""ModelBackends that run executors in this process, no Ray hop: `LocalBackend` is what a model replica serves
+its own HTTP requests with (its executor and batcher); `InProcessBackend` loads a whole catalog in one process
+(unit tests, the benchmarks' in-process baseline, a single-process debug server)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,22 @@ from models.catalog import ModelCatalog
 from models.executor import ModelExecutor
 from models.loading import LoadOptions
 from models.types import RunResult, StreamChunk, TaskRequest
+from serving.batching import Batcher
 from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
 
 
-class InProcessBackend:
-    def __init__(self, catalog: ModelCatalog, options: LoadOptions, torch_threads: int | None = None) -> None:
-        self.executors = {spec.id: ModelExecutor(spec, options, torch_threads) for spec in catalog.models}
+class LocalBackend:
+    """Executors of this process by model id, each with its batcher where it has one."""
+
+    def __init__(
+        self, executors: dict[str, ModelExecutor], batchers: dict[str, Batcher] | None = None
+    ) -> None:
+        self.executors = executors
+        self.batchers = batchers or {}
+
+    def stoppable(self, model_id: str) -> bool:
+        """Whether a request of this model reports its steps and stops early (never a batched one)."""
+        return self.executors[model_id].stoppable and model_id not in self.batchers
 
     async def info(self, model_id: str) -> dict[str, Any]:
         ex = self.executors[model_id]
@@ -25,12 +36,16 @@ class InProcessBackend:
             "tasks": list(ex.tasks()),
             "device": ex.device,
             "load_seconds": ex.load_seconds,
+            "batching": model_id in self.batchers,
+            "stoppable": self.stoppable(model_id),
         }
 
     async def run(self, model_id: str, request: TaskRequest) -> RunResult:
         """Run one request; if the caller is cancelled, stop a stoppable model early, or let the work finish,
         and raise Interrupted with the compute that ran (as RayBackend does)."""
-        executor = self.executors[model_id]
+        executor, batcher = self.executors[model_id], self.batchers.get(model_id)
+        if batcher is not None:
+            return await finish_despite_cancel(batcher.submit(request))
         if executor.stoppable:
             items = run_with_progress(executor, request)
             return await result_of(items, items.aclose)
@@ -39,3 +54,10 @@ class InProcessBackend:
     async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
         async for item in iterate_in_thread(lambda: self.executors[model_id].stream(request)):
             yield item
+
+
+class InProcessBackend(LocalBackend):
+    """Every model of `catalog` loaded in this process, unbatched (batching here is per call)."""
+
+    def __init__(self, catalog: ModelCatalog, options: LoadOptions, torch_threads: int | None = None) -> None:
+        super().__init__({spec.id: ModelExecutor(spec, options, torch_threads) for spec in catalog.models})

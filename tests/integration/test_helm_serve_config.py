@@ -3,8 +3,9 @@
 - serveConfigV2 parses with Ray's own Serve config schema;
 - the RayCluster config gives the Ray autoscaler (its own KubeRay config reader) a node type for every model's
   profile whose resources hold one replica, and the head room for the ingress;
-- the rendered application args build with serving.app:build_app (the same import_path) into one deployment
-  per model placed by its profile, plus the ingress. Ray is not started and no model is loaded.
+- the rendered applications are the project's own layout (serving.app.applications: one per model at
+  /models/{id}, the router at /), and each builds with its import_path into its deployment, placed by its
+  profile. Ray is not started and no model is loaded.
 """
 
 from __future__ import annotations
@@ -36,19 +37,42 @@ def _serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
 
 
 def _app_args(rayservice: dict[str, Any]) -> dict[str, Any]:
-    (app,) = _serve_config(rayservice)["applications"]
+    """The router application's args: the service's settings."""
+    (app,) = [a for a in _serve_config(rayservice)["applications"] if a["route_prefix"] == "/"]
     return app["args"]
+
+
+def _build(app: dict[str, Any]) -> Any:
+    """An application of the Serve config built as Serve would: its import path called with its args."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    import serving.app
+
+    module, _, attr = app["import_path"].partition(":")
+    assert module == "serving.app"
+    return build_serve_app(getattr(serving.app, attr)(app["args"]), name=app["name"])
 
 
 def test_serve_config_parses_with_rays_schema(rayservice):
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.parse_obj(_serve_config(rayservice))
-    (app,) = schema.applications
-    assert app.import_path == "serving.app:build_app"
-    assert app.route_prefix == "/"
     assert schema.http_options.host == "0.0.0.0"
     assert schema.http_options.port == 8000
+    assert [a.route_prefix for a in schema.applications][-1] == "/"
+
+
+def test_the_charts_applications_are_the_projects_own_layout(rayservice, cluster_env):
+    """The chart lays out the same applications as serving.app.applications (what `hfi serve` runs)."""
+    from serving.app import applications
+
+    rendered = _serve_config(rayservice)["applications"]
+    ours = applications(_app_args(rayservice))
+    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in rendered] == [
+        (a.name, a.route_prefix, a.import_path) for a in ours
+    ]
+    for app, mine in zip(rendered, ours, strict=True):
+        assert app["args"].get("model") == mine.args.get("model")
 
 
 def test_autoscaler_sees_a_node_type_for_every_models_profile(rayservice):
@@ -99,18 +123,14 @@ def cluster_env(monkeypatch, tmp_path):
 
 
 def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
-    from ray.serve._private.build_app import build_app as build_serve_app
-
-    from serving.app import build_app
-
     args = _app_args(rayservice)
-    app = build_app(args)
-    built = build_serve_app(app, name="hf-inference")
-    deployments = {d.name: d for d in built.deployments}
+    built = [_build(app) for app in _serve_config(rayservice)["applications"]]
+    deployments = {d.name: d for b in built for d in b.deployments}
     catalog = parse_catalog({"models": args["models"]})
     profiles = {p["name"]: HardwareProfile.model_validate(p) for p in args["profiles"]}
     assert set(deployments) == {"ingress"} | {spec.deployment_name for spec in catalog.models}
-    assert built.ingress_deployment_name == "ingress"
+    assert [len(b.deployments) for b in built] == [1] * len(built)  # each application is one deployment
+    assert built[-1].ingress_deployment_name == "ingress"
     ingress = deployments["ingress"]
     assert ingress.ray_actor_options["num_cpus"] == args["ingress_num_cpus"]
     assert ingress.num_replicas == args["ingress_replicas"]
@@ -129,11 +149,7 @@ def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
 
 
 def test_the_token_from_the_secret_stays_out_of_deployment_args(rayservice, cluster_env):
-    from ray.serve._private.build_app import build_app as build_serve_app
-
-    from serving.app import build_app
-
-    built = build_serve_app(build_app(_app_args(rayservice)), name="hf-inference")
-    for deployment in built.deployments:
+    built = [_build(app) for app in _serve_config(rayservice)["applications"]]
+    for deployment in (d for b in built for d in b.deployments):
         init = repr(deployment.init_args) + repr(deployment.init_kwargs)
         assert "hf_from_the_secret" not in init, deployment.name

@@ -273,10 +273,16 @@ def test_half_gpu_profile_packs_two_replicas_per_pod(helm, tmp_path):
 def test_serve_config_carries_the_models_and_profiles_from_values(rendered):
     values, result = rendered
     serve_config = yaml.safe_load(result.one("RayService")["spec"]["serveConfigV2"])
-    (app,) = serve_config["applications"]
-    assert app["import_path"] == "serving.app:build_app"
+    *model_apps, app = serve_config["applications"]
+    assert app["import_path"] == "serving.app:build_ingress_app"
     assert app["route_prefix"] == "/"
     assert serve_config["http_options"]["port"] == 8000
+    # One application per model at /models/{id}: HAProxy sends a model's requests straight to its replicas.
+    assert [(a["route_prefix"], a["args"]["model"]) for a in model_apps] == [
+        (f"/models/{m['id']}", m["id"]) for m in values["models"]
+    ]
+    assert {a["import_path"] for a in model_apps} == {"serving.app:build_model_app"}
+    assert all({k: v for k, v in a["args"].items() if k != "model"} == app["args"] for a in model_apps)
     args = app["args"]
     # The catalog is exactly the values' models and passes the project's own catalog validation.
     assert args["models"] == values["models"]
@@ -444,3 +450,127 @@ def test_bad_values_fail_with_a_clear_message(helm, tmp_path, case):
         lint = helm.lint(values=[CI_VALUES, bad])
         assert lint.returncode != 0
         assert message in lint.stdout + lint.stderr
+
+
+# One hop: Serve's HAProxy ingress on every node
+
+
+def test_every_ray_pod_runs_serves_haproxy_ingress_and_can_turn_it_off(helm):
+    on = helm.template(values=[])
+    for name, template in _pod_templates(on.one("RayService")).items():
+        container = template["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1", name
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["serve"] == 8000, name  # HAProxy listens on every node that has replicas
+    off = helm.template(values=[], sets={"serve.haproxy": "false"})
+    assert off.returncode == 0, off.stderr
+    for name, template in _pod_templates(off.one("RayService")).items():
+        env = {e["name"] for e in template["spec"]["containers"][0]["env"]}
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in env, name
+
+
+# Pod shutdown: the spool is drained within the grace period, and what is left survives on the node
+
+
+def _drain_command(container: dict[str, Any]) -> tuple[int, list[str]]:
+    """(`ray stop`'s grace period, the `hfi metering drain` arguments) of a container's preStop hook."""
+    import shlex
+
+    shell, flag, script = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    stop, drain = (part.strip() for part in script.split(";"))
+    stop_args = shlex.split(stop)
+    assert stop_args[:3] == ["ray", "stop", "--grace-period"], stop  # Ray stops first, then the drain
+    drain_args = shlex.split(drain)
+    assert drain_args[:4] == ["exec", "hfi", "metering", "drain"], drain
+    return int(stop_args[3]), drain_args[4:]
+
+
+def test_every_ray_pod_stops_ray_then_drains_its_spool_within_the_grace_period(rendered):
+    import typer
+
+    from metering.cli import register
+
+    values, result = rendered
+    app = typer.Typer()
+    register(app)
+    drain_cli = typer.main.get_command(app).commands["metering"].commands["drain"]
+    shutdown = values["shutdown"]
+    for name, template in _pod_templates(result.one("RayService")).items():
+        grace_s = template["spec"]["terminationGracePeriodSeconds"]
+        assert grace_s == shutdown["terminationGracePeriodSeconds"] == 120, name
+        container = template["spec"]["containers"][0]
+        stop_s, args = _drain_command(container)
+        assert stop_s == shutdown["rayStopGracePeriodSeconds"]
+        params = drain_cli.make_context("drain", list(args)).params  # the real CLI takes these arguments
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert params["spool_dir"] == env["HFI_SPOOL_DIR"] == "/var/lib/hfi/spool", name  # the spool's mount
+        assert params["database_url"] is None  # the pod's own HFI_DATABASE_URL, from its Secret
+        assert params["timeout_s"] >= 10 and stop_s + params["timeout_s"] + 15 == grace_s, name
+
+
+def test_the_default_spool_is_a_per_release_node_directory_given_to_the_pod_user(helm):
+    result = helm.template(release="billing", namespace="prod")
+    assert result.returncode == 0, result.stderr
+    for name, template in _pod_templates(result.one("RayService")).items():
+        spec = template["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        # per namespace and release: a replica adopts only the spools of its own ledger
+        assert volumes["spool"]["hostPath"] == {
+            "path": "/var/lib/hfi-spool/prod/billing-hf-inference",
+            "type": "DirectoryOrCreate",
+        }, name
+        (init,) = spec["initContainers"]
+        assert init["volumeMounts"] == [{"name": "spool", "mountPath": "/var/lib/hfi/spool"}]
+        assert init["command"][-1] == "chown 1000:100 '/var/lib/hfi/spool' && chmod 0770 '/var/lib/hfi/spool'"
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+        assert init["securityContext"]["allowPrivilegeEscalation"] is False
+        assert spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+        _k8s_validate(_as_pod_template(name, template))
+
+
+@pytest.mark.parametrize(
+    ("sets", "volume_key"),
+    [
+        ({"spool.volume.prepareHostPath": "false"}, "hostPath"),
+        ({"spool.volume.type": "emptyDir"}, "emptyDir"),
+        (
+            {"spool.volume.type": "existingClaim", "spool.volume.existingClaim": "spool-rwx"},
+            "persistentVolumeClaim",
+        ),
+    ],
+)
+def test_other_spool_volumes_have_no_init_container(helm, sets, volume_key):
+    result = helm.template(sets={**sets, "shutdown.terminationGracePeriodSeconds": "60"})
+    assert result.returncode == 0, result.stderr
+    for name, template in _pod_templates(result.one("RayService")).items():
+        assert "initContainers" not in template["spec"], name
+        assert volume_key in {v["name"]: v for v in template["spec"]["volumes"]}["spool"]
+        assert template["spec"]["terminationGracePeriodSeconds"] == 60
+        _, args = _drain_command(template["spec"]["containers"][0])
+        assert args[-2:] == ["--timeout-s", "15"]  # 60 - 30 (ray stop) - 15 (margin)
+        _k8s_validate(_as_pod_template(name, template))
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            {"shutdown.terminationGracePeriodSeconds": "50"},
+            "shutdown: terminationGracePeriodSeconds (50) must leave at least 25 s after "
+            "rayStopGracePeriodSeconds (30)",
+        ),
+        ({"shutdown.terminationGracePeriodSeconds": "5"}, "at '/shutdown/terminationGracePeriodSeconds'"),
+        (
+            {"shutdown.drainTimeoutSeconds": "5"},
+            "at '/shutdown': additional properties 'drainTimeoutSeconds'",
+        ),
+        ({"spool.volume.hostPath": "relative/dir"}, "at '/spool/volume/hostPath'"),
+        ({"spool.volume.type": "nfs"}, "at '/spool/volume/type'"),
+    ],
+)
+def test_bad_shutdown_and_spool_values_fail_with_a_clear_message(helm, sets, message):
+    result = helm.template(sets=sets)
+    assert result.returncode != 0, f"{sets}: rendered without error"
+    assert message in result.stderr, result.stderr

@@ -122,21 +122,22 @@ def test_copies_every_package_and_the_context_keeps_them(instructions, pyproject
         assert secretish in patterns
 
 
-def test_the_entry_is_the_serve_builder_the_chart_names(instructions, helm):
+def test_the_entry_serves_the_applications_the_chart_names(instructions, helm):
+    """`hfi serve` in the image deploys serving.app.applications; the chart's serveConfigV2 names the same
+    builders, each a function of serving/app.py."""
     (cmd,) = [a for i, a in instructions if i == "CMD"]
     command = json.loads(cmd)
-    assert command[:2] == ["serve", "run"]
-    import_path = command[-1]
+    assert command[:2] == ["hfi", "serve"] and command[command.index("--host") + 1] == "0.0.0.0"
     result = helm.template()
     assert result.returncode == 0, result.stderr
     serve_config = yaml.safe_load(result.one("RayService")["spec"]["serveConfigV2"])
-    assert [a["import_path"] for a in serve_config["applications"]] == [import_path]
-    module, _, attribute = import_path.partition(":")
-    assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
-    assert f"def {attribute}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    import_paths = {a["import_path"] for a in serve_config["applications"]}
+    assert import_paths == {"serving.app:build_model_app", "serving.app:build_ingress_app"}
+    for import_path in import_paths:
+        module, _, attribute = import_path.partition(":")
+        assert f"def {attribute}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text()
     env = dict(kv.split("=", 1) for i, a in instructions if i == "ENV" for kv in shlex.split(a) if "=" in kv)
-    assert env["HFI_SERVE_IMPORT_PATH"] == import_path
-    # Standalone `serve run` inside a container must listen beyond the container's loopback.
+    # Inside a container Serve must listen beyond the container's loopback.
     assert env["RAY_SERVE_DEFAULT_HTTP_HOST"] == "0.0.0.0"
 
 

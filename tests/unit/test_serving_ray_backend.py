@@ -149,3 +149,69 @@ def test_a_batch_whose_replica_died_is_retried_for_each_caller():
 
     assert [r.output for r in asyncio.run(main())] == [i * 10 for i in range(6)]
     assert sum(len(c) for c in handle.run_many.calls) >= 12  # every request went out twice
+
+
+class ProgressStream:
+    """What `handle.options(stream=True).run_progress.remote()` gives: heartbeats, then (never) a result."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._items()
+
+    async def _items(self):
+        from models.types import Progress
+
+        for elapsed in (10, 20, 30):
+            yield Progress(elapsed)
+        await asyncio.sleep(3600)  # a long run, until the caller goes away
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_stoppable_model_whose_caller_leaves_is_stopped_and_interrupted_with_what_ran():
+    from models.types import Interrupted
+
+    stream = ProgressStream()
+    handle = StandInHandle(0.0)
+    handle.run_progress = Method(lambda request: stream)
+    handle.options = lambda **kw: handle
+    backend = RayBackend({"m": handle}, [spec("m")])
+    backend.stoppable["m"] = True  # what its info() said
+
+    async def main():
+        task = asyncio.create_task(backend.run("m", 1))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except Interrupted as gone:
+            return gone
+        raise AssertionError("a cancelled caller must get Interrupted")
+
+    gone = asyncio.run(main())
+    assert gone.compute_ns == 30 and gone.result is None
+    assert stream.cancelled  # the replica's generator was told to stop
+    assert handle.run.calls == []
+
+
+def test_an_unstoppable_model_whose_caller_leaves_finishes_and_is_interrupted_with_its_result():
+    from models.types import Interrupted
+
+    handle = StandInHandle(0.2)
+    backend = RayBackend({"m": handle}, [spec("m")])
+
+    async def main():
+        task = asyncio.create_task(backend.run("m", 2))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except Interrupted as gone:
+            return gone
+        raise AssertionError("a cancelled caller must get Interrupted")
+
+    gone = asyncio.run(main())
+    assert gone.result.output == 20 and gone.compute_ns == 1_000  # it ran to its end: all of it is charged

@@ -134,6 +134,10 @@ field and says what to change.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- $s := .Values.shutdown -}}
+{{- if lt (sub (sub (int $s.terminationGracePeriodSeconds) (int $s.rayStopGracePeriodSeconds)) 15) 10 -}}
+{{- fail (printf "shutdown: terminationGracePeriodSeconds (%v) must leave at least 25 s after rayStopGracePeriodSeconds (%v): 10 s or more to drain the charge spool, and 15 s of margin" $s.terminationGracePeriodSeconds $s.rayStopGracePeriodSeconds) -}}
+{{- end -}}
 {{- $ingressCpus := mulf .Values.serve.ingress.numCpus .Values.serve.ingress.replicas -}}
 {{- if and (lt (float64 .Values.head.rayCpus) $ingressCpus) (not $hasCpuProfile) -}}
 {{- fail (printf "head.rayCpus (%v) is below the ingress's %v CPUs and no CPU profile is declared: the ingress deployment would have nowhere to run" .Values.head.rayCpus $ingressCpus) -}}
@@ -156,11 +160,19 @@ field and says what to change.
   "ingress_replicas" .Values.serve.ingress.replicas
   "ingress_num_cpus" .Values.serve.ingress.numCpus
 -}}
-{{- $app := dict "name" "hf-inference" "route_prefix" "/" "import_path" "serving.app:build_app" "args" $args -}}
+{{- /* One application per model, routed at /models/{id} (HAProxy sends its requests straight to its replicas),
+  then the router at / (serving.app.applications lays out the same). */ -}}
+{{- $apps := list -}}
+{{- range .Values.models -}}
+{{- $name := printf "model-%s" (regexReplaceAll "[^A-Za-z0-9_-]" (replace "/" "--" .id) "-") -}}
+{{- $modelArgs := merge (dict "model" .id) (deepCopy $args) -}}
+{{- $apps = append $apps (dict "name" $name "route_prefix" (printf "/models/%s" .id) "import_path" "serving.app:build_model_app" "args" $modelArgs) -}}
+{{- end -}}
+{{- $apps = append $apps (dict "name" "hf-inference" "route_prefix" "/" "import_path" "serving.app:build_ingress_app" "args" $args) -}}
 {{- $config := dict
   "proxy_location" "EveryNode"
   "http_options" (dict "host" "0.0.0.0" "port" .Values.serve.port)
-  "applications" (list $app)
+  "applications" $apps
 -}}
 {{- toYaml $config -}}
 {{- end -}}
@@ -188,6 +200,14 @@ field and says what to change.
 {{- end }}
 - name: HFI_SPOOL_DIR
   value: {{ .Values.spool.mountPath | quote }}
+# Serve's throughput mode (replicas take HTTP on their own ports) and, with it, HAProxy on every node; both are
+# read by Ray's processes at start, so they are set on head and workers alike.
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+{{- if .Values.serve.haproxy }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .Values.modelCache.mountPath | quote }}
 - name: HF_HUB_CACHE
@@ -209,6 +229,10 @@ field and says what to change.
 {{- if eq $v.type "existingClaim" }}
   persistentVolumeClaim:
     claimName: {{ $v.existingClaim | quote }}
+{{- else if eq $v.type "hostPath" }}
+  hostPath:
+    path: {{ .hostPath | quote }}
+    type: DirectoryOrCreate
 {{- else if eq $v.type "ephemeral" }}
   ephemeral:
     volumeClaimTemplate:
@@ -227,7 +251,7 @@ field and says what to change.
 {{- end -}}
 
 {{- define "hfi.volumes" -}}
-{{ include "hfi.volume" (dict "name" "spool" "volume" .Values.spool.volume) }}
+{{ include "hfi.volume" (dict "name" "spool" "volume" .Values.spool.volume "hostPath" (include "hfi.spoolHostPath" .)) }}
 {{ include "hfi.volume" (dict "name" "model-cache" "volume" .Values.modelCache.volume) }}
 # Ray's object store lives in shared memory; the container default (64 MiB) is too small.
 - name: dshm
@@ -251,6 +275,54 @@ imagePullSecrets:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+# The preStop hook (hfi.preStop) stops Ray and drains the spool within this.
+terminationGracePeriodSeconds: {{ .Values.shutdown.terminationGracePeriodSeconds }}
+{{- if and (eq .Values.spool.volume.type "hostPath") .Values.spool.volume.prepareHostPath }}
+{{- $user := (.Values.podSecurityContext | default dict).runAsUser | default 1000 }}
+{{- $group := (.Values.podSecurityContext | default dict).runAsGroup | default 100 }}
+# The node directory is created by the kubelet, owned by root: hand it to the pod's user (and nobody else).
+initContainers:
+  - name: spool-dir
+    image: {{ include "hfi.image" . | quote }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["/bin/sh", "-c", {{ printf "chown %v:%v %s && chmod 0770 %s" $user $group (.Values.spool.mountPath | squote) (.Values.spool.mountPath | squote) | quote }}]
+    securityContext:
+      runAsUser: 0
+      runAsGroup: 0
+      runAsNonRoot: false
+      allowPrivilegeEscalation: false
+      capabilities: {drop: [ALL], add: [CHOWN, FOWNER]}
+    resources:
+      requests: {cpu: 10m, memory: 16Mi}
+      limits: {memory: 64Mi}
+    volumeMounts:
+      - {name: spool, mountPath: {{ .Values.spool.mountPath | quote }}}
+{{- end }}
 volumes:
   {{- include "hfi.volumes" . | nindent 2 }}
+{{- end -}}
+
+{{/* The spool's node directory (spool.volume.type hostPath): one per namespace and release, so that a replica
+adopts only the spools of its own release (its own ledger). */}}
+{{- define "hfi.spoolHostPath" -}}
+{{- printf "%s/%s/%s" (trimSuffix "/" .Values.spool.volume.hostPath) .Release.Namespace (include "hfi.fullname" .) -}}
+{{- end -}}
+
+{{/*
+The preStop hook of every Ray container. `ray stop` first: the replicas stop (one that closes cleanly delivers its
+own spool first) and let go of their spool files. Then `hfi metering drain` delivers every file left whose process
+is gone (waiting for this pod's own processes that still hold one), for the rest of the grace period less 15 s (the
+drain's start and stop, `ray stop`'s last kills). Whatever it cannot deliver stays in the spool for a later replica
+on the same volume to adopt. The container lives on meanwhile: its main process, `ray start --block`, takes the
+SIGTERM exits of `ray stop` as expected (a process that needs a SIGKILL ends it, and the drain with it: then what
+is left waits on the volume).
+*/}}
+{{- define "hfi.preStop" -}}
+{{- $s := .Values.shutdown -}}
+{{- $drain := sub (sub (int $s.terminationGracePeriodSeconds) (int $s.rayStopGracePeriodSeconds)) 15 -}}
+exec:
+  command:
+    - /bin/sh
+    - -c
+    - {{ printf "ray stop --grace-period %d; exec hfi metering drain --spool-dir %s --timeout-s %d" (int $s.rayStopGracePeriodSeconds) (.Values.spool.mountPath | squote) $drain | quote }}
 {{- end -}}
