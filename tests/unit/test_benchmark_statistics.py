@@ -63,12 +63,21 @@ def test_compare_pairs_rounds_and_summarize_reports_the_cost_with_its_interval()
     arms = []
     for rnd, (on, off) in enumerate([(95.0, 100.0), (190.0, 200.0), (97.0, 100.0), (93.0, 100.0)]):
         arms += [arm("cls metering on", rnd, on, 10.4), arm("cls metering off", rnd, off, 10.0)]
-    summary, comparisons = mo.summarize(arms, [{"charges": 3, "expected": 3}], "metering")
+    checks = [
+        {"charges": 3, "expected": 3, "failed_requests": 0},
+        {"charges": 5, "expected": 4, "failed_requests": 1},
+    ]
+    summary, comparisons = mo.summarize(arms, checks, "metering")
     c = summary["metering_on_over_off"]
     assert c["throughput_ratio_per_round"] == [0.95, 0.95, 0.97, 0.93]  # paired: a fast round stays a pair
     assert c["throughput_ratio"] == round((95 + 190 + 97 + 93) / (100 + 200 + 100 + 100), 3)
     low, high = summary["metering_throughput_cost_percent_ci95"]
     assert low < 100 * (1 - 0.95) < high
     assert summary["metering_machine_cpu_cost_percent"] == 4.0
-    assert summary["ledger_one_charge_per_ok_response"] is True
+    assert summary["ledger_one_charge_per_ok_response"] is True  # a request without a 200 may have run
     assert [label for label, _ in comparisons] == ["metering on / off"]
+    for bad in (
+        {"charges": 2, "expected": 3, "failed_requests": 5},
+        {"charges": 5, "expected": 3, "failed_requests": 1},
+    ):
+        assert mo.summarize(arms, [bad], "metering")[0]["ledger_one_charge_per_ok_response"] is False
