@@ -1,13 +1,19 @@
-"""Prometheus metrics of the ingress process, in a registry of their own (serve it with `render()`).
+"""Prometheus metrics of one serving process, in a registry of their own.
 
 The ingress calls `observe_request` once per request (every status, errors included); `MeteringService.record`
 calls `observe_charge` once per charge. Cost is exported as a float counter of USD: that is monitoring, the
 ledger holds the exact amounts.
+
+The registry counts what this process served. `render()` is its exposition text (GET /metrics: the whole service
+only when it runs in one process). `samples()` is the port through which a process that runs under a framework
+mirrors these series into that framework's own export (serving/metrics_export.py: Ray's metrics agent on each
+node, so that Prometheus sees every replica once); recording stays here, on this module's small API.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -66,7 +72,7 @@ COMPUTE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 BILLED_COMPUTE_SECONDS = Counter(
-    "hfi_billed_compute_seconds", "Billed compute seconds (whole milliseconds)", _LABELS, registry=REGISTRY
+    "hfi_billed_compute_seconds", "Billed compute seconds (the measured nanoseconds)", _LABELS, registry=REGISTRY
 )
 COST_USD = Counter(
     "hfi_cost_usd", "Charged cost in USD (exact amounts are in the ledger)", _LABELS, registry=REGISTRY
@@ -119,7 +125,7 @@ def observe_charge(charge: Charge) -> None:
         children = (BILLED_COMPUTE_SECONDS.labels(*labels), COST_USD.labels(*labels), CHARGES.labels(*key))
         _CHARGE_CHILDREN[key] = children
     billed, cost, count = children
-    billed.inc(charge.compute_ms / 1000)
+    billed.inc(charge.usage.compute_ns / 1e9)
     cost.inc(charge.cost_nanousd / 1e9)
     count.inc()
 
@@ -132,3 +138,36 @@ def observe_error(stage: str, count: int = 1) -> None:
 def render() -> tuple[bytes, str]:
     """The exposition text of every metric and its content type, for GET /metrics."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One series of the registry, cumulative since this process started.
+
+    `kind` is its family's type: a counter's and a histogram's series only grow (`name` ends in `_total`, or
+    `_bucket` / `_count` / `_sum`); a gauge's go up and down. `family` is the family's name (a counter's without
+    `_total`), `labels` the series' labels in their declared order (a bucket's `le` last)."""
+
+    family: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+def samples() -> list[Sample]:
+    """Every series of the registry as it stands now (no `_created` timestamps): what an exporter mirrors."""
+    found: list[Sample] = []
+    for family in REGISTRY.collect():
+        if family.type not in ("counter", "gauge", "histogram"):
+            continue
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            found.append(
+                Sample(
+                    family.name, family.type, family.documentation, s.name, tuple(s.labels.items()), s.value
+                )
+            )
+    return found

@@ -23,6 +23,7 @@ from models.types import Progress, RunResult, StreamChunk, TaskRequest
 from serving.batching import Batcher
 from serving.config import Settings
 from serving.inprocess import LocalBackend
+from serving.metrics_export import install_ray_metrics
 from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
 
 log = logging.getLogger("serving.deployment")
@@ -41,6 +42,7 @@ class ModelDeployment:
         from serving.ingress import IngressCore
 
         logging.basicConfig(level=logging.INFO)
+        install_ray_metrics()  # this replica's counters reach Prometheus through the node's Ray metrics agent
         self.spec = ModelSpec.model_validate(spec)
         self.profile = HardwareProfile.model_validate(profile)
         loaded = Settings.load(settings)
@@ -212,6 +214,7 @@ class Ingress:
         from serving.ingress import IngressCore
 
         logging.basicConfig(level=logging.INFO)
+        install_ray_metrics()  # this replica's counters reach Prometheus through the node's Ray metrics agent
         loaded = Settings.load(settings)
         catalog = loaded.validated()[0]
         handles = {

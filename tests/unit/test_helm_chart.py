@@ -89,13 +89,7 @@ def test_ci_values_render_every_optional_part(helm):
     result = helm.template(values=[CI_VALUES])
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in result.documents)
-    assert kinds == [
-        "Ingress",
-        "RayService",
-        "Service",
-        "ServiceMonitor",
-        "ServiceMonitor",
-    ]  # external database: no StatefulSet
+    assert kinds == ["Ingress", "PodMonitor", "RayService"]  # external database: no StatefulSet, no Service
 
 
 # Offline validation of every manifest
@@ -155,36 +149,50 @@ def test_kept_rayservice_schema_rejects_what_the_api_server_would(rendered):
         jsonschema.validate(bad, schema, cls=jsonschema.Draft7Validator)
 
 
-def test_servicemonitor_selects_the_metrics_service(helm):
-    result = helm.template(values=[CI_VALUES])
-    monitor = next(m for m in result.kind("ServiceMonitor") if not m["metadata"]["name"].endswith("-serve"))
-    services = {s["metadata"]["name"]: s for s in result.kind("Service")}
-    selected = [
-        s
-        for s in services.values()
-        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
-    ]
-    assert len(selected) == 1
-    metrics_service = selected[0]
-    assert monitor["spec"]["endpoints"][0]["port"] in [p["name"] for p in metrics_service["spec"]["ports"]]
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions with In) selects these labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_podmonitor_scrapes_every_ray_pod_once_on_its_metrics_port(helm):
+    values = [CI_VALUES]
+    result = helm.template(values=values, sets={"database.type": "bundled"})  # and its database pods
+    assert result.returncode == 0, result.stderr
+    (monitor,) = result.kind("PodMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    # It selects every Ray pod of the release (head and workers), which carry the metrics port.
-    rayservice = result.one("RayService")
-    for template in _pod_templates(rayservice).values():
-        labels = template["metadata"]["labels"]
-        assert metrics_service["spec"]["selector"].items() <= labels.items()
-        ports = [p["name"] for p in template["spec"]["containers"][0]["ports"]]
-        assert "metrics" in ports
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    port = _values([])["metrics"]["port"]  # the CI values keep the default port
+    cluster = result.one("RayService")["spec"]["rayClusterConfig"]
+    start_params = {"head": cluster["headGroupSpec"]["rayStartParams"]}
+    start_params.update({g["groupName"]: g["rayStartParams"] for g in cluster["workerGroupSpecs"]})
+    # Head and every worker group: selected, with the named port where Ray's metrics agent listens.
+    for name, template in _pod_templates(result.one("RayService")).items():
+        assert _selects(monitor["spec"]["selector"], template["metadata"]["labels"]), name
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports[endpoint["port"]] == port == int(start_params[name]["metrics-export-port"]), name
+    # Nothing else: not the ledger database's pods.
+    (database,) = result.kind("StatefulSet")
+    assert not _selects(monitor["spec"]["selector"], database["spec"]["template"]["metadata"]["labels"])
+    # The pod's profile lands beside the service's own `hardware_profile` label, never over it.
+    targets = {r["targetLabel"] for r in endpoint["relabelings"]}
+    assert "hardware_profile" not in targets and "pod_hardware_profile" in targets
 
 
-def test_servicemonitor_scrapes_the_ingress_metrics_on_the_serve_service(helm):
+def test_nothing_scrapes_the_serve_service_whose_metrics_page_is_one_replicas(helm):
+    # GET /metrics through the Serve Service answers from whichever replica the Service picks.
     result = helm.template(values=[CI_VALUES])
-    monitor = next(m for m in result.kind("ServiceMonitor") if m["metadata"]["name"].endswith("-serve"))
-    serve = result.one("RayService")["spec"]["serveService"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= serve["metadata"]["labels"].items()
-    endpoint = monitor["spec"]["endpoints"][0]
-    assert endpoint["path"] == "/metrics"
-    assert endpoint["port"] in [p["name"] for p in serve["spec"]["ports"]]
+    assert result.returncode == 0, result.stderr
+    assert result.kind("ServiceMonitor") == []
+    serve_ports = {p["name"] for p in result.one("RayService")["spec"]["serveService"]["spec"]["ports"]}
+    for monitor in result.kind("PodMonitor"):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] not in serve_ports and endpoint.get("path", "/metrics") == "/metrics"
 
 
 # The RayService: autoscaler, upgrades, worker groups per profile
