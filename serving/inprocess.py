@@ -13,7 +13,7 @@ from models.executor import ModelExecutor
 from models.loading import LoadOptions
 from models.types import RunResult, StreamChunk, TaskRequest
 from serving.batching import Batcher
-from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
+from serving.streaming import finish_despite_cancel, iterate_in_thread, run_stoppable
 
 
 class LocalBackend:
@@ -47,8 +47,7 @@ class LocalBackend:
         if batcher is not None:
             return await finish_despite_cancel(batcher.submit(request))
         if executor.stoppable:
-            items = run_with_progress(executor, request)
-            return await result_of(items, items.aclose)
+            return await run_stoppable(executor, request)
         return await finish_despite_cancel(asyncio.to_thread(executor.run, request))
 
     async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:

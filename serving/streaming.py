@@ -83,6 +83,27 @@ async def run_with_progress(executor: Any, request: Any) -> AsyncIterator[Any]:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
+async def run_stoppable(executor: Any, request: Any) -> Any:
+    """Run a request of a stoppable runner on a thread and return its RunResult. If the caller is cancelled (its
+    client went away), the runner stops at its next step and Interrupted carries the compute that ran, measured
+    by the executor when it stopped (exact, unlike a heartbeat): the caller waits that one step for it."""
+    from models.types import Interrupted
+
+    stop = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(executor.run, request, stop.is_set))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        try:
+            result = await task
+        except Interrupted:
+            raise
+        except Exception:  # it failed anyway: a failure is never charged
+            raise asyncio.CancelledError from None
+        raise Interrupted(result.timings.compute_ns, result) from None  # it ended before it saw the stop
+
+
 async def result_of(items: AsyncIterator[Any], stop: Callable[[], Any]) -> Any:
     """The RunResult at the end of `run_with_progress`'s items. If the caller is cancelled (its client went
     away), `stop()` ends the work and Interrupted carries the compute of the last heartbeat."""

@@ -109,6 +109,38 @@ def test_a_client_that_leaves_an_image_request_is_charged_for_the_steps_that_ran
         core.close()
 
 
+def test_a_client_that_leaves_during_the_first_step_is_charged_the_exact_compute(
+    tmp_path, default_settings, inprocess_backend, monkeypatch
+) -> None:
+    """In the model's own process the stopped runner reports what it ran, to the nanosecond: a client that
+    leaves before the first step ends still pays for that step (a heartbeat would have said 0)."""
+    core = IngressCore(settings_in(tmp_path, default_settings), inprocess_backend)
+    executor = inprocess_backend.executors["local/tiny-flux"]
+    steps: list[int] = []
+    run_steps = executor.runner.run_steps
+
+    def counting(request, on_step, should_stop):
+        return run_steps(request, lambda: (steps.append(1), on_step()), should_stop)
+
+    monkeypatch.setattr(executor.runner, "run_steps", counting)
+    body = {"inputs": "a cat", "parameters": {"width": 128, "height": 128, "num_inference_steps": 50}}
+
+    async def scenario() -> None:
+        await post_then_leave(create_app(core), "/models/local/tiny-flux", body, executor._lock.locked)
+        while core._background:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+        assert len(steps) <= 2, f"{len(steps)} steps ran after the client left in the first one"
+        assert core.metering.flush(10)
+        [charge] = core.metering.charges()
+        assert charge.usage.status == STATUS_CLIENT_DISCONNECTED
+        assert charge.usage.compute_ns > 0 and charge.cost_nanousd > 0
+    finally:
+        core.close()
+
+
 def test_a_client_that_leaves_a_short_request_is_charged_for_all_of_it(tmp_path, default_settings) -> None:
     """A model that cannot stop early finishes the request anyway: its whole compute is charged, flagged."""
     started, release = threading.Event(), threading.Event()
@@ -143,6 +175,43 @@ def test_a_client_that_leaves_a_short_request_is_charged_for_all_of_it(tmp_path,
         assert core.metering.flush(10)
         [charge] = core.metering.charges()
         assert (charge.usage.status, charge.usage.compute_ns) == (STATUS_CLIENT_DISCONNECTED, 7_000_000)
+    finally:
+        core.close()
+
+
+def test_a_client_that_leaves_before_any_step_ran_is_not_charged(tmp_path, default_settings) -> None:
+    """Left while still queued (or before the replica refused it): no step ran, so Interrupted carries no
+    compute and no result, and nothing is charged (as a stream left before its first token)."""
+    started = threading.Event()
+
+    class Queued:
+        async def info(self, model_id):
+            return {"revision": "abc", "tasks": ["text-to-image"], "stoppable": True}
+
+        async def run(self, model_id, request):
+            async def waiting():
+                started.set()
+                await asyncio.sleep(3600)
+                yield RunResult(output=None, timings=Timings(1))
+
+            return await result_of(waiting(), lambda: None)
+
+        def stream(self, model_id, request):
+            raise NotImplementedError
+
+    core = IngressCore(settings_in(tmp_path, default_settings), Queued())
+
+    async def scenario() -> None:
+        await post_then_leave(
+            create_app(core), "/models/local/tiny-flux", {"inputs": "a cat"}, started.is_set
+        )
+        while core._background:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+        assert core.metering.flush(10)
+        assert core.metering.charges() == []
     finally:
         core.close()
 
