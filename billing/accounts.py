@@ -1,18 +1,23 @@
 """Accounts: users, organizations, members, tokens, spending limits and disabled models.
 
-The operations behind `hfi accounts` and the admin API, and the read side admission uses.
+The operations behind `hfi accounts` and the admin API, and the read side admission uses. Admission's reads (a
+token's owner, the billed account's policy) are cached for `billing.token_cache_ttl_s` (unknown and revoked tokens
+too, in a cache of their own with a bound, so a flood of made-up tokens cannot push the good ones out): a change
+made through this store clears its caches at once; one made on another replica is seen here within the TTL.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 
+from billing.cache import TtlCache, missing
 from billing.config import BillingSettings, TierPolicy
 from billing.db import read_session, utcnow, write_session
 from billing.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
@@ -20,6 +25,10 @@ from billing.schema import DisabledModel, Org, OrgMember, Token, User
 from billing.tokens import new_token, new_token_id, token_hint, token_sha256
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+TOKEN_CACHE_ENTRIES = 100_000
+UNKNOWN_TOKEN_CACHE_ENTRIES = 10_000  # refusals: bounded apart, so made-up tokens never evict good ones
+POLICY_CACHE_ENTRIES = 100_000
+INVALID_TOKEN = "Invalid credentials in Authorization header"
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,28 @@ class AccountStore:
         self.engine = engine
         self.settings = settings
         self.clock = clock or utcnow
+        ttl_s = settings.token_cache_ttl_s
+        self._tokens: TtlCache[Caller] = TtlCache(ttl_s, TOKEN_CACHE_ENTRIES, self._clock_s)
+        self._unknown_tokens: TtlCache[bool] = TtlCache(ttl_s, UNKNOWN_TOKEN_CACHE_ENTRIES, self._clock_s)
+        self._policies: TtlCache[BilledAccount | str] = TtlCache(ttl_s, POLICY_CACHE_ENTRIES, self._clock_s)
+
+    def _clock_s(self) -> float:
+        return self.clock().timestamp()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction; once committed, this store's caches are cleared (the change is seen at once)."""
+        try:
+            with write_session(self.engine) as s:
+                yield s
+        finally:
+            self.forget_cached()
+
+    def forget_cached(self) -> None:
+        """Drop every cached token and policy."""
+        self._tokens.clear()
+        self._unknown_tokens.clear()
+        self._policies.clear()
 
     # --- helpers
 
@@ -140,19 +171,19 @@ class AccountStore:
         check_name(name)
         tier = tier or self.settings.default_user_tier
         self._check_tier(tier)
-        with write_session(self.engine) as s:
+        with self._write() as s:
             self._name_free(s, name)
             s.add(User(name=name, tier=tier, is_admin=is_admin, created_at=self.clock()))
 
     def set_tier(self, name: str, tier: str) -> None:
         """Move a user to another tier (free, pro)."""
         self._check_tier(tier)
-        with write_session(self.engine) as s:
+        with self._write() as s:
             self._user(s, name).tier = tier
 
     def set_admin(self, name: str, is_admin: bool) -> None:
         """Make a user a server administrator (admin API), or not."""
-        with write_session(self.engine) as s:
+        with self._write() as s:
             self._user(s, name).is_admin = is_admin
 
     def create_org(
@@ -171,7 +202,7 @@ class AccountStore:
         if not isinstance(seats, int) or seats < 1:
             raise InvalidRequest("seats: must be 1 or more")
         self._check_limit(spending_limit_nanousd)
-        with write_session(self.engine) as s:
+        with self._write() as s:
             self._name_free(s, name)
             s.add(
                 Org(
@@ -189,7 +220,7 @@ class AccountStore:
             self._check_plan(plan)
         if seats is not None and (not isinstance(seats, int) or seats < 1):
             raise InvalidRequest("seats: must be 1 or more")
-        with write_session(self.engine) as s:
+        with self._write() as s:
             o = self._org(s, org)
             if plan is not None:
                 o.plan = plan
@@ -198,7 +229,7 @@ class AccountStore:
 
     def add_member(self, org: str, user: str, *, admin: bool = False) -> None:
         """Add a user to an organization (or change their admin flag)."""
-        with write_session(self.engine) as s:
+        with self._write() as s:
             o, u = self._org(s, org), self._user(s, user)
             member = s.get(OrgMember, (o.id, u.id))
             if member is None:
@@ -208,7 +239,7 @@ class AccountStore:
 
     def remove_member(self, org: str, user: str) -> None:
         """Remove a user from an organization."""
-        with write_session(self.engine) as s:
+        with self._write() as s:
             o, u = self._org(s, org), self._user(s, user)
             member = s.get(OrgMember, (o.id, u.id))
             if member is None:
@@ -218,7 +249,7 @@ class AccountStore:
     def set_spending_limit(self, account: str, limit_nanousd: int | None) -> None:
         """Set (or clear, with None) an account's monthly pay-as-you-go limit."""
         self._check_limit(limit_nanousd)
-        with write_session(self.engine) as s:
+        with self._write() as s:
             target = s.scalar(select(Org).where(Org.name == account)) or s.scalar(
                 select(User).where(User.name == account)
             )
@@ -230,14 +261,14 @@ class AccountStore:
         """Refuse requests for `model_id` billed to `org`."""
         if not model_id or len(model_id) > 200:
             raise InvalidRequest("model_id: give a model id")
-        with write_session(self.engine) as s:
+        with self._write() as s:
             o = self._org(s, org)
             if s.get(DisabledModel, (o.id, model_id.lower())) is None:
                 s.add(DisabledModel(org_id=o.id, model_id=model_id.lower()))
 
     def enable_model(self, org: str, model_id: str) -> None:
         """Allow `model_id` for `org` again."""
-        with write_session(self.engine) as s:
+        with self._write() as s:
             o = self._org(s, org)
             s.execute(
                 delete(DisabledModel).where(
@@ -251,7 +282,7 @@ class AccountStore:
         """Issue a token for `user`; the secret is returned once and only its hash is stored."""
         token = new_token(self.settings.token_prefix)
         token_id = new_token_id()
-        with write_session(self.engine) as s:
+        with self._write() as s:
             u = self._user(s, user)
             s.add(
                 Token(
@@ -267,7 +298,7 @@ class AccountStore:
 
     def revoke_token(self, token_id: str) -> None:
         """Revoke a token by its id; it is refused from the next request on."""
-        with write_session(self.engine) as s:
+        with self._write() as s:
             tok = s.get(Token, token_id)
             if tok is None:
                 raise NotFound(f"no token with id {token_id!r}")
@@ -284,22 +315,77 @@ class AccountStore:
             raise NotFound(f"no token with id {token_id!r}")
         return row[0]
 
-    def resolve_token(self, token: str) -> Caller:
-        """The user a token belongs to; Unauthorized when unknown or revoked."""
+    def resolve_token(self, token: str, *, cached: bool = True) -> Caller:
+        """The user a token belongs to; Unauthorized when unknown or revoked.
+
+        `cached`: answer from the token cache (admission) when it has the token; False asks the database (the
+        account API, so a revoked admin token is refused everywhere at once)."""
+        key = token_sha256(token)
+        if cached:
+            hit = self.cached_caller(token, key)
+            if hit is not None:
+                return hit
         with read_session(self.engine) as s:
             row = s.execute(
                 select(User.name, User.tier, User.is_admin, Token.id, Token.revoked_at)
                 .join(Token, Token.user_id == User.id)
-                .where(Token.token_sha256 == token_sha256(token))
+                .where(Token.token_sha256 == key)
             ).first()
         if row is None or row.revoked_at is not None:
-            raise Unauthorized("Invalid credentials in Authorization header")
-        return Caller(name=row.name, tier=row.tier, is_admin=row.is_admin, token_id=row.id)
+            self._unknown_tokens.put(key, True)
+            raise Unauthorized(INVALID_TOKEN)
+        caller = Caller(name=row.name, tier=row.tier, is_admin=row.is_admin, token_id=row.id)
+        self._tokens.put(key, caller)
+        return caller
+
+    def cached_caller(self, token: str, key: str | None = None) -> Caller | None:
+        """The user a token belongs to from the cache only: None when it is not cached; Unauthorized when it is
+        cached as unknown or revoked."""
+        key = key or token_sha256(token)
+        hit = self._tokens.get(key)
+        if not missing(hit):
+            return hit  # type: ignore[return-value]
+        if not missing(self._unknown_tokens.get(key)):
+            raise Unauthorized(INVALID_TOKEN)
+        return None
 
     # --- the read side of admission
 
-    def billed_account(self, caller: Caller, bill_to: str | None, model_id: str) -> BilledAccount:
-        """The account to bill: the caller, or the X-HF-Bill-To organization when the caller may bill it."""
+    def billed_account(
+        self, caller: Caller, bill_to: str | None, model_id: str, *, cached: bool = True
+    ) -> BilledAccount:
+        """The account to bill: the caller, or the X-HF-Bill-To organization when the caller may bill it.
+
+        `cached`: answer (or refuse, 403) from the policy cache when it has the answer."""
+        key = self._policy_key(caller, bill_to, model_id)
+        if cached:
+            hit = self.cached_billed_account(caller, bill_to, model_id)
+            if hit is not None:
+                return hit
+        try:
+            account = self._billed_account(caller, bill_to, model_id)
+        except Forbidden as refused:
+            self._policies.put(key, refused.message)
+            raise
+        self._policies.put(key, account)
+        return account
+
+    def cached_billed_account(
+        self, caller: Caller, bill_to: str | None, model_id: str
+    ) -> BilledAccount | None:
+        """`billed_account` from the cache only: None when it is not cached; Forbidden when cached as refused."""
+        hit = self._policies.get(self._policy_key(caller, bill_to, model_id))
+        if isinstance(hit, str):
+            raise Forbidden(hit)
+        return hit if isinstance(hit, BilledAccount) else None
+
+    @staticmethod
+    def _policy_key(caller: Caller, bill_to: str | None, model_id: str) -> tuple[str, str | None, str | None]:
+        if not bill_to or bill_to == caller.name:
+            return (caller.name, None, None)  # the caller's own account: the same for every model
+        return (caller.name, bill_to, model_id.lower())
+
+    def _billed_account(self, caller: Caller, bill_to: str | None, model_id: str) -> BilledAccount:
         with read_session(self.engine) as s:
             if not bill_to or bill_to == caller.name:
                 u = self._user(s, caller.name)

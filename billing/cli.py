@@ -351,9 +351,13 @@ def _register_housekeeping(billing: typer.Typer) -> None:
 
     @billing.command("sweep")
     def sweep(database_url: str = _db_option()) -> None:
-        """Settle reservations whose settlement was lost from the ledger's charges; expire stale ones."""
+        """Settle reservations whose settlement was lost from the ledger's charges; expire stale ones; give back
+        the leases of processes that died; adopt the ledger's charges that have no reservation."""
         done = _run(database_url, lambda s: s.sweep_reservations())
-        typer.echo(f"settled from the ledger: {done.settled_from_ledger}; expired: {done.expired}")
+        typer.echo(
+            f"settled from the ledger: {done.settled_from_ledger}; expired: {done.expired}; "
+            f"adopted from the ledger: {done.adopted_from_ledger}; leases given back: {done.leases_reclaimed}"
+        )
 
     @billing.command("prune")
     def prune(

@@ -55,13 +55,28 @@ class BillingSettings(BaseModel):
     org_plans: dict[str, TierPolicy] = Field(default_factory=_default_org_plans)
     default_user_tier: str = "free"
 
-    # Admission. A request is admitted while (settled + open reservations + its estimate) stays within the cap
-    # plus this allowance, so a month's spend stays within cap + allowance as long as each true cost is within
-    # its estimate (a request that ran is always charged in full; any excess over its estimate adds to it).
+    # Admission. A request is admitted while (settled + what is held for running requests and leases + its
+    # estimate) stays within the cap plus this allowance, so a month's spend stays within cap + allowance as long
+    # as each true cost is within its estimate (a request that ran is always charged in full; any excess over
+    # its estimate adds to it). See billing/spend.py for the whole statement.
     overshoot_allowance_nanousd: int = Field(default=0, ge=0)
     min_estimate_nanousd: int = Field(default=1, ge=1, description="floor of a reservation")
     estimate_compute_s: float = Field(
         default=5.0, gt=0, description="compute seconds reserved per request (x the profile's price)"
+    )
+    # Admission without a database round trip per request (billing/spend.py, billing/leases.py). Tokens and the
+    # billed account's policy (tier, limit, membership, disabled models) are cached this long: a revoked token, a
+    # lowered limit or a disabled model takes effect on the other replicas within it (at once on the replica that
+    # made the change). 0: no cache.
+    token_cache_ttl_s: float = Field(default=5, ge=0, description="how long tokens and policies are cached")
+    # A capped account's month is spent in memory from a lease: a slice of `lease_slice_estimates` estimates (or
+    # what is left under the cap, if less) taken by one conditional UPDATE, returned when it expires or runs out.
+    lease_ttl_s: float = Field(default=5, gt=0, description="how long a replica admits from one budget lease")
+    lease_slice_estimates: int = Field(
+        default=10, ge=1, description="a lease takes this many estimates of the request that asks for it"
+    )
+    settle_flush_interval_s: float = Field(
+        default=0.5, gt=0, description="how often settlements and reservation rows are written, in batches"
     )
     # Housekeeping of reservations (billing/spend.py), run in the background at most every sweep_interval_s
     # (resp. prune_interval_s) per process. The metering ledger's charges are the truth: a reservation whose

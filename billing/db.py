@@ -56,7 +56,8 @@ def make_engine(database_url: str) -> Engine:
             url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args
         )
     kwargs: dict = {"connect_args": {"timeout": 60, "check_same_thread": False}}
-    if not url.database or url.database == ":memory:":
+    memory = not url.database or url.database == ":memory:"
+    if memory:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(url, **kwargs)
 
@@ -66,6 +67,11 @@ def make_engine(database_url: str) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=60000")
+        if not memory:
+            # The ledger's mode (metering sets it too): readers never block the writers. Set by the first
+            # connection, before billing's background writer runs: switching a file to WAL needs it to itself,
+            # and fails at once beside a writer, where asking for WAL when it is on already costs nothing.
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.close()
 
     @event.listens_for(engine, "begin")

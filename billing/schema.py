@@ -108,8 +108,11 @@ class MonthSpend(Base):
 class Reservation(Base):
     """One admitted request: its estimate while open, its true cost once settled, nothing once released.
 
-    `request_id` is the request's Inference-Id, the key of its charge in the metering ledger: stored at
-    admission, so a reservation whose settlement never came can be settled from the ledger.
+    Written behind the response, in batches (billing/spend.py): a request that ends within its budget's lease
+    is inserted settled; one still running when the lease rolls over is inserted open and settled later.
+    `request_id` is the request's Inference-Id, the key of its charge in the metering ledger, unique: a charge
+    whose row never came (a crashed replica) is adopted from the ledger once, and a late insert of the same
+    request is skipped. `lease_id`: the lease that admitted it (None before leases, or adopted).
     """
 
     __tablename__ = "billing_reservations"
@@ -141,15 +144,46 @@ class Reservation(Base):
     state: Mapped[str] = mapped_column(String(10))  # open | settled | released | expired
     cost_nanousd: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True, unique=True)
     hardware_profile: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Lease(Base):
+    """A slice of one account's month that one process admits from in memory (billing/leases.py).
+
+    `held_nanousd` is what the lease adds to the month's committed total: its unspent part plus the estimates
+    of the requests it admitted that are still running there. The holder returns it when it expires or is used
+    up (`returned`); a lease still open `LEASE_RECLAIM_GRACE_S` past `expires_at` belonged to a process that
+    died, and any other process gives its amount back (`reclaimed`).
+    """
+
+    __tablename__ = "billing_leases"
+    __table_args__ = (
+        # admission: an account's dead leases; housekeeping: every dead lease
+        Index("ix_billing_leases_account_state_expires", "account", "state", "expires_at"),
+        Index("ix_billing_leases_state_expires", "state", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(120))
+    month: Mapped[str] = mapped_column(String(7))
+    holder: Mapped[str] = mapped_column(String(120))  # host:pid, for an operator
+    held_nanousd: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(10))  # open | returned | reclaimed
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
 class HousekeepingMark(Base):
     """A fact housekeeping leaves for readers: `pruned_before`, the instant before which finished reservations
-    may have been deleted (so older months are read from the metering ledger)."""
+    may have been deleted (so older months are read from the metering ledger); `ledger_adopted_through`, the
+    ledger id up to which every charge has its reservation row (`value`)."""
 
     __tablename__ = "billing_housekeeping"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    value: Mapped[int | None] = mapped_column(
+        BigInteger, nullable=True
+    )  # ledger_adopted_through: a ledger id

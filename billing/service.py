@@ -8,6 +8,10 @@ try:
 except BaseException:
     billing.release(admission); raise
 billing.settle(admission, charge.cost_nanousd, request_id=..., hardware_profile=...)
+
+Admission reads cached tokens and policies and takes its estimate from an in-memory budget lease, so it touches
+the database only on a cache miss or when the lease rolls over (`admit_nowait` says whether it can decide
+without it); settle and release only queue in memory, written behind the response in batches (SpendBook).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from billing.errors import AccountsUnavailable, Forbidden, PaymentRequired, Unau
 from billing.hub import WhoamiCache
 from billing.reconcile import Reconciliation, reconcile
 from billing.reports import check_limit, check_month, ledger_usage_report, month_bounds, usage_report
-from billing.spend import Housekeeping, SpendBook, SweepResult, month_of
+from billing.spend import Housekeeping, Leasing, SpendBook, SweepResult, month_of
 
 FREE_TIER_MESSAGE = (
     "You have exceeded your monthly included credits for Inference Providers. "
@@ -97,6 +101,7 @@ class BillingService:
             allowance_nanousd=settings.overshoot_allowance_nanousd,
             reservation_ttl_s=settings.reservation_ttl_s,
             housekeeping=Housekeeping.from_settings(settings),
+            leasing=Leasing.from_settings(settings),
             clock=self.now,
         )
         self._whoami: WhoamiCache | None = None
@@ -166,6 +171,61 @@ class BillingService:
             raise AccountsUnavailable(
                 "The accounts database cannot be reached: the request was not run. Try again shortly."
             ) from err
+
+    def admit_nowait(
+        self,
+        token: str | None,
+        bill_to: str | None,
+        model_id: str,
+        estimate_nanousd: int,
+        started_at: dt.datetime,
+        *,
+        request_id: str | None = None,
+    ) -> Admission | None:
+        """`admit` when it can decide without the database, so an event loop may call it itself: the token and
+        the billed account's policy are cached and the account's budget lease covers the estimate (or it has no
+        cap). None when it cannot: then call `admit` (in a worker thread: it may wait on the database). Refusals
+        the caches already know (401, 403) raise here as in `admit`."""
+        if self.settings.mode == "open":
+            return self._admit(token, bill_to, model_id, estimate_nanousd, started_at, request_id)
+        token = (token or "").strip()
+        if not token:
+            raise Unauthorized("Missing credentials: send Authorization: Bearer <token>")
+        if self.migrations is not None and not self.migrations.done:
+            return None
+        if not token.startswith(self.settings.token_prefix):
+            return None  # a Hugging Face token, or none of ours: admit() says which
+        caller = self._accounts.cached_caller(token)
+        if caller is None:
+            return None
+        bill_to = (bill_to or "").strip() or None
+        account = self._accounts.cached_billed_account(caller, bill_to, model_id)
+        if account is None:
+            return None
+        started_at = as_utc(started_at)
+        estimate = max(int(estimate_nanousd), self.settings.min_estimate_nanousd)
+        rid = self._spend.reserve_in_memory(
+            account=account.name,
+            cap_nanousd=account.cap_nanousd,
+            user=caller.name,
+            kind="local",
+            model_id=model_id,
+            started_at=started_at,
+            estimate_nanousd=estimate,
+            request_id=request_id,
+        )
+        if rid is None:
+            return None
+        return Admission(
+            user=caller.name,
+            billed_account=account.name,
+            kind="local",
+            model_id=model_id,
+            started_at=started_at,
+            month=month_of(started_at),
+            reservation_id=rid,
+            estimate_nanousd=estimate,
+        )
 
     def _admit(
         self,
@@ -271,7 +331,8 @@ class BillingService:
         request_id: str | None = None,
         hardware_profile: str | None = None,
     ) -> None:
-        """Charge the true cost of an admitted request that ran, in the month it started."""
+        """Charge the true cost of an admitted request that ran, in the month it started: queued in memory and
+        written behind the response, in a batch (see SpendBook)."""
         if admission.reservation_id is None:
             return
         self.spend.settle(
@@ -279,7 +340,8 @@ class BillingService:
         )
 
     def release(self, admission: Admission) -> None:
-        """Give back the whole reservation of a request that failed (nothing charged). Idempotent."""
+        """Give back the whole reservation of a request that failed (nothing charged). Idempotent; in memory
+        when its lease still holds it, else written behind."""
         if admission.reservation_id is None:
             return
         self.spend.release(admission.reservation_id)
@@ -296,7 +358,8 @@ class BillingService:
             return Caller(name="(admin)", tier="", is_admin=True)
         if not token.startswith(self.settings.token_prefix):
             raise Unauthorized("Invalid credentials in Authorization header")
-        return self.accounts.resolve_token(token)
+        # Never from the cache: a revoked token is refused by the account API at once, on every replica.
+        return self.accounts.resolve_token(token, cached=False)
 
     def require_admin(self, token: str | None) -> Caller:
         """A server administrator, or Forbidden."""
@@ -338,6 +401,7 @@ class BillingService:
         if not allowed:
             raise Forbidden(f"You cannot see the usage of {account!r}")
         policy, per_member = self.accounts.account_policy(account), kind == "org"
+        self.spend.flush()  # this process's settlements, written behind, are in the report it asks for
         pruned_before = self.spend.pruned_before()
         if pruned_before is not None and month_bounds(month)[0] < pruned_before:
             # Old reservations are pruned: a month that may have lost some is read from the ledger (complete).
@@ -347,6 +411,7 @@ class BillingService:
     def reconcile(self, month: str) -> Reconciliation:
         """Billing's settled costs of `month` against the metering ledger's charges, request by request."""
         self.ensure_schema()
+        self._spend.flush()
         return reconcile(
             self.engine,
             self.database_url,
@@ -366,7 +431,8 @@ class BillingService:
         return self.spend.prune(dry_run=dry_run)
 
     def close(self) -> None:
-        """Release the database connections and the Hub client."""
+        """Give back this process's budget leases, write its queued settlements, and release the database
+        connections and the Hub client."""
         if self._whoami is not None:
             self._whoami.close()
         self._spend.close()  # its background housekeeping first: it uses the engine

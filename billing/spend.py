@@ -1,15 +1,57 @@
-"""The spend book: reservations at admission, true costs at settlement, and the per-month admission gate.
+"""The spend book: admission against the month's cap, settlement of true costs, and the housekeeping that keeps
+the books equal to the metering ledger.
 
-Each account has one row per calendar month (UTC) holding what it has committed: settled costs plus the
-estimates of open reservations. Admission is a single conditional UPDATE of that row
-(`committed + estimate <= cap + allowance`), atomic on SQLite (write lock) and PostgreSQL (row lock,
-re-checked after a concurrent update), so concurrent requests can never reserve past the cap together.
+Each account has one row per calendar month (UTC) holding what it has committed:
 
-The metering ledger (`metering_charges`, same database, keyed by the request's Inference-Id) is the truth of
-what ran. A reservation carries that id from admission on, so when its settlement never arrives (a client cut
-off mid-way, a crash) housekeeping settles it from the ledger's charge; only a reservation with no charge is
-expired, its estimate given back. Housekeeping also prunes old finished reservations. It runs in a background
-thread started by `reserve()` at most every `sweep_interval_s` / `prune_interval_s`, never on the request path.
+    committed = settled costs + estimates of open reservation rows + what open leases hold
+
+(a lease's amount keeps the estimates of the requests it admitted until it rolls over, those that have settled
+too: between roll-overs `committed` may count a settled request twice, never too little).
+
+**Admission without a database round trip.** A process admits an account's requests from a *lease* on that
+month (billing/leases.py): a slice of `lease_slice_estimates` estimates (or what is left, if less but at least
+the one estimate asked for) taken by one conditional UPDATE, `committed + slice <= cap + allowance`, atomic on
+SQLite (write lock) and PostgreSQL (row lock). Each admission then takes its estimate from the slice in memory.
+When the lease expires (`lease_ttl_s`) or cannot cover the next estimate, it rolls over in one transaction:
+requests still running become open reservation rows (their estimates move from the lease to the rows), the rest
+is given back, and a new slice is taken. A lease running low (under half a slice) is topped up by the same
+conditional UPDATE in the background, so admissions seldom wait for a roll-over. An account without a cap
+(pay-as-you-go with no limit) needs no lease: its admissions never touch the database.
+
+**The bound.** Every estimate admitted is covered by a lease's amount or an open row's, each counted in
+`committed`, and a slice is only taken while `committed + slice <= cap + allowance`; a settled cost replaces
+its estimate (within a lease, what is left of the estimate goes back to the lease, and an excess is taken from
+it as far as it goes). So at any moment, over all replicas together:
+
+    settled costs + estimates of running requests <= cap + overshoot_allowance_nanousd
+
+as long as each true cost is within its estimate (a request that ran is always charged in full; any excess
+over its estimate adds to it, as before leases). Leasing adds nothing to this bound: the slices leased at once
+are inside it. What it costs is earliness: a replica whose lease is spent may refuse (402) while other replicas
+still hold unspent slices, at most (replicas - 1) x the slice, and for at most `lease_ttl_s`, after which they
+are given back. Two more ways past the bound, as with per-request reservations: an open row expires after
+`reservation_ttl_s` (a request still running then no longer holds its estimate), and a lease its holder could
+not return within `LEASE_RECLAIM_GRACE_S` of its expiry (a replica cut off from the database, not dead) is given
+back by another replica; the running requests it covered get their rows when the holder reconnects.
+
+**Written behind the response.** A request that ends within its lease costs no write on its path: its
+reservation row is inserted settled, with its cost added to the month, by a background thread every
+`settle_flush_interval_s` (or sooner, past FLUSH_BATCH_OPS queued), many per transaction (billing/writer.py).
+A failed request's estimate goes back to the lease in memory (no row at all). A roll-over writes what is queued
+first, so the month's total never misses a cost this process knows.
+
+**A process that dies** leaves its lease open in the database: any other process gives its amount back once it
+is `LEASE_RECLAIM_GRACE_S` past expiry (at its next roll-over for that account, or in the sweep), so a crash
+locks the budget for at most `lease_ttl_s` + that grace. Its queued settlements are lost with it, but not the
+charges: the metering spool made them durable before each response, and the sweep adopts every ledger charge of
+one of our accounts that has no reservation row (billing/adoption.py). Its running requests that had become rows
+are settled from the ledger by request id (or expired), as before. So admission's totals still come from the
+ledger's charges plus what is still reserved.
+
+**Housekeeping** (billing/housekeeping.py; a background thread started by admissions at most every
+`sweep_interval_s` / `prune_interval_s`, never on the request path): reclaim dead leases, adopt orphan charges,
+settle stale open reservations from the ledger's charges (the metering ledger, same database, keyed by the
+request's Inference-Id) or expire those with none after `reservation_ttl_s`, prune old finished reservations.
 """
 
 from __future__ import annotations
@@ -18,99 +60,65 @@ import datetime as dt
 import logging
 import secrets
 import threading
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import BigInteger, Engine, String, and_, column, func, inspect, or_, select, table, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 
+from billing.books import EXPIRED, FINISHED, OPEN, RELEASED, SETTLED, month_of
 from billing.db import as_utc, read_session, utcnow, write_session
-from billing.schema import HousekeepingMark, MonthSpend, Reservation
+from billing.housekeeping import PRUNE_BATCH_ROWS, PRUNED_BEFORE, Housekeeper, Housekeeping, SweepResult
+from billing.leases import RECLAIMED, RETURNED, Budget, Held, Rollover, roll_over, top_up
+from billing.schema import MonthSpend, Reservation
+from billing.writer import Op, ReleaseOpen, SettledRow, SettleOpen, write_batch
 
 if TYPE_CHECKING:
     from billing.config import BillingSettings
 
 log = logging.getLogger(__name__)
 
-OPEN, SETTLED, RELEASED, EXPIRED = "open", "settled", "released", "expired"
-FINISHED = (SETTLED, RELEASED, EXPIRED)
-PRUNED_BEFORE = "pruned_before"
-# The columns of metering's ledger that billing reads: plain SQL, no import of metering's code.
-LEDGER_CHARGES = table(
-    "metering_charges",
-    column("request_id", String),
-    column("cost_nanousd", BigInteger),
-    column("hardware_profile", String),
-)
-_LOOKUP_CHUNK_IDS = 500  # far below SQLite's bound-parameter limit
-SWEEP_BATCH_ROWS = 1000
-PRUNE_BATCH_ROWS = 5000  # rows per delete transaction: a short write lock at a time
+__all__ = [
+    "EXPIRED",
+    "FINISHED",
+    "OPEN",
+    "PRUNED_BEFORE",
+    "PRUNE_BATCH_ROWS",
+    "RECLAIMED",
+    "RELEASED",
+    "RETURNED",
+    "SETTLED",
+    "Housekeeping",
+    "Leasing",
+    "SpendBook",
+    "SweepResult",
+    "month_of",
+]
+
+FLUSH_BATCH_OPS = 500  # queued settlements that wake the writer early; also its transaction size
 
 
 @dataclass(frozen=True)
-class Housekeeping:
-    """When the sweep settles lost settlements from the ledger, and when old reservations are pruned."""
+class Leasing:
+    """How budgets are leased and settlements written behind the response."""
 
-    settle_grace_s: float = 60
-    sweep_interval_s: float = 30
-    late_charge_window_s: float = 86400
-    retention_s: float = 70 * 86400
-    prune_interval_s: float = 3600  # 0: never in the background
-    background: bool = True  # False: only explicit sweep() / prune() calls (the CLI, tests)
+    lease_ttl_s: float = 5
+    slice_estimates: int = 10
+    flush_interval_s: float = 0.5
 
     @classmethod
-    def from_settings(cls, settings: BillingSettings) -> Housekeeping:
-        """The housekeeping of `billing.*` settings."""
+    def from_settings(cls, settings: BillingSettings) -> Leasing:
+        """The leasing of `billing.*` settings."""
         return cls(
-            settle_grace_s=settings.settle_grace_s,
-            sweep_interval_s=settings.sweep_interval_s,
-            late_charge_window_s=settings.late_charge_window_s,
-            retention_s=settings.reservation_retention_days * 86400,
-            prune_interval_s=settings.prune_interval_s,
+            lease_ttl_s=settings.lease_ttl_s,
+            slice_estimates=settings.lease_slice_estimates,
+            flush_interval_s=settings.settle_flush_interval_s,
         )
 
 
-@dataclass
-class SweepResult:
-    """What one sweep changed."""
-
-    settled_from_ledger: int = 0
-    expired: int = 0
-
-    def add(self, other: SweepResult) -> None:
-        """Count `other` in this one."""
-        self.settled_from_ledger += other.settled_from_ledger
-        self.expired += other.expired
-
-
-def month_of(when: dt.datetime) -> str:
-    """The calendar month (UTC) a request started in, as YYYY-MM: the month it is charged in."""
-    return as_utc(when).strftime("%Y-%m")
-
-
-def _insert_ignore(session: Session, account: str, month: str) -> None:
-    table = MonthSpend.__table__
-    values = {"account": account, "month": month, "committed_nanousd": 0}
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    session.execute(insert(table).values(**values).on_conflict_do_nothing())
-
-
-def _add(session: Session, account: str, month: str, delta_nanousd: int) -> None:
-    table = MonthSpend.__table__
-    session.execute(
-        update(table)
-        .where(table.c.account == account, table.c.month == month)
-        .values(committed_nanousd=table.c.committed_nanousd + delta_nanousd)
-    )
-
-
-class SpendBook:
-    """Reserve, settle and release; every operation is one short transaction."""
+class SpendBook(Housekeeper):
+    """Admission from in-memory leases, settlements written in batches, housekeeping in the background."""
 
     def __init__(
         self,
@@ -119,19 +127,29 @@ class SpendBook:
         allowance_nanousd: int = 0,
         reservation_ttl_s: float = 600,
         housekeeping: Housekeeping | None = None,
+        leasing: Leasing | None = None,
         clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
         self.engine = engine
         self.allowance_nanousd = allowance_nanousd
         self.reservation_ttl_s = reservation_ttl_s
         self.housekeeping = housekeeping or Housekeeping()
+        self.leasing = leasing or Leasing()
         self.clock = clock or utcnow
-        self._ledger_present = False
-        self._housekeeping_lock = threading.Lock()
-        self._housekeeping_thread: threading.Thread | None = None
-        self._next_sweep_at: dt.datetime | None = None  # None: due at the first admission
-        self._next_prune_at: dt.datetime | None = None
         self._closed = False
+        self._init_housekeeping()
+        # The in-memory side: budgets by (account, month), the requests they hold by reservation id, the queue.
+        self._lock = threading.Lock()  # held for dictionary work only, never across database I/O
+        self._budgets: dict[tuple[str, str], Budget] = {}
+        self._held: dict[str, tuple[Held, Budget]] = {}
+        self._id_prefix, self._next_id = secrets.token_hex(8), 0
+        self._queue: list[Op] = []
+        self._flush_lock = threading.Lock()  # one batch write at a time, in queue order
+        self._writer: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    # --- admission
 
     def reserve(
         self,
@@ -145,45 +163,157 @@ class SpendBook:
         estimate_nanousd: int,
         request_id: str | None = None,
     ) -> str | None:
-        """Reserve `estimate_nanousd` in the month `started_at` falls in; None when it would pass the cap.
+        """Hold `estimate_nanousd` in the month `started_at` falls in; its reservation id, or None when it would
+        pass the cap. In memory, except when the account's lease must roll over (see the module's docstring).
 
         `request_id` is the request's key in the metering ledger (its Inference-Id): with it, a reservation
         whose settlement is lost is settled from the ledger's charge instead of expiring.
         """
-        if estimate_nanousd < 0:
-            raise ValueError("estimate_nanousd cannot be negative")
-        month = month_of(started_at)
         now = self.clock()
         self._start_housekeeping_if_due(now)
-        table = MonthSpend.__table__
-        with write_session(self.engine) as s:
-            self._expire(s, account, now)
-            _insert_ignore(s, account, month)
-            stmt = update(table).where(table.c.account == account, table.c.month == month)
-            if cap_nanousd is not None:
-                stmt = stmt.where(
-                    table.c.committed_nanousd + estimate_nanousd <= cap_nanousd + self.allowance_nanousd
-                )
-            result = s.execute(stmt.values(committed_nanousd=table.c.committed_nanousd + estimate_nanousd))
-            if result.rowcount != 1:
-                return None
-            reservation_id = secrets.token_hex(16)
-            s.add(
-                Reservation(
-                    id=reservation_id,
-                    account=account,
-                    user=user,
-                    kind=kind,
-                    model_id=model_id,
-                    month=month,
-                    started_at=as_utc(started_at),
-                    created_at=now,
-                    estimate_nanousd=estimate_nanousd,
-                    state=OPEN,
-                    request_id=request_id,
-                )
-            )
-        return reservation_id
+        held = self._new_held(
+            account, cap_nanousd, user, kind, model_id, started_at, estimate_nanousd, request_id
+        )
+        if self._hold_in_memory(held, cap_nanousd is None, now):
+            return held.reservation_id
+        ask = Rollover(
+            need_nanousd=estimate_nanousd,
+            limit_nanousd=int(cap_nanousd or 0) + self.allowance_nanousd,
+            slice_nanousd=estimate_nanousd * self.leasing.slice_estimates,
+            lease_ttl_s=self.leasing.lease_ttl_s,
+        )
+        while True:
+            budget = self._budget(account, held.month)
+            with budget.roll_lock:
+                if self._budgets.get((account, held.month)) is not budget:
+                    continue  # dropped as idle meanwhile: use the new one
+                if self._hold_in_memory(held, False, now):  # another admission rolled it over meanwhile
+                    return held.reservation_id
+                self._roll(budget, now, ask, held)
+            return held.reservation_id if ask.granted_nanousd > 0 else None
+
+    def reserve_in_memory(
+        self,
+        *,
+        account: str,
+        cap_nanousd: int | None,
+        user: str,
+        kind: str,
+        model_id: str,
+        started_at: dt.datetime,
+        estimate_nanousd: int,
+        request_id: str | None = None,
+    ) -> str | None:
+        """`reserve` when it needs no database: the reservation id, or None when the account's lease must roll
+        over first (then call `reserve`, which may wait on the database)."""
+        held = self._new_held(
+            account, cap_nanousd, user, kind, model_id, started_at, estimate_nanousd, request_id
+        )
+        now = self.clock()
+        if not self._hold_in_memory(held, cap_nanousd is None, now):
+            return None
+        self._start_housekeeping_if_due(now)
+        return held.reservation_id
+
+    def _new_held(
+        self,
+        account: str,
+        cap_nanousd: int | None,
+        user: str,
+        kind: str,
+        model_id: str,
+        started_at: dt.datetime,
+        estimate_nanousd: int,
+        request_id: str | None,
+    ) -> Held:
+        if estimate_nanousd < 0:
+            raise ValueError("estimate_nanousd cannot be negative")
+        self._start_writer()
+        with self._lock:
+            self._next_id += 1
+            reservation_id = f"{self._id_prefix}{self._next_id:016x}"  # unique: a random prefix per book
+        return Held(
+            reservation_id=reservation_id,
+            account=account,
+            user=user,
+            kind=kind,
+            model_id=model_id,
+            month=month_of(started_at),
+            started_at=as_utc(started_at),
+            admitted_at=self.clock(),
+            estimate_nanousd=estimate_nanousd,
+            request_id=request_id,
+            covered=cap_nanousd is not None,
+        )
+
+    def _budget(self, account: str, month: str) -> Budget:
+        with self._lock:
+            budget = self._budgets.get((account, month))
+            if budget is None:
+                budget = self._budgets[(account, month)] = Budget(account, month)
+            return budget
+
+    def _hold_in_memory(self, held: Held, uncapped: bool, now: dt.datetime) -> bool:
+        """Admit `held` without the database when its budget can cover it (or it has no cap)."""
+        with self._lock:
+            budget = self._budgets.get((held.account, held.month))
+            if budget is None:
+                if not uncapped:
+                    return False
+                budget = self._budgets[(held.account, held.month)] = Budget(held.account, held.month)
+            if uncapped:
+                if budget.expires_at is None:  # its running requests get rows after a lease's time
+                    budget.expires_at = now + dt.timedelta(seconds=self.leasing.lease_ttl_s)
+            elif budget.can_cover(held.estimate_nanousd, now):
+                budget.unspent_nanousd -= held.estimate_nanousd
+                # Running low: the writer adds a slice before an admission has to wait for one.
+                if budget.wants_top_up(held.estimate_nanousd, now):
+                    budget.top_up_wanted = True
+                    self._wake.set()
+            else:
+                return False
+            budget.running[held.reservation_id] = held
+            self._held[held.reservation_id] = (held, budget)
+            return True
+
+    def _roll(self, budget: Budget, now: dt.datetime, ask: Rollover, held: Held | None = None) -> None:
+        """Roll `budget` over (its roll_lock held): running requests to rows, the lease given back, and a new
+        slice when `ask` needs one; `held` is admitted from it when granted."""
+        with self._lock:
+            converting = budget.converting = budget.running
+            budget.running = {}
+            unspent, budget.unspent_nanousd = budget.unspent_nanousd, 0
+        try:
+            self._write_queued()  # every cost this process knows is in the month's total before the lease is redone
+            with write_session(self.engine) as s:
+                roll_over(s, budget, list(converting.values()), ask, now, self._resolve_stale)
+        except BaseException:
+            with self._lock:
+                budget.converting = None
+                budget.unspent_nanousd = unspent
+                for h in converting.values():
+                    if h.outcome is None:
+                        budget.running[h.reservation_id] = h
+                    else:  # it ended meanwhile, still within the lease
+                        del self._held[h.reservation_id]
+                        self._end_in_memory(h, budget, h.outcome)
+            raise
+        with self._lock:
+            budget.converting = None
+            budget.held_db_nanousd = budget.unspent_nanousd = ask.granted_nanousd
+            budget.expires_at = ask.expires_at
+            budget.limit_nanousd, budget.slice_nanousd = ask.limit_nanousd, ask.slice_nanousd
+            budget.topped_out = False
+            for h in converting.values():  # now rows: their ends are row updates
+                del self._held[h.reservation_id]
+                if h.outcome is not None:
+                    self._queue.append(self._row_op(h.reservation_id, h.outcome))
+            if held is not None and ask.granted_nanousd > 0:
+                budget.unspent_nanousd -= held.estimate_nanousd
+                budget.running[held.reservation_id] = held
+                self._held[held.reservation_id] = (held, budget)
+
+    # --- settlement
 
     def settle(
         self,
@@ -192,242 +322,227 @@ class SpendBook:
         *,
         request_id: str | None = None,
         hardware_profile: str | None = None,
-    ) -> bool:
-        """Charge the true cost in place of the estimate; False when already settled or released."""
+    ) -> None:
+        """Charge the true cost in place of the estimate, written behind (a no-op once settled or released)."""
         if not isinstance(cost_nanousd, int) or cost_nanousd < 0:
             raise ValueError("cost_nanousd must be a whole number of nano-USD, 0 or more")
-        with write_session(self.engine) as s:
-            r = s.scalars(
-                select(Reservation).where(Reservation.id == reservation_id).with_for_update()
-            ).first()
-            if r is None or r.state not in (OPEN, EXPIRED):
-                return False
-            # An expired reservation no longer counts; a request that ran is still charged in full.
-            held = r.estimate_nanousd if r.state == OPEN else 0
-            r.state, r.cost_nanousd, r.settled_at = SETTLED, cost_nanousd, self.clock()
-            r.request_id = request_id or r.request_id
-            r.hardware_profile = hardware_profile or r.hardware_profile
-            _add(s, r.account, r.month, cost_nanousd - held)
-        return True
+        self._end(reservation_id, ("settle", cost_nanousd, request_id, hardware_profile))
 
-    def release(self, reservation_id: str) -> bool:
-        """Give back an open reservation whole (the request failed); False if not open."""
-        with write_session(self.engine) as s:
-            r = s.scalars(
-                select(Reservation).where(Reservation.id == reservation_id).with_for_update()
-            ).first()
-            if r is None or r.state != OPEN:
-                return False
-            r.state, r.settled_at = RELEASED, self.clock()
-            _add(s, r.account, r.month, -r.estimate_nanousd)
-        return True
+    def release(self, reservation_id: str) -> None:
+        """Give back the estimate of a request that failed (nothing charged); a no-op if not held."""
+        self._end(reservation_id, ("release",))
 
-    def _expire(self, s: Session, account: str, now: dt.datetime) -> None:
-        """Resolve the account's open reservations past the TTL: settled from the ledger, or expired."""
-        cutoff = now - dt.timedelta(seconds=self.reservation_ttl_s)
-        stale = s.scalars(
-            select(Reservation)
-            .where(Reservation.account == account, Reservation.state == OPEN, Reservation.created_at < cutoff)
-            # PostgreSQL: lock them, so two admissions never expire the same one twice (SQLite is serial)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if stale:
-            self._resolve(s, stale, now)
+    def _end(self, reservation_id: str, outcome: tuple) -> None:
+        with self._lock:
+            entry = self._held.get(reservation_id)
+            if entry is None:  # a row already (or another process's, or unknown): update it
+                self._queue.append(self._row_op(reservation_id, outcome))
+            else:
+                held, budget = entry
+                if budget.converting is not None and reservation_id in budget.converting:
+                    held.outcome = held.outcome or outcome  # applied once its row is written
+                    return
+                del self._held[reservation_id]
+                budget.running.pop(reservation_id, None)
+                self._end_in_memory(held, budget, outcome)
+            queued = len(self._queue)
+        if self._closed:
+            self._flush_quietly()
+        elif queued >= FLUSH_BATCH_OPS:
+            self._wake.set()
 
-    def _resolve(self, s: Session, rows: Sequence[Reservation], now: dt.datetime) -> SweepResult:
-        """Settle each open or expired reservation whose charge is in the ledger at that cost; expire the open
-        ones past the TTL that have none. The rows must be locked by `s`."""
-        charges = self._ledger_charges(s, [r.request_id for r in rows if r.request_id])
-        ttl_cutoff = now - dt.timedelta(seconds=self.reservation_ttl_s)
-        deltas: dict[tuple[str, str], int] = defaultdict(int)
-        out = SweepResult()
-        for r in rows:
-            charge = charges.get(r.request_id) if r.request_id else None
-            if charge is not None and r.state in (OPEN, EXPIRED):
-                cost_nanousd, profile = charge
-                # An expired reservation no longer counts; a request that ran is still charged in full.
-                held = r.estimate_nanousd if r.state == OPEN else 0
-                r.state, r.cost_nanousd, r.settled_at = SETTLED, cost_nanousd, now
-                r.hardware_profile = r.hardware_profile or profile
-                deltas[(r.account, r.month)] += cost_nanousd - held
-                out.settled_from_ledger += 1
-            elif r.state == OPEN and as_utc(r.created_at) < ttl_cutoff:
-                r.state = EXPIRED
-                deltas[(r.account, r.month)] -= r.estimate_nanousd
-                out.expired += 1
-        for (account, month), delta in sorted(deltas.items()):  # one lock order: no deadlock between sweeps
-            if delta:
-                _add(s, account, month, delta)
-        return out
-
-    def _ledger_charges(self, s: Session, request_ids: Sequence[str]) -> dict[str, tuple[int, str | None]]:
-        """(cost, hardware profile) of the ids that have a charge in the metering ledger."""
-        ids = list(dict.fromkeys(request_ids))
-        if not ids:
-            return {}
-        conn = s.connection()
-        if not self._ledger_present:
-            # Before metering's first migration there is no ledger, hence no charge (and on PostgreSQL a query
-            # of a missing table would abort the whole transaction).
-            if not inspect(conn).has_table(LEDGER_CHARGES.name):
-                return {}
-            self._ledger_present = True
-        t = LEDGER_CHARGES
-        found: dict[str, tuple[int, str | None]] = {}
-        for i in range(0, len(ids), _LOOKUP_CHUNK_IDS):
-            stmt = select(t.c.request_id, t.c.cost_nanousd, t.c.hardware_profile).where(
-                t.c.request_id.in_(ids[i : i + _LOOKUP_CHUNK_IDS])
-            )
-            found.update((rid, (int(cost), profile)) for rid, cost, profile in conn.execute(stmt))
-        return found
-
-    # --- housekeeping
-
-    def sweep(self, now: dt.datetime | None = None) -> SweepResult:
-        """Settle from the ledger every open reservation older than the grace (and every recently expired one)
-        whose charge is there; expire the open ones past the TTL that have none.
-
-        Candidates are found in a read transaction; only those that change are locked and written, so a sweep
-        with nothing to do takes no write lock.
-        """
-        now = as_utc(now or self.clock())
-        hk = self.housekeeping
-        open_cutoff = now - dt.timedelta(seconds=min(hk.settle_grace_s, self.reservation_ttl_s))
-        ttl_cutoff = now - dt.timedelta(seconds=self.reservation_ttl_s)
-        late_since = now - dt.timedelta(seconds=hk.late_charge_window_s)
-        wanted = or_(
-            and_(Reservation.state == OPEN, Reservation.created_at < open_cutoff),
-            and_(
-                Reservation.state == EXPIRED,
-                Reservation.created_at >= late_since,
-                Reservation.request_id.is_not(None),
-            ),
-        )
-        out, after = SweepResult(), ""
-        while True:
-            with read_session(self.engine) as s:
-                batch = s.execute(
-                    select(Reservation.id, Reservation.request_id, Reservation.state, Reservation.created_at)
-                    .where(wanted, Reservation.id > after)
-                    .order_by(Reservation.id)
-                    .limit(SWEEP_BATCH_ROWS)
-                ).all()
-                charged = self._ledger_charges(s, [b.request_id for b in batch if b.request_id])
-            change = [
-                b.id
-                for b in batch
-                if b.request_id in charged or (b.state == OPEN and as_utc(b.created_at) < ttl_cutoff)
-            ]
-            if change:
-                with write_session(self.engine) as s:
-                    rows = s.scalars(
-                        select(Reservation)
-                        .where(Reservation.id.in_(change))
-                        .order_by(Reservation.id)
-                        .with_for_update(skip_locked=True)
-                    ).all()
-                    out.add(self._resolve(s, rows, now))
-            if len(batch) < SWEEP_BATCH_ROWS:
-                return out
-            after = batch[-1].id
-
-    def pruned_before(self) -> dt.datetime | None:
-        """Finished reservations created before this instant may have been pruned (None: never pruned)."""
-        with read_session(self.engine) as s:
-            mark = s.get(HousekeepingMark, PRUNED_BEFORE)
-            return as_utc(mark.at) if mark else None
-
-    def prune(
-        self, now: dt.datetime | None = None, *, batch_rows: int = PRUNE_BATCH_ROWS, dry_run: bool = False
-    ) -> int:
-        """Delete settled, released and expired reservations older than the retention, in short batches; the
-        number deleted (with `dry_run`, the number that would be). Open reservations are never pruned.
-
-        Before the first row goes, `pruned_before` is moved to the cutoff, so readers know which months the
-        reservations no longer hold whole (reports read those from the ledger; reconciliation refuses them).
-        """
-        cutoff = as_utc(now or self.clock()) - dt.timedelta(seconds=self.housekeeping.retention_s)
-        old = and_(Reservation.state.in_(FINISHED), Reservation.created_at < cutoff)
-        if dry_run:
-            with read_session(self.engine) as s:
-                return int(s.scalar(select(func.count()).select_from(Reservation).where(old)) or 0)
-        with write_session(self.engine) as s:
-            if s.scalar(select(Reservation.id).where(old).limit(1)) is None:
-                return 0
-            mark = s.get(HousekeepingMark, PRUNED_BEFORE, with_for_update=True)
-            if mark is None:
-                s.add(HousekeepingMark(name=PRUNED_BEFORE, at=cutoff))
-            elif as_utc(mark.at) < cutoff:
-                mark.at = cutoff
-        t, total = Reservation.__table__, 0
-        while not self._closed:
-            with write_session(self.engine) as s:
-                batch = select(Reservation.id).where(old).limit(batch_rows)
-                deleted = s.execute(t.delete().where(t.c.id.in_(batch))).rowcount
-            total += deleted
-            if deleted < batch_rows:
-                break
-        return total
-
-    def _start_housekeeping_if_due(self, now: dt.datetime) -> None:
-        """Start the background sweep and/or prune when due (one thread per process at a time)."""
-        hk = self.housekeeping
-        sweep_due = self._next_sweep_at is None or now >= self._next_sweep_at
-        prune_due = hk.prune_interval_s > 0 and (self._next_prune_at is None or now >= self._next_prune_at)
-        if not hk.background or self._closed or not (sweep_due or prune_due):
+    def _end_in_memory(self, held: Held, budget: Budget, outcome: tuple) -> None:
+        """A request that ends within its lease (self._lock held): settled row queued, or estimate back."""
+        if outcome[0] == "release":
+            if held.covered:
+                budget.unspent_nanousd += held.estimate_nanousd  # still inside the lease's amount
             return
-        if not self._housekeeping_lock.acquire(blocking=False):
-            return  # another admission is starting it
+        _, cost_nanousd, request_id, profile = outcome
+        if held.covered:
+            # The lease pays the true cost in place of the estimate: what is left comes back to it, an excess
+            # over the estimate is taken from it as far as it goes (past that, it is excess over the bound).
+            budget.unspent_nanousd = max(0, budget.unspent_nanousd + held.estimate_nanousd - cost_nanousd)
+        row = held.row(
+            SETTLED,
+            budget.lease_id,
+            request_id=request_id,
+            cost_nanousd=cost_nanousd,
+            settled_at=self.clock(),
+            hardware_profile=profile,
+        )
+        self._queue.append(SettledRow(row))
+
+    @staticmethod
+    def _row_op(reservation_id: str, outcome: tuple) -> Op:
+        if outcome[0] == "release":
+            return ReleaseOpen(reservation_id)
+        _, cost_nanousd, request_id, profile = outcome
+        return SettleOpen(reservation_id, cost_nanousd, request_id, profile)
+
+    # --- the writer
+
+    def flush(self) -> None:
+        """Write what this process knows, now: its leases past expiry given back (their running requests as
+        open rows) and every queued settlement (what the background writer does every flush interval)."""
+        self._return_expired(self.clock())
+        self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Write every queued settlement now, in batches (raises what the database raises; nothing is lost:
+        what was not written stays queued, in order)."""
+        with self._flush_lock:
+            with self._lock:
+                ops, self._queue = self._queue, []
+            done = 0
+            try:
+                while done < len(ops):
+                    chunk = ops[done : done + FLUSH_BATCH_OPS]
+                    self._write(chunk)
+                    done += len(chunk)
+            except BaseException:
+                with self._lock:
+                    self._queue[:0] = ops[done:]
+                raise
+
+    def _write(self, ops: list[Op]) -> None:
+        now = self.clock()
         try:
-            if self._housekeeping_thread is not None and self._housekeeping_thread.is_alive():
+            with write_session(self.engine) as s:
+                write_batch(s, ops, now)
+        except IntegrityError:
+            # One write the database refuses for good must not hold the others back: one at a time, and drop
+            # (log) only the refused one. Its charge is in the ledger; the sweep adopts it there.
+            for op in ops:
+                try:
+                    with write_session(self.engine) as s:
+                        write_batch(s, [op], now)
+                except IntegrityError:
+                    log.exception("billing: dropped a settlement the database refuses: %r", op)
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._write_queued()
+        except Exception:
+            log.warning("billing: could not write settlements (kept queued)", exc_info=True)
+
+    def _start_writer(self) -> None:
+        if self._writer is not None or self._closed:
+            return
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="billing-writer", daemon=True)
+                self._writer.start()
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.leasing.flush_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
                 return
-            if sweep_due:
-                self._next_sweep_at = now + dt.timedelta(seconds=hk.sweep_interval_s)
-            if prune_due:
-                self._next_prune_at = now + dt.timedelta(seconds=hk.prune_interval_s)
-            self._housekeeping_thread = threading.Thread(
-                target=self._housekeep, args=(sweep_due, prune_due), name="billing-housekeeping", daemon=True
-            )
-            self._housekeeping_thread.start()
-        finally:
-            self._housekeeping_lock.release()
+            try:
+                self._top_up_wanted(self.clock())
+                self.flush()
+            except Exception:  # the database is away: everything stays queued for the next round
+                log.warning("billing: background write failed, retrying", exc_info=True)
 
-    def _housekeep(self, sweep: bool, prune: bool) -> None:
-        try:
-            if sweep:
-                done = self.sweep()
-                if done.settled_from_ledger or done.expired:
-                    log.info(
-                        "billing: settled %d reservation(s) from the ledger, expired %d",
-                        done.settled_from_ledger,
-                        done.expired,
-                    )
-            if prune:
-                pruned = self.prune()
-                if pruned:
-                    log.info("billing: pruned %d old reservation(s)", pruned)
-        except Exception:  # the next admission after the interval tries again; admission is unaffected
-            log.warning("billing: housekeeping failed", exc_info=True)
+    def _return_expired(self, now: dt.datetime, *, everything: bool = False) -> None:
+        """Roll over the budgets past their lease (all of them with `everything`): running requests to rows,
+        unspent amounts back; forget the idle ones."""
+        with self._lock:
+            budgets = list(self._budgets.values())
+        nothing = Rollover(
+            need_nanousd=0, limit_nanousd=None, slice_nanousd=0, lease_ttl_s=self.leasing.lease_ttl_s
+        )
+        for budget in budgets:
+            if not (everything or budget.expired(now)):
+                continue
+            with budget.roll_lock:  # after an admission's roll-over under way, if any: then it may not be due
+                if not (everything or budget.expired(now)):
+                    continue
+                if not budget.idle():
+                    self._roll(budget, now, nothing)
+                with self._lock:
+                    if budget.idle() and self._budgets.get((budget.account, budget.month)) is budget:
+                        del self._budgets[(budget.account, budget.month)]
 
-    def wait_for_housekeeping(self, timeout_s: float | None = None) -> None:
-        """Wait for a running background sweep or prune to finish."""
-        thread = self._housekeeping_thread
-        if thread is not None:
-            thread.join(timeout_s)
+    def _top_up_wanted(self, now: dt.datetime) -> None:
+        """Top up the leases that asked for it (see Budget.wants_top_up), unless a roll-over is under way."""
+        with self._lock:
+            wanted = [b for b in self._budgets.values() if b.top_up_wanted]
+        for budget in wanted:
+            if not budget.roll_lock.acquire(blocking=False):
+                budget.top_up_wanted = False  # an admission is rolling it over: a fresh slice comes with it
+                continue
+            try:
+                if budget.converting is not None or budget.expired(now) or budget.held_db_nanousd == 0:
+                    continue  # rolled over (or expiring) meanwhile: nothing to add to
+                with write_session(self.engine) as s:
+                    extra = top_up(s, budget, now)
+                with self._lock:
+                    budget.unspent_nanousd += extra
+                    budget.held_db_nanousd += extra
+                    budget.topped_out = extra <= 0
+            finally:
+                budget.top_up_wanted = False
+                budget.roll_lock.release()
 
-    def close(self) -> None:
-        """Stop starting housekeeping; let a running one finish its current transaction."""
-        self._closed = True
-        self.wait_for_housekeeping(30)
+    def return_leases(self) -> None:
+        """Give back every lease of this process now and write everything queued (what close() does): running
+        requests become open rows, settled or released later."""
+        self._return_expired(self.clock(), everything=True)
+        self._write_queued()
+
+    # --- reading
 
     def committed_nanousd(self, account: str, month: str) -> int:
-        """Settled costs plus open reservations of `account` in `month`."""
+        """Settled costs plus estimates in flight of `account` in `month`, as this process sees them: its queue
+        written first, its own leases counted at what they hold for running requests (another replica's
+        unspent lease still counts until it is returned)."""
+        self.flush()
         with read_session(self.engine) as s:
             row = s.get(MonthSpend, (account, month))
-            return int(row.committed_nanousd) if row else 0
+            total = int(row.committed_nanousd) if row else 0
+        with self._lock:
+            budget = self._budgets.get((account, month))
+            if budget is not None:
+                running = list(budget.running.values())
+                total += sum(h.estimate_nanousd for h in running) - budget.held_db_nanousd
+        return total
 
     def state(self, reservation_id: str) -> str | None:
         """A reservation's state (open, settled, released, expired), or None."""
+        with self._lock:
+            if reservation_id in self._held:
+                return OPEN
+        self.flush()
         with read_session(self.engine) as s:
             r = s.get(Reservation, reservation_id)
             return r.state if r else None
+
+    def sweep(self, now: dt.datetime | None = None) -> SweepResult:
+        """Bring the books back to the ledger: this process's expired leases returned and its queue written;
+        dead leases of other processes given back; ledger charges with no reservation adopted; every open
+        reservation older than the grace (and every recently expired one) whose charge is there settled from it;
+        the open ones past the TTL that have none expired.
+
+        Candidates are found in read transactions; only what changes is locked and written, so a sweep with
+        nothing to do takes no write lock.
+        """
+        now = as_utc(now or self.clock())
+        self._return_expired(now)
+        self._write_queued()
+        return self._sweep_books(now)
+
+    def close(self) -> None:
+        """Give back this process's leases and write every queued settlement (best effort: a database that
+        cannot be reached now leaves the leases to expire and the charges to the sweep), then stop."""
+        self._stop.set()
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.join(30)
+        try:
+            self.return_leases()
+        except Exception:
+            log.warning("billing: could not return leases or write settlements at close", exc_info=True)
+        self._closed = True
+        self.wait_for_housekeeping(30)

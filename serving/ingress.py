@@ -270,6 +270,14 @@ class IngressCore:
         else:
             price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
             estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
+            # From memory (the cached token and policy, the account's budget lease) when it can: no thread hop,
+            # no database; else a worker thread, which may wait on the database.
+            admission_now = self.billing.admit_nowait(
+                token, bill_to, spec.id, estimate, ctx.started_at, request_id=ctx.inference_id
+            )
+            if admission_now is not None:
+                ctx.user, ctx.billed_account = admission_now.user, admission_now.billed_account
+                return admission_now
             reserving = self.in_background(
                 asyncio.to_thread(
                     self.billing.admit,
@@ -299,11 +307,11 @@ class IngressCore:
         await self.release(admission)
 
     async def release(self, admission: Admission) -> None:
-        """Give back the reservation of a request that was not charged."""
+        """Give back the reservation of a request that was not charged (in memory: written behind, batched)."""
         if admission.reservation_id is None:
             return
         try:
-            await asyncio.to_thread(self.billing.release, admission)
+            self.billing.release(admission)
         except Exception:
             log.exception("billing: could not release a reservation")
 
@@ -312,8 +320,7 @@ class IngressCore:
         if job.admission.reservation_id is None:
             return
         try:
-            await asyncio.to_thread(
-                self.billing.settle,
+            self.billing.settle(  # queued in memory and written behind the response, batched
                 job.admission,
                 charge.cost_nanousd,
                 request_id=job.ctx.inference_id,

@@ -43,7 +43,7 @@ def test_migrations_have_their_own_version_table_and_are_idempotent(database_url
     try:
         upgrade(engine)
         upgrade(engine)  # a second start changes nothing
-        assert current_revision(engine) == "0002_reservation_housekeeping"
+        assert current_revision(engine) == "0003_budget_leases"
         tables = set(inspect(engine).get_table_names())
         assert "billing_alembic_version" in tables and "alembic_version" not in tables
         assert {"billing_users", "billing_orgs", "billing_tokens", "billing_reservations"} <= tables
@@ -288,6 +288,7 @@ def test_concurrent_expiry_keeps_the_books_consistent(database_url):
         with ThreadPoolExecutor(max_workers=20) as pool:
             list(pool.map(request, range(20)))
         svc.spend.wait_for_housekeeping()  # a background sweep may be expiring some of them too
+        svc.spend.flush()  # settlements are written behind the response: all of them, before reading the rows
         from sqlalchemy import select
 
         from billing.db import read_session

@@ -124,6 +124,7 @@ def test_tokens_mode_answers_503_while_down_and_admits_once_the_database_is_back
             assert set(answers[:-2]) <= {503}, "before that, only 503s"
             assert core.billing.migrations.done
             assert core.metering.flush(30)
+            core.billing.spend.flush()  # settlements are written behind the response, in batches: now
         assert ledger_ids(postgres_db_url) == [answers[-1]]
         usage = BillingService(BillingSettings(mode="tokens"), postgres_db_url)
         try:
