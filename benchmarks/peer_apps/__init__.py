@@ -1,0 +1,1 @@
+"""Peer servers of benchmarks/peers.py: the same MiniLM behind LitServe and behind plain Ray Serve."""
