@@ -11,7 +11,7 @@ import time
 import warnings
 
 import pytest
-from fixtures.net import serve_in_thread
+from fixtures.inprocess import tokens_mode_sentiment
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -20,34 +20,8 @@ MODEL = "local/tiny-sentiment"
 
 @pytest.fixture(scope="module")
 def service(model_store, tmp_path_factory):
-    from serving.config import Settings
-    from serving.http import create_app
-    from serving.ingress import IngressCore
-    from serving.inprocess import InProcessBackend
-
-    work = tmp_path_factory.mktemp("billing-ingress")
-    spec = {
-        "id": MODEL,
-        "task": "text-classification",
-        "source": {"path": "tiny-sentiment", "prepare": "tiny-sentiment"},
-        "hardware_profile": "cpu-basic",
-        "dtype": "float32",
-    }
-    settings = Settings.load(
-        {
-            "model_store": str(model_store),
-            "offline": True,
-            "models": [spec],
-            "metering": {"database_url": f"sqlite:///{work / 'ledger.db'}", "spool_dir": str(work / "spool")},
-            "billing": {"mode": "tokens", "estimate_compute_s": 1},
-        },
-        env={},
-    )
-    catalog, _ = settings.validated()
-    core = IngressCore(settings, InProcessBackend(catalog, settings.load_options(), torch_threads=1))
-    with serve_in_thread(create_app(core)) as url:
-        yield url, core
-    core.metering.close()
+    with tokens_mode_sentiment(model_store, tmp_path_factory.mktemp("billing-ingress")) as served:
+        yield served
 
 
 def _client(base: str, token: str | None, bill_to: str | None = None) -> InferenceClient:
