@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install serve test test-unit lint format bench bench-peers clean
+.PHONY: install serve test test-unit lint format docs bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The documentation (docs/, mkdocs.yml) into site/; strict, so a broken link or anchor fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 # benchmarks/peers.py: this backend against LitServe and plain Ray Serve. LitServe lives in its own venv so that
 # its dependencies never touch the project's; wrk (Debian's package) is the load generator for every stack.
 PEERS_VENV ?= .venv-peers
@@ -56,4 +60,4 @@ bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python benchmarks/peers.py --peers-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
