@@ -317,12 +317,22 @@ class Scenario:
         the nodes have distinct addresses (the second is 127.0.0.2), so HAProxy cannot take a replica of the other
         node for one of its own (to which it would connect on 127.0.0.1)."""
         head, second = self.node_ids
-        configs = {node: _haproxy_config(node) for node in self.node_ids}
         deployments = self.deployments()
         replica_ids = {app: [r["replica_id"] for r in d["replicas"]] for app, d in deployments.items()}
         via_head = [self.post(head, L4_MODEL, f"head to L4 {i}") for i in range(3)]
         via_second = [self.post(second, CPU_MODEL, f"second to CPU {i}") for i in range(3)]
         via_second_l4 = [self.post(second, L4_MODEL, f"second to L4 {i}") for i in range(2)]
+        # Each node's HAProxy rewrites its configuration when Serve's routing table reaches it, which can trail
+        # the replicas' start on a loaded machine: read it once it names both replicas (or after 30 s).
+        deadline = time.monotonic() + 30
+        while True:
+            configs = {node: _haproxy_config(node) for node in self.node_ids}
+            named = _server_addresses(configs[head], replica_ids[self.l4_app]) and _server_addresses(
+                configs[second], replica_ids[self.cpu_app]
+            )
+            if named or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         self.answered_l4 = [r for r in via_head + via_second_l4 if r.status_code == 200]
         self.result["checks"]["cross_node"] = {
             "node_ips": self.node_ips,

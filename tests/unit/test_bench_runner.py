@@ -47,7 +47,9 @@ def test_closed_loop_duration_bound(bench_standin) -> None:
         LoadSpec(concurrency=2, duration_s=0.3),
     )
     assert point.results
-    assert all(r.sent_s < 0.3 for r in point.results)  # nothing is launched after the deadline
+    # Nothing is launched after the deadline: each request is scheduled (decided) before it; building and
+    # sending it may take a moment more on a loaded machine.
+    assert all(r.scheduled_s < 0.3 for r in point.results)
 
 
 def test_headers_give_compute_and_exact_cost(bench_standin) -> None:
