@@ -88,6 +88,19 @@ class TaskRunner(ABC):
         client went away). A runner without steps just runs."""
         return self.run(request)
 
+    # True for a runner that batches concurrent requests itself (continuous batching of generation): the executor
+    # then calls it without its lock, from many threads at once, and takes each request's compute from the runner
+    # (its shares of the engine's steps) instead of a stopwatch around the call.
+    concurrent: bool = False
+
+    def run_metered(
+        self, request: TaskRequest, should_stop: Callable[[], bool], on_step: Callable[[int], None]
+    ) -> tuple[Any, dict[str, int], Any]:
+        """A concurrent runner's `run`: (output, usage, Timings), calling `on_step(compute_ns so far)` as it goes and
+        raising Interrupted(compute_ns) once `should_stop()` stopped it. Its `stream` stamps each chunk's
+        `elapsed_ns` and ends with {"output", "usage", "timings"}."""
+        raise NotImplementedError(f"{type(self).__name__} is not a concurrent runner")
+
     def run_batch(self, requests: list[TaskRequest]) -> list[tuple[Any, dict[str, int]]]:
         """Run several requests in one forward pass where the runner can; the default runs them in turn."""
         return [self.run(r) for r in requests]

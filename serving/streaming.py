@@ -44,6 +44,36 @@ async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[
         stop.set()
 
 
+def in_own_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """Run `fn(*args)` on a thread of its own; its result (or error) resolves the returned future.
+
+    Not the loop's default executor: its few workers (cores + 4) would cap how many requests of a continuously
+    batched model run at once, since each waits there for its tokens while the engine runs them together."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def work() -> None:
+        try:
+            outcome = (True, fn(*args))
+        except BaseException as err:
+            outcome = (False, err)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this result any more
+            pass
+
+    threading.Thread(target=work, daemon=True, name="run-worker").start()
+    return future
+
+
 # Heartbeats are sent at most this often: a client that leaves is charged the compute of the last one it got.
 PROGRESS_INTERVAL_NS = 20_000_000
 
@@ -64,7 +94,7 @@ async def run_with_progress(executor: Any, request: Any) -> AsyncIterator[Any]:
             last[0] = elapsed_ns
             loop.call_soon_threadsafe(beats.put_nowait, elapsed_ns)
 
-    task = asyncio.ensure_future(asyncio.to_thread(executor.run, request, stop.is_set, on_step))
+    task = in_own_thread(executor.run, request, stop.is_set, on_step)
     task.add_done_callback(lambda _: beats.put_nowait(_DONE))
     try:
         finished = False
@@ -83,6 +113,24 @@ async def run_with_progress(executor: Any, request: Any) -> AsyncIterator[Any]:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
+async def outlast_cancels(work: asyncio.Future) -> Any:
+    """`work`'s outcome, awaited to its end however often the caller is cancelled meanwhile.
+
+    For the wait that follows a first cancellation (the client left: the work stops at its next step, or ends):
+    a second one can come, as when both Serve's replica and the service notice the same disconnect, and it must
+    not turn the charge for what ran into nothing. Each cancellation is absorbed (`uncancel`); the wait it
+    interrupts is bounded by the work itself."""
+    while True:
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if work.done():
+                return work.result()  # its own cancellation or outcome, not ours
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+
+
 async def run_stoppable(executor: Any, request: Any) -> Any:
     """Run a request of a stoppable runner on a thread and return its RunResult. If the caller is cancelled (its
     client went away), the runner stops at its next step and Interrupted carries the compute that ran, measured
@@ -90,13 +138,13 @@ async def run_stoppable(executor: Any, request: Any) -> Any:
     from models.types import Interrupted
 
     stop = threading.Event()
-    task = asyncio.ensure_future(asyncio.to_thread(executor.run, request, stop.is_set))
+    task = in_own_thread(executor.run, request, stop.is_set)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         stop.set()
         try:
-            result = await task
+            result = await outlast_cancels(task)
         except Interrupted:
             raise
         except Exception:  # it failed anyway: a failure is never charged
@@ -120,7 +168,7 @@ async def result_of(items: AsyncIterator[Any], stop: Callable[[], Any]) -> Any:
     except asyncio.CancelledError:
         done = stop()
         if asyncio.iscoroutine(done):
-            await done
+            await outlast_cancels(asyncio.ensure_future(done))
         raise Interrupted(consumed_ns) from None
     raise GenerationError("the model ended without a result")
 
@@ -135,7 +183,7 @@ async def finish_despite_cancel(work: Any) -> Any:
         return await asyncio.shield(inner)
     except asyncio.CancelledError:
         try:
-            result = await inner
+            result = await outlast_cancels(inner)
         except Exception:  # it failed anyway: a failure is never charged
             raise asyncio.CancelledError from None
         raise Interrupted(result.timings.compute_ns, result) from None

@@ -13,6 +13,7 @@ from typing import Any
 
 from models.base import TaskRunner, param_bool, param_float, param_int
 from models.errors import InvalidInput, UnprocessableRequest
+from models.tasks import generation_extras
 from models.types import CHAT_COMPLETION, COMPLETION, TEXT_GENERATION, StopRun, StreamChunk, TaskRequest
 
 _ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -31,18 +32,28 @@ class _Generation:
         self.finish_reason: str | None = None
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.logprobs: list[float | None] = []
+        self.tops: list[list[dict[str, Any]]] = []
 
-    def add(self, token_id: int, logprob: float | None) -> StreamChunk | None:
+    def add(self, token_id: int, logprob: float | None, top: Any = None) -> StreamChunk | None:
         """Take one generated token; return the text it makes safe to emit (or None)."""
         self.ids.append(token_id)
         self.logprobs.append(logprob)
+        chunk = StreamChunk(text="", token_id=token_id, logprob=logprob)
+        if top is not None:  # alternatives asked for (top_logprobs / top_n_tokens)
+            chunk.token_text = self.tokenizer.decode([token_id])
+            chunk.top_logprobs = [
+                {"id": i, "text": self.tokenizer.decode([i]), "logprob": lp, "special": i in self.eos_ids}
+                for i, lp in top
+            ]
+            self.tops.append(chunk.top_logprobs)
         special = token_id in self.eos_ids
         if special:
             self.finish_reason = "eos_token"
-            return StreamChunk(text="", token_id=token_id, special=True, logprob=logprob)
+            chunk.special = True
+            return chunk
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
-            return StreamChunk(text="", token_id=token_id, logprob=logprob)  # an incomplete UTF-8 sequence
+            return chunk  # an incomplete UTF-8 sequence
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.finish_reason = "stop_sequence"
@@ -51,9 +62,9 @@ class _Generation:
         else:
             safe = max(self.emitted, len(text) - self.holdback)
         self.text = text
-        delta = text[self.emitted : safe]
+        chunk.text = text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
-        return StreamChunk(text=delta, token_id=token_id, logprob=logprob)
+        return chunk
 
     def flush(self) -> str:
         """Text still held back (a possible stop-string prefix) once generation ended without a stop."""
@@ -77,6 +88,28 @@ class TextGenerationRunner(TaskRunner):
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        from models.tasks.text_generation_engine import make_engine
+
+        self.engine = make_engine(self)  # continuous batching (None: generate(), one request at a time)
+
+    @property
+    def concurrent(self) -> bool:  # type: ignore[override]
+        """Whether the batching engine runs this model's requests: the executor then takes no lock and bills
+        each request its shares of the engine's steps (models/tasks/llm_engine.py)."""
+        return getattr(self, "engine", None) is not None
+
+    def run_metered(
+        self, request: TaskRequest, should_stop: Callable[[], bool], on_step: Callable[[int], None]
+    ) -> tuple[Any, dict[str, int], Any]:
+        from models.tasks.text_generation_engine import engine_stream
+
+        final: dict[str, Any] = {}
+        for item in engine_stream(self, request, should_stop):
+            if isinstance(item, StreamChunk):
+                on_step(item.elapsed_ns)
+            else:
+                final = item
+        return generation_extras.finish_output(request, final["output"]), final["usage"], final["timings"]
 
     def supported_tasks(self) -> tuple[str, ...]:
         if getattr(self.tokenizer, "chat_template", None):
@@ -110,8 +143,7 @@ class TextGenerationRunner(TaskRunner):
     def _prompt_ids(self, request: TaskRequest) -> list[int]:
         if request.task == CHAT_COMPLETION:
             messages = self._messages(request.inputs)
-            tools = request.parameters.get("tools")
-            kwargs = {"tools": tools} if tools else {}
+            messages, kwargs = generation_extras.template_inputs(request, messages)
             enc = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, **kwargs
             )
@@ -157,6 +189,7 @@ class TextGenerationRunner(TaskRunner):
         param_bool(p, "details")
         max_new = self._max_new_tokens(request)
         self._stops(request)
+        generation_extras.validate(self, request)
         prompt_len = len(self._prompt_ids(request))
         if prompt_len + max_new > self.max_context:
             raise InvalidInput(
@@ -201,10 +234,15 @@ class TextGenerationRunner(TaskRunner):
         gen = _Generation(self.tokenizer, stops, self.eos_ids)
         kwargs, seed = self._generate_kwargs(request)
         last_logprobs: list[Any] = [None]
+        last_top: list[Any] = [None]
+        top_n = generation_extras.top_n(request)
 
         class RecordLogprobs(LogitsProcessor):
             def __call__(self, input_ids, scores):
-                last_logprobs[0] = torch.log_softmax(scores.float(), dim=-1)[0]
+                last_logprobs[0] = torch.log_softmax(scores.float(), dim=-1)[0].clamp(min=-9999.0)
+                if top_n is not None:  # per-token logprobs asked for, with top_n alternatives
+                    values, indices = torch.topk(last_logprobs[0], top_n)
+                    last_top[0] = list(zip(indices.tolist(), values.tolist(), strict=True))
                 return scores
 
         class Streamer(BaseStreamer):
@@ -216,7 +254,7 @@ class TextGenerationRunner(TaskRunner):
                     return
                 token_id = int(value.reshape(-1)[0])
                 lp = last_logprobs[0]
-                chunk = gen.add(token_id, float(lp[token_id]) if lp is not None else None)
+                chunk = gen.add(token_id, float(lp[token_id]) if lp is not None else None, last_top[0])
                 if chunk is not None:
                     on_chunk(chunk)
 
@@ -235,7 +273,9 @@ class TextGenerationRunner(TaskRunner):
                 attention_mask=torch.ones_like(ids),
                 streamer=Streamer(),
                 stopping_criteria=StoppingCriteriaList([Stop()]),
-                logits_processor=LogitsProcessorList([RecordLogprobs()]),
+                logits_processor=LogitsProcessorList(
+                    [RecordLogprobs(), *generation_extras.logits_processors(self, request, len(prompt_ids))]
+                ),
                 pad_token_id=self.tokenizer.pad_token_id or next(iter(self.eos_ids), 0),
                 **kwargs,
             )
@@ -255,14 +295,19 @@ class TextGenerationRunner(TaskRunner):
                 for i, lp in zip(gen.ids, gen.logprobs, strict=True)
             ],
         }
+        if top_n is not None:
+            output["top_tokens"] = gen.tops
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(gen.ids)}
         return {"output": output, "usage": usage}
 
     stoppable = True
 
     def run(self, request: TaskRequest) -> tuple[Any, dict[str, int]]:
+        if self.concurrent:
+            output, usage, _ = self.run_metered(request, lambda: False, lambda elapsed_ns: None)
+            return output, usage
         result = self._run_generation(request, lambda chunk: None, lambda: False)
-        return result["output"], result["usage"]
+        return generation_extras.finish_output(request, result["output"]), result["usage"]
 
     def run_steps(
         self, request: TaskRequest, on_step: Callable[[], None], should_stop: Callable[[], bool]
@@ -270,11 +315,21 @@ class TextGenerationRunner(TaskRunner):
         result = self._run_generation(request, lambda chunk: on_step(), should_stop)
         if should_stop():  # generation ended because the client went away: nobody wants the text
             raise StopRun
-        return result["output"], result["usage"]
+        return generation_extras.finish_output(request, result["output"]), result["usage"]
 
     def stream(
         self, request: TaskRequest, should_stop: Callable[[], bool]
     ) -> Iterator[StreamChunk | dict[str, Any]]:
+        return generation_extras.finish_stream(request, self._stream(request, should_stop))
+
+    def _stream(
+        self, request: TaskRequest, should_stop: Callable[[], bool]
+    ) -> Iterator[StreamChunk | dict[str, Any]]:
+        if self.concurrent:
+            from models.tasks.text_generation_engine import engine_stream
+
+            yield from engine_stream(self, request, should_stop)
+            return
         chunks: queue.Queue[Any] = queue.Queue()
         cancelled = threading.Event()
         done = object()
