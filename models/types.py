@@ -15,6 +15,30 @@ COMPLETION = "completion"
 FEATURE_EXTRACTION = "feature-extraction"
 SENTENCE_SIMILARITY = "sentence-similarity"
 TEXT_CLASSIFICATION = "text-classification"
+# Text and tabular tasks (models/tasks/text_tasks.py, models/tasks/tabular.py).
+QUESTION_ANSWERING = "question-answering"
+FILL_MASK = "fill-mask"
+TOKEN_CLASSIFICATION = "token-classification"
+ZERO_SHOT_CLASSIFICATION = "zero-shot-classification"
+SUMMARIZATION = "summarization"
+TRANSLATION = "translation"
+TABLE_QUESTION_ANSWERING = "table-question-answering"
+TABULAR_CLASSIFICATION = "tabular-classification"
+TABULAR_REGRESSION = "tabular-regression"
+# Vision and audio tasks (models/tasks/<task>.py, serving/routes/media.py).
+IMAGE_CLASSIFICATION = "image-classification"
+IMAGE_SEGMENTATION = "image-segmentation"
+OBJECT_DETECTION = "object-detection"
+IMAGE_TO_TEXT = "image-to-text"
+ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
+IMAGE_TO_IMAGE = "image-to-image"
+DOCUMENT_QUESTION_ANSWERING = "document-question-answering"
+VISUAL_QUESTION_ANSWERING = "visual-question-answering"
+AUTOMATIC_SPEECH_RECOGNITION = "automatic-speech-recognition"
+AUDIO_CLASSIFICATION = "audio-classification"
+AUDIO_TO_AUDIO = "audio-to-audio"
+TEXT_TO_SPEECH = "text-to-speech"
+TEXT_TO_AUDIO = "text-to-audio"
 
 
 @dataclass
@@ -60,6 +84,9 @@ class StreamChunk:
     special: bool = False
     logprob: float | None = None
     elapsed_ns: int = 0  # compute consumed so far: what a client that disconnects here is charged
+    token_text: str | None = None  # the token alone, decoded (logprobs requests)
+    top_logprobs: list[dict[str, Any]] | None = None  # [{id, text, logprob}] when alternatives were asked for
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI streamed tool calls completed with this chunk
 
 
 @dataclass

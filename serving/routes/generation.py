@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Response
 
 from models.catalog import ModelSpec
+from models.errors import InvalidInput
 from models.types import TEXT_GENERATION, RunResult, StreamChunk, TaskRequest
 from serving.routes.base import (
     Parsed,
@@ -32,7 +33,37 @@ _PARAMS = (
     "stop_sequences",
     "return_full_text",
     "details",
+    "top_n_tokens",  # details.top_tokens / each event's top_tokens
+    "frequency_penalty",
+    "grammar",  # {"type": "json" | "regex", "value"}: constrained decoding (models/tasks/constrained.py)
 )
+
+
+# TGI parameters this server does not implement, with the value that means "off". Set to anything else, they are
+# refused with a 400 that names them. Not in the words of transformers' "`model_kwargs` are not used" error: on
+# that one huggingface_hub's InferenceClient retries without them, but also marks the model as not served by TGI
+# for the rest of the process, after which it refuses to stream from it and drops `details`.
+_TGI_UNSUPPORTED = {
+    "best_of": 1,
+    "decoder_input_details": False,
+    "truncate": None,
+    "typical_p": None,
+    "watermark": False,
+    "adapter_id": None,
+}
+
+
+def _refuse_unsupported(params: dict[str, Any]) -> None:
+    unused = [k for k, off in _TGI_UNSUPPORTED.items() if params.get(k) not in (None, off)]
+    if unused:
+        names = ", ".join(f"parameters.{k}" for k in unused)
+        raise InvalidInput(f"{names}: not supported by this server; leave it out or set it to its default")
+
+
+def _top(entries: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if entries is None:
+        return None
+    return [{k: e[k] for k in ("id", "text", "logprob", "special")} for e in entries]
 
 
 def _details(output: dict[str, Any], usage: dict[str, int], with_tokens: bool) -> dict[str, Any]:
@@ -45,6 +76,8 @@ def _details(output: dict[str, Any], usage: dict[str, int], with_tokens: bool) -
     if with_tokens:
         details["prefill"] = []
         details["tokens"] = output["tokens"]
+        if output.get("top_tokens") is not None:
+            details["top_tokens"] = [_top(t) for t in output["top_tokens"]]
     return details
 
 
@@ -54,7 +87,9 @@ class TextGenerationAdapter(TaskAdapter):
 
     def parse(self, body: Any, spec: ModelSpec, ctx: RequestContext) -> Parsed:
         body = require_dict(body)
-        params = {k: v for k, v in parameters_of(body).items() if k in _PARAMS and v is not None}
+        given = parameters_of(body)
+        _refuse_unsupported(given)
+        params = {k: v for k, v in given.items() if k in _PARAMS and v is not None}
         stream = body.get("stream") is True
         return Parsed(
             TaskRequest(TEXT_GENERATION, require_inputs(body), params, ctx.request_id), stream=stream
@@ -105,5 +140,5 @@ class TextGenerationAdapter(TaskAdapter):
             "token": token,
             "generated_text": generated_text,
             "details": details,
-            "top_tokens": None,
+            "top_tokens": _top(chunk.top_logprobs),
         }

@@ -11,9 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.catalog import ModelSpec
 from models.errors import InvalidInput, UnprocessableRequest
 from models.types import CHAT_COMPLETION, COMPLETION, RunResult, StreamChunk, TaskRequest
+from serving.routes import openai_fields
 from serving.routes.base import Parsed, RequestContext, TaskAdapter, json_response, require_dict, sse
 
-_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+_LOGPROB_FIELDS = ("logprobs", "top_logprobs")
+_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "tool_calls": "tool_calls"}
 
 
 class _Common(BaseModel):
@@ -28,9 +30,12 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1)  # more than 1: a 400 (openai_fields)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
 
 
 class ChatCompletionBody(_Common):
@@ -39,7 +44,8 @@ class ChatCompletionBody(_Common):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionBody(_Common):
@@ -61,7 +67,8 @@ def _sampling(body: _Common) -> dict[str, Any]:
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "seed", "stop"):
+    names = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty", "logit_bias")
+    for name in (*names, "top_k", "repetition_penalty"):
         value = getattr(body, name)
         if value is not None:
             params[name] = value
@@ -78,10 +85,13 @@ class ChatCompletionAdapter(TaskAdapter):
     can_stream = True
 
     def parse(self, body: Any, spec: ModelSpec, ctx: RequestContext) -> Parsed:
+        openai_fields.check_chat(require_dict(body))
         chat = _validate(ChatCompletionBody, body)
         params = _sampling(chat)
-        if chat.tools:
-            params["tools"] = chat.tools
+        for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", *_LOGPROB_FIELDS):
+            value = getattr(chat, name)
+            if value is not None:
+                params[name] = value
         chars = sum(len(m["content"]) for m in chat.messages if isinstance(m.get("content"), str))
         request = TaskRequest(CHAT_COMPLETION, chat.messages, params, ctx.request_id)
         include_usage = bool((chat.stream_options or {}).get("include_usage"))
@@ -89,6 +99,12 @@ class ChatCompletionAdapter(TaskAdapter):
         return Parsed(request, stream=bool(chat.stream), characters=chars)
 
     def render(self, result: RunResult, parsed: Parsed, ctx: RequestContext) -> Response:
+        out = result.output
+        message: dict[str, Any] = {"role": "assistant", "content": out["text"]}
+        if out.get("tool_calls"):
+            message["content"] = out["text"] or None
+            message["tool_calls"] = out["tool_calls"]
+        logprobs = openai_fields.logprobs_of(out) if parsed.request.parameters.get("logprobs") else None
         return json_response(
             {
                 "id": f"chatcmpl-{ctx.inference_id}",
@@ -99,9 +115,9 @@ class ChatCompletionAdapter(TaskAdapter):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": result.output["text"]},
-                        "finish_reason": _FINISH[result.output["finish_reason"]],
-                        "logprobs": None,
+                        "message": message,
+                        "finish_reason": _FINISH[out["finish_reason"]],
+                        "logprobs": logprobs,
                     }
                 ],
                 "usage": _usage(result),
@@ -115,6 +131,7 @@ class ChatCompletionAdapter(TaskAdapter):
         finish: str | None,
         usage: Any = None,
         choices: bool = True,
+        logprobs: Any = None,
     ) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "id": f"chatcmpl-{ctx.inference_id}",
@@ -122,7 +139,7 @@ class ChatCompletionAdapter(TaskAdapter):
             "created": ctx.created,
             "model": ctx.model_id,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
             if choices
             else [],
         }
@@ -134,6 +151,7 @@ class ChatCompletionAdapter(TaskAdapter):
         self, items: AsyncIterator[StreamChunk | RunResult], parsed: Parsed, ctx: RequestContext
     ) -> AsyncIterator[bytes]:
         yield sse(self._chunk(ctx, {"role": "assistant", "content": ""}, None))
+        want_logprobs = bool(parsed.request.parameters.get("logprobs"))
         async for item in items:
             if isinstance(item, RunResult):
                 yield sse(self._chunk(ctx, {}, _FINISH[item.output["finish_reason"]]))
@@ -141,8 +159,16 @@ class ChatCompletionAdapter(TaskAdapter):
                     yield sse(self._chunk(ctx, {}, None, usage=_usage(item), choices=False))
                 yield sse("[DONE]")
                 return
-            if item.text:
-                yield sse(self._chunk(ctx, {"content": item.text}, None))
+            delta: dict[str, Any] = {"content": item.text} if item.text else {}
+            if item.tool_calls:
+                delta["tool_calls"] = item.tool_calls
+            logprobs = None
+            if want_logprobs and item.token_id is not None and not item.special:
+                lp = item.logprob or 0.0
+                entry = openai_fields.logprob_entry(item.token_text or "", lp, item.top_logprobs)
+                logprobs = {"content": [entry], "refusal": None}
+            if delta or logprobs:
+                yield sse(self._chunk(ctx, delta, None, logprobs=logprobs))
 
 
 class CompletionAdapter(TaskAdapter):
@@ -150,6 +176,7 @@ class CompletionAdapter(TaskAdapter):
     can_stream = True
 
     def parse(self, body: Any, spec: ModelSpec, ctx: RequestContext) -> Parsed:
+        openai_fields.check_completion(require_dict(body))
         comp = _validate(CompletionBody, body)
         prompt = comp.prompt
         if isinstance(prompt, list):
