@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install serve test test-unit lint format docs bench bench-peers clean
+.PHONY: install serve browser test test-unit lint format docs bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make serve CATALOG=all-tasks`: every task the clients route to hf-inference (models/catalog/all-tasks.yaml).
 serve: $(STAMP)
-	$(BIN)/hfi prepare
-	$(BIN)/hfi serve
+	$(BIN)/hfi prepare $(if $(CATALOG),--catalog $(CATALOG))
+	$(BIN)/hfi serve $(if $(CATALOG),--catalog $(CATALOG))
 
-test: $(STAMP)
+# The billing page's browser tests drive the system's Chromium through Playwright (its own browser download is not
+# used). Installed here where apt-get runs as root; elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "note: Chromium is not installed (apt-get install chromium): the billing page's browser tests skip"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q
 
 test-unit: $(STAMP)

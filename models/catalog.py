@@ -75,6 +75,12 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(default=512, ge=1)
     max_batch_inputs: int = Field(default=64, ge=1)
     max_input_chars: int = Field(default=100_000, ge=1)
+    # The compute one request may use on its replica (None: the task's default, models/deadline.py); past it
+    # the work stops, the request is answered 504 naming this limit and charged for what ran.
+    max_compute_s: float | None = Field(default=None, gt=0)
+    max_table_cells: int = Field(default=10_000, ge=1)
+    max_input_pixels: int = Field(default=4096 * 4096, ge=1, description="pixels of an input image")
+    max_audio_seconds: float = Field(default=600, gt=0, description="seconds of input audio")
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -101,6 +107,11 @@ class ModelSpec(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     defaults: dict[str, Any] = Field(default_factory=dict, description="default task parameters")
     options: dict[str, Any] = Field(default_factory=dict, description="runner-specific load options")
+    pool: str | None = Field(
+        default=None,
+        description="a pool (catalog `pools`) whose shared replicas load this model on first use, instead of "
+        "replicas of its own; replicas, autoscaling and max_ongoing_requests are then the pool's",
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> ModelSpec:
@@ -116,10 +127,31 @@ class ModelSpec(BaseModel):
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.id.replace("/", "--"))
 
 
+class PoolSpec(BaseModel):
+    """Shared replicas for many small models (serving/pool.py): each replica loads a pooled model on its first
+    request and evicts the least recently used idle one past `max_models` or `max_memory_mb`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    hardware_profile: str = "cpu-basic"
+    replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_models: int = Field(default=8, ge=1, description="models loaded at once on one replica")
+    max_memory_mb: int = Field(
+        default=2048, ge=1, description="weights loaded at once on one replica (their files' size)"
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        return f"pool-{self.name}"
+
+
 class ModelCatalog(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
+    pools: list[PoolSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> ModelCatalog:
@@ -128,7 +160,32 @@ class ModelCatalog(BaseModel):
             if m.id.lower() in seen:
                 raise ValueError(f"model {m.id} is listed twice")
             seen.add(m.id.lower())
+        pools = {p.name: p for p in self.pools}
+        if len(pools) != len(self.pools):
+            raise ValueError("a pool name is listed twice")
+        for m in self.models:
+            if m.pool is None:
+                continue
+            pool = pools.get(m.pool)
+            if pool is None:
+                known = ", ".join(pools) or "none"
+                raise ValueError(
+                    f"model {m.id}: pool {m.pool!r} is not declared under pools (declared: {known})"
+                )
+            if m.hardware_profile != pool.hardware_profile:
+                # metering prices a request by its model's profile: it must be where the pool runs it
+                raise ValueError(
+                    f"model {m.id}: hardware_profile {m.hardware_profile!r} differs from its pool's "
+                    f"({pool.name}: {pool.hardware_profile!r})"
+                )
         return self
+
+    def pool(self, name: str) -> PoolSpec:
+        return next(p for p in self.pools if p.name == name)
+
+    def pooled(self, name: str) -> list[ModelSpec]:
+        """The models of one pool."""
+        return [m for m in self.models if m.pool == name]
 
     def get(self, model_id: str) -> ModelSpec | None:
         wanted = model_id.lower()
@@ -167,8 +224,15 @@ def parse_catalog(data: Any, source: str = "catalog") -> ModelCatalog:
         raise CatalogError(_describe(err, data, source)) from None
 
 
+def packaged_catalog_path(name: str) -> Path:
+    """A catalog shipped with the package, by name (`all-tasks`: models/catalog/all-tasks.yaml)."""
+    return Path(__file__).parent / "catalog" / f"{name}.yaml"
+
+
 def load_catalog(path: Path | str | None = None) -> ModelCatalog:
     path = Path(path) if path else default_catalog_path()
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+        path = packaged_catalog_path(path.name)  # a packaged catalog by name: `--catalog all-tasks`
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:

@@ -1,7 +1,9 @@
 """The composition root: `applications(args)` lays the service out as Serve applications, from settings.
 
 One application per catalog model (`serving.app:build_model_app`, args: the settings plus `model`), routed at
-`/models/{id}`, and the router (`serving.app:build_ingress_app`) at `/`. `hfi serve`, the Serve config that
+`/models/{id}`; one per catalog pool that has models (`serving.app:build_pool_app`, args: the settings plus
+`pool`), whose shared replicas load the pool's models on first use, the first at `/models`; and the router
+(`serving.app:build_ingress_app`) at `/`. `hfi serve`, the Serve config that
 `hfi serve-config` prints (for `serve deploy`) and KubeRay's `serveConfigV2` in the Helm chart all build the same
 applications. `args` are validated as serving.config.Settings.
 """
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hardware_profiles import HardwareProfile
-from models.catalog import ModelSpec
+from models.catalog import ModelCatalog, ModelSpec, PoolSpec
 from serving.config import Settings
 
 
@@ -48,12 +50,13 @@ class AppSpec:
 
     def build(self) -> Any:
         """The bound application (what `import_path` makes of `args`)."""
-        builder = build_model_app if self.import_path == MODEL_IMPORT_PATH else build_ingress_app
-        return builder(self.args)
+        builders = {MODEL_IMPORT_PATH: build_model_app, POOL_IMPORT_PATH: build_pool_app}
+        return builders.get(self.import_path, build_ingress_app)(self.args)
 
 
 MODEL_IMPORT_PATH = "serving.app:build_model_app"
 INGRESS_IMPORT_PATH = "serving.app:build_ingress_app"
+POOL_IMPORT_PATH = "serving.app:build_pool_app"
 INGRESS_APP = "hf-inference"
 
 
@@ -62,16 +65,29 @@ def model_route_prefix(spec: ModelSpec, settings: Settings) -> str:
     return f"{settings.route_prefix.rstrip('/')}/models/{spec.id}"
 
 
-def app_name(spec: ModelSpec | None, settings: Settings) -> str:
-    """A Serve application's name: the model's deployment name (None: the router), after the mount point's."""
+def pool_route_prefix(catalog: ModelCatalog, pool: PoolSpec, settings: Settings) -> str:
+    """The first pool takes `/models`: every `/models/...` that no model application claims (longest prefix wins).
+    Another pool is reached through it or the router, by handle; its own prefix is a placeholder."""
+    mount = settings.route_prefix.rstrip("/")
+    first = next(p for p in catalog.pools if catalog.pooled(p.name))
+    return f"{mount}/models" if pool.name == first.name else f"{mount}/pools/{pool.name}"
+
+
+def app_name(
+    spec: ModelSpec | PoolSpec | None, settings: Settings, catalog: ModelCatalog | None = None
+) -> str:
+    """A Serve application's name: the model's deployment name (None: the router; a pooled model: its pool's),
+    after the mount point's."""
+    if isinstance(spec, ModelSpec) and spec.pool is not None and catalog is not None:
+        spec = catalog.pool(spec.pool)
     base = INGRESS_APP if spec is None else spec.deployment_name
     mount = settings.route_prefix.strip("/").replace("/", "-")
     return f"{mount}-{base}" if mount else base
 
 
 def applications(args: dict[str, Any] | None = None) -> list[AppSpec]:
-    """The service as Serve applications: one per catalog model (named like its deployment, routed at
-    `/models/{id}`), then the router at `/`. The Serve config, `hfi serve` and the Helm chart all use this."""
+    """The service as Serve applications: one per catalog model with no pool (named like its deployment, routed
+    at `/models/{id}`), one per pool with models, then the router at `/`. The Serve config, `hfi serve` and the Helm chart all use this."""
     settings = Settings.load(args or {})
     catalog, _ = settings.validated()
     plain = settings.replica_args()  # secrets stay in each replica's environment
@@ -83,6 +99,17 @@ def applications(args: dict[str, Any] | None = None) -> list[AppSpec]:
             {**plain, "model": spec.id},
         )
         for spec in catalog.models
+        if spec.pool is None
+    ]
+    apps += [
+        AppSpec(
+            app_name(pool, settings),
+            pool_route_prefix(catalog, pool, settings),
+            POOL_IMPORT_PATH,
+            {**plain, "pool": pool.name},
+        )
+        for pool in catalog.pools
+        if catalog.pooled(pool.name)
     ]
     apps.append(AppSpec(app_name(None, settings), settings.route_prefix, INGRESS_IMPORT_PATH, plain))
     return apps
@@ -112,6 +139,33 @@ def build_model_app(args: dict[str, Any]) -> Any:
     )
 
 
+def build_pool_app(args: dict[str, Any]) -> Any:
+    """A pool's application: one deployment whose replicas load the pool's models on first use (serving/pool.py)."""
+    from serving.pool_deployment import PoolDeployment
+
+    rest = dict(args)
+    name = rest.pop("pool", None)
+    settings = Settings.load(rest)
+    catalog, profiles = settings.validated()
+    if not isinstance(name, str) or name not in {p.name for p in catalog.pools}:
+        raise ValueError(f"a pool application's args name a pool of the catalog: got {name!r}")
+    pool = catalog.pool(name)
+    profile = profiles.get(pool.hardware_profile)
+    return PoolDeployment.options(
+        name=pool.deployment_name,
+        num_replicas=pool.replicas,
+        ray_actor_options=profile.ray_actor_options(),
+        max_ongoing_requests=pool.max_ongoing_requests,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=30,
+    ).bind(name, profile.model_dump(mode="json"), _app_names(catalog, settings), settings.replica_args())
+
+
+def _app_names(catalog: ModelCatalog, settings: Settings) -> dict[str, str]:
+    """Model id -> the name of the application that serves it (its own, or its pool's)."""
+    return {spec.id: app_name(spec, settings, catalog) for spec in catalog.models}
+
+
 def build_ingress_app(args: dict[str, Any] | None = None) -> Any:
     """The router application: routes that name the model in the body, listings, accounts, billing."""
     from serving.deployment import Ingress
@@ -123,4 +177,4 @@ def build_ingress_app(args: dict[str, Any] | None = None) -> Any:
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
-    ).bind({spec.id: app_name(spec, settings) for spec in catalog.models}, settings.replica_args())
+    ).bind(_app_names(catalog, settings), settings.replica_args())

@@ -48,6 +48,18 @@ class Batcher:
         self._gathering = asyncio.Lock()  # one worker forms a batch at a time (binds to a loop on first use)
         self.batch_sizes: list[int] = []  # what ran, for tests and diagnostics (bounded below)
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (not yet running)."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Stop the idle workers (they hold `run_batch`, and through it the model): for a model a pool evicts,
+        which has nothing queued. A later submit starts them again."""
+        for worker in self._workers:
+            worker.cancel()
+        self._workers = []
+
     async def submit(self, item: Any) -> Any:
         """Run `item` in the next batch and return its result."""
         return await self._enqueue([item], may_wait=True)[0]

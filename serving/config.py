@@ -18,6 +18,8 @@ from hardware_profiles.loader import ProfileError
 from metering.config import MeteringSettings
 from models.catalog import CatalogError, ModelCatalog, load_catalog, parse_catalog
 from models.loading import LoadOptions
+from serving.secrets import SecretInSettingsFile, refuse_secrets, with_secret_files
+from serving.security import SecuritySettings
 
 # name -> (settings path, description)
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -61,6 +63,7 @@ class Settings(BaseModel):
     models: list[dict[str, Any]] | None = Field(
         default=None, description="an inline catalog; wins over the file"
     )
+    pools: list[dict[str, Any]] = Field(default_factory=list, description="the inline catalog's pools")
     profiles_dir: str | None = Field(default=None, description="None: the packaged profile catalog")
     profiles: list[dict[str, Any]] = Field(default_factory=list, description="inline profiles, added last")
     model_store: str = "~/.cache/hfi/models"
@@ -80,6 +83,7 @@ class Settings(BaseModel):
     ingress_max_ongoing_requests: int = Field(default=256, ge=1)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     # Settings that came from the environment: never copied into Serve deployment args (they may be secrets,
     # and every replica reads its own environment).
     _from_env: set[str] = PrivateAttr(default_factory=set)
@@ -89,10 +93,14 @@ class Settings(BaseModel):
     @classmethod
     def load(cls, data: dict[str, Any] | None = None, *, env: dict[str, str] | None = None) -> Settings:
         """Settings from HFI_CONFIG (if set), then the environment, then `data` (the builder's args)."""
-        env = dict(os.environ if env is None else env)
-        merged: dict[str, Any] = {}
-        if env.get("HFI_CONFIG"):
-            merged = _read_yaml(Path(env["HFI_CONFIG"]))
+        try:  # secrets: from the environment or a mounted file (HFI_ADMIN_TOKEN_FILE, ...), never the YAML
+            env = with_secret_files(dict(os.environ if env is None else env))
+            merged: dict[str, Any] = {}
+            if env.get("HFI_CONFIG"):
+                merged = _read_yaml(Path(env["HFI_CONFIG"]))
+                refuse_secrets(merged, env["HFI_CONFIG"])
+        except SecretInSettingsFile as err:
+            raise SettingsError(str(err)) from None
         from_env: set[str] = set()
         data = data or {}
         for name, (path, _) in ENV_VARS.items():
@@ -128,7 +136,7 @@ class Settings(BaseModel):
 
     def catalog(self) -> ModelCatalog:
         if self.models is not None:
-            return parse_catalog({"models": self.models}, "settings.models")
+            return parse_catalog({"models": self.models, "pools": self.pools}, "settings.models")
         return load_catalog(self.catalog_file)
 
     def profile_catalog(self) -> ProfileCatalog:

@@ -217,12 +217,11 @@ class Ingress:
         install_ray_metrics()  # this replica's counters reach Prometheus through the node's Ray metrics agent
         loaded = Settings.load(settings)
         catalog = loaded.validated()[0]
-        handles = {
-            spec.id: serve.get_deployment_handle(spec.deployment_name, app_name=app_names[spec.id])
-            for spec in catalog.models
-            if spec.id in app_names
-        }
-        backend = RayBackend(handles, catalog.models)
+        from serving.pool import as_deployed, model_handles
+
+        # a pooled model's handle: its pool's deployment, bound to its id
+        handles = model_handles(catalog, app_names)
+        backend = RayBackend(handles, as_deployed(catalog))
         self.core = IngressCore(loaded, backend, set_request_id_header=False)
 
     def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool

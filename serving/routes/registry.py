@@ -16,7 +16,10 @@ from serving.routes.base import TaskAdapter
 from serving.routes.classification import TextClassificationAdapter
 from serving.routes.embeddings import FeatureExtractionAdapter, SentenceSimilarityAdapter
 from serving.routes.generation import TextGenerationAdapter
+from serving.routes.media import MEDIA_ADAPTERS
 from serving.routes.openai import ChatCompletionAdapter, CompletionAdapter
+from serving.routes.tabular import TABULAR_ADAPTERS
+from serving.routes.text_tasks import TEXT_ADAPTERS
 from serving.routes.text_to_image import TextToImageAdapter
 
 ADAPTERS: dict[str, TaskAdapter] = {
@@ -31,6 +34,9 @@ ADAPTERS: dict[str, TaskAdapter] = {
         TextClassificationAdapter(),
     )
 }
+
+ADAPTERS.update({a.task: a for a in MEDIA_ADAPTERS})  # vision and audio tasks
+ADAPTERS.update({a.task: a for a in TEXT_ADAPTERS + TABULAR_ADAPTERS})  # text and tabular tasks
 
 # Aliases clients use in /pipeline/{task} URLs.
 TASK_ALIASES = {
