@@ -476,6 +476,24 @@ class AccountStore:
                 )
             )
 
+    def memberships(self, user: str) -> list[tuple[str, bool]]:
+        """The organizations `user` belongs to, as (org, is_admin), by name (the billing page's account list)."""
+        with read_session(self.engine) as s:
+            rows = s.execute(
+                select(Org.name, OrgMember.is_admin)
+                .join(OrgMember, OrgMember.org_id == Org.id)
+                .join(User, User.id == OrgMember.user_id)
+                .where(User.name == user)
+                .order_by(Org.name)
+            ).all()
+        return [(name, bool(admin)) for name, admin in rows]
+
+    def disabled_models(self, org: str) -> list[str]:
+        """The models disabled for `org` (lower-case ids), sorted; NotFound for an unknown organization."""
+        with read_session(self.engine) as s:
+            o = self._org(s, org)
+            return sorted(s.scalars(select(DisabledModel.model_id).where(DisabledModel.org_id == o.id)))
+
     def count_users(self) -> int:
         """How many users exist (bootstrap runs only on an empty database)."""
         with read_session(self.engine) as s:

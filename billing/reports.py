@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, inspect, or_, select
+from sqlalchemy import Engine, and_, case, func, inspect, or_, select
 
 from billing.accounts import BilledAccount
 from billing.db import as_utc, read_session
@@ -125,6 +125,30 @@ def _charge(request_id: str, started_at, user: str, model_id: str, profile: str 
     }
 
 
+def _daily_columns(started_at: Any, cost: Any, month: str) -> list[Any]:
+    """One sum per UTC day of `month`: computed by the database in one query, exact, whatever its backend."""
+    start, end = month_bounds(month)
+    day = dt.timedelta(days=1)
+    return [
+        func.coalesce(
+            func.sum(
+                case((and_(started_at >= start + i * day, started_at < start + (i + 1) * day), cost), else_=0)
+            ),
+            0,
+        )
+        for i in range((end - start).days)
+    ]
+
+
+def _by_day(month: str, sums: Sequence[Any] | None) -> list[dict[str, Any]]:
+    start, end = month_bounds(month)
+    values = [int(v or 0) for v in sums] if sums else [0] * (end - start).days
+    return [
+        {"day": (start + dt.timedelta(days=i)).date().isoformat(), "cost_nanousd": v, "cost_usd": usd(v)}
+        for i, v in enumerate(values)
+    ]
+
+
 def _groups(rows: Iterable[Any]) -> list[Group]:
     return [(r[0], r[1], r[2], int(r[3]), int(r[4] or 0)) for r in rows]
 
@@ -137,8 +161,12 @@ def usage_report(
     per_member: bool = False,
     limit: int = DEFAULT_CHARGES_LIMIT,
     cursor: str | None = None,
+    charges_user: str | None = None,
 ) -> dict[str, Any]:
-    """The month's usage of `account` from billing's settled requests: included credits first, then PAYG."""
+    """The month's usage of `account` from billing's settled requests: included credits first, then PAYG.
+
+    `charges_user`: list only that user's charges (an organization's member who is not its admin); the totals
+    stay the account's."""
     check_month(month)
     after = decode_cursor(cursor, str)
     r = Reservation
@@ -152,7 +180,10 @@ def usage_report(
         in_flight = s.scalar(
             select(func.coalesce(func.sum(r.estimate_nanousd), 0)).where(*mine, r.state == OPEN)
         )
+        daily = s.execute(select(*_daily_columns(r.started_at, r.cost_nanousd, month)).where(settled)).first()
         page = select(r).where(settled)
+        if charges_user is not None:
+            page = page.where(r.user == charges_user)
         if after is not None:
             page = page.where(_after(r.started_at, r.id, after))
         rows = s.scalars(page.order_by(r.started_at, r.id).limit(limit + 1)).all()
@@ -179,6 +210,8 @@ def usage_report(
         next_cursor=next_cursor,
         in_flight_nanousd=int(in_flight or 0),
         per_member=per_member,
+        by_day=_by_day(month, daily),
+        charges_user=charges_user,
     )
 
 
@@ -190,6 +223,7 @@ def ledger_usage_report(
     per_member: bool = False,
     limit: int = DEFAULT_CHARGES_LIMIT,
     cursor: str | None = None,
+    charges_user: str | None = None,
 ) -> dict[str, Any]:
     """The month's usage of `account` from the metering ledger's charges (open mode keeps no reservations, and
     months past the reservations' retention have been pruned)."""
@@ -201,6 +235,7 @@ def ledger_usage_report(
     groups: list[Group] = []
     charges: list[dict[str, Any]] = []
     next_cursor = None
+    daily = None
     with read_session(engine) as s:
         if inspect(s.connection()).has_table(t.name):  # no ledger yet: no charges
             keys = (t.c.model_id, t.c.hardware_profile, t.c.user)
@@ -209,7 +244,12 @@ def ledger_usage_report(
                     select(*keys, func.count(), func.sum(t.c.cost_nanousd)).where(*mine).group_by(*keys)
                 )
             )
+            daily = s.execute(
+                select(*_daily_columns(t.c.started_at, t.c.cost_nanousd, month)).where(*mine)
+            ).first()
             page = select(t.c.id, t.c.request_id, t.c.started_at, *keys, t.c.cost_nanousd).where(*mine)
+            if charges_user is not None:
+                page = page.where(t.c.user == charges_user)
             if after is not None:
                 page = page.where(_after(t.c.started_at, t.c.id, after))
             rows = s.execute(page.order_by(t.c.started_at, t.c.id).limit(limit + 1)).all()
@@ -222,7 +262,15 @@ def ledger_usage_report(
             if len(rows) > limit:
                 next_cursor = encode_cursor(rows[limit - 1].started_at, int(rows[limit - 1].id))
     return build_report(
-        account, month, groups, charges, limit=limit, next_cursor=next_cursor, per_member=per_member
+        account,
+        month,
+        groups,
+        charges,
+        limit=limit,
+        next_cursor=next_cursor,
+        per_member=per_member,
+        by_day=_by_day(month, daily),
+        charges_user=charges_user,
     )
 
 
@@ -236,8 +284,11 @@ def build_report(
     next_cursor: str | None = None,
     in_flight_nanousd: int = 0,
     per_member: bool = False,
+    by_day: list[dict[str, Any]] | None = None,
+    charges_user: str | None = None,
 ) -> dict[str, Any]:
-    """The report of a month: totals over all its charges (`groups`), and one page of them (`charges`)."""
+    """The report of a month: totals over all its charges (`groups`), its spend per UTC day (`by_day`), and one
+    page of its charges (`charges`: only `charges_user`'s when given)."""
     total = sum(g[4] for g in groups)
     included_used = min(total, account.included_nanousd)
     report: dict[str, Any] = {
@@ -248,6 +299,7 @@ def build_report(
         "currency": "USD",
         "included_credits_nanousd": account.included_nanousd,
         "included_used_nanousd": included_used,
+        "included_left_nanousd": account.included_nanousd - included_used,
         "pay_as_you_go_nanousd": total - included_used,
         "total_nanousd": total,
         "total_usd": usd(total),
@@ -256,12 +308,15 @@ def build_report(
         "requests": sum(g[3] for g in groups),
         "by_model": _group(groups, "model_id", 0),
         "by_hardware_profile": _group(groups, "hardware_profile", 1),
+        "by_day": by_day if by_day is not None else _by_day(month, None),
         "charges": charges,
         "charges_limit": limit,
         "next_cursor": next_cursor,
     }
     if per_member:
         report["by_member"] = _group(groups, "user", 2)
+    if charges_user is not None:
+        report["charges_user"] = charges_user
     return report
 
 

@@ -177,6 +177,9 @@ class SpoolConsumer:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.failures = 0  # consecutive failed attempts
+        # When it last found nothing left to deliver (monotonic): while records wait, now minus this bounds how
+        # long the oldest of them has waited (the drain lag of `hfi status`).
+        self.caught_up_at = time.monotonic()
         self.delivered_records = 0
         self.dead_lettered_records = 0
         self.adopt_interval_s = adopt_interval_s
@@ -227,6 +230,7 @@ class SpoolConsumer:
             self.failures = 0
             backoff_s = self.retry_initial_s
             if not delivered:
+                self.caught_up_at = time.monotonic()
                 metrics.SPOOL_PENDING_BYTES.labels(self.name).set(self.spool.pending(self.name))
                 self._sleep(self.interval_s)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from metering.recent import RecentRequests
 from metering.records import Charge
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -84,6 +85,9 @@ METERING_ERRORS = Counter(
     ("stage",),
     registry=REGISTRY,
 )
+# The last minute's requests per model in this process (`hfi status`: requests/s and p50).
+RECENT = RecentRequests()
+
 SPOOL_PENDING_BYTES = Gauge(
     "hfi_metering_spool_pending_bytes",
     "Spooled bytes not yet delivered, by consumer",
@@ -110,6 +114,7 @@ def observe_request(
         QUEUE_SECONDS.labels(*labels).observe(queue_seconds)
     if compute_seconds is not None:
         COMPUTE_SECONDS.labels(*labels).observe(compute_seconds)
+    RECENT.observe(model_id, total_seconds, ok=str(status).startswith("2"))
 
 
 _CHARGE_CHILDREN: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}

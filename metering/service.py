@@ -15,6 +15,7 @@ import datetime as dt
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -296,6 +297,20 @@ class MeteringService:
                 if rid not in found and rid in self._pending:
                     found[rid] = self._pending[rid]
         return [{"requestId": rid, "costNanoUsd": int(found[rid])} for rid in ids if rid in found]
+
+    def backlog(self) -> dict[str, Any]:
+        """This process's charges spooled and not yet in the ledger: how many, their bytes, and the drain lag
+        (seconds since the ledger consumer last had nothing left to deliver; 0 when nothing waits)."""
+        with self._pending_lock:
+            pending = len(self._pending)
+        if self.spool is None or self._closed:
+            return {"pending_charges": pending, "pending_bytes": 0, "drain_lag_s": 0.0}
+        pending_bytes = self.spool.pending(LEDGER)
+        consumer = next((c for c in self.consumers if c.name == LEDGER), None)
+        lag_s = 0.0
+        if consumer is not None and (pending or pending_bytes):
+            lag_s = max(0.0, time.monotonic() - consumer.caught_up_at)
+        return {"pending_charges": pending, "pending_bytes": pending_bytes, "drain_lag_s": round(lag_s, 3)}
 
     def check_provider_secret(self, presented: str | None) -> bool:
         """True when the billing endpoint's caller presented the provider secret (constant time)."""

@@ -11,7 +11,7 @@ def _register_subcommands() -> None:
     # Each layer keeps its commands beside its code: serving/commands.py, bench/cli.py, metering/cli.py, ...
     import importlib
 
-    for module in ("serving.commands", "bench.cli", "metering.cli", "billing.cli"):
+    for module in ("serving.commands", "serving.status_command", "bench.cli", "metering.cli", "billing.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
