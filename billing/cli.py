@@ -106,12 +106,62 @@ def _run(database_url: str | None, action) -> Any:
 
     svc = _service(database_url)
     try:
-        return action(svc)
+        result = action(svc)
     except BillingError as err:
+        _audit_command(svc, 1)
         typer.echo(f"error: {err.message}", err=True)
         raise typer.Exit(1) from None
+    else:
+        _audit_command(svc, 0)
+        return result
     finally:
         svc.close()
+
+
+# Commands that change nothing: not written to the audit log.
+READ_ONLY_COMMANDS = frozenset({"list", "usage", "reconcile", "audit"})
+
+
+def _current_command() -> Any:
+    """The running command's click context (Typer carries its own copy of click since 0.2x), or None."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # an older Typer, on click itself
+        from click import get_current_context
+    return get_current_context(silent=True)
+
+
+def _audit_command(svc: BillingService, status: int) -> None:
+    """Write the running `hfi` command that changes something to the audit log (status 0 done, 1 refused)."""
+    import getpass
+    import logging
+    import socket
+
+    ctx = _current_command()
+    if ctx is None or ctx.info_name in READ_ONLY_COMMANDS:
+        return
+    from billing.audit import record
+
+    group = ctx.parent.info_name if ctx.parent is not None else ""
+    target = " ".join(
+        f"{k}={v}" for k, v in ctx.params.items() if k != "database_url" and v not in (None, "")
+    )
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    try:
+        svc.ensure_schema()
+        record(
+            svc.engine,
+            actor=f"cli:{user}",
+            action=f"hfi {group} {ctx.info_name}".replace("  ", " "),
+            target=target or None,
+            status=status,
+            source=f"cli {socket.gethostname()}",
+        )
+    except Exception:  # the command's outcome stands; the lost audit line is said
+        logging.getLogger("billing.cli").warning("audit: could not record %s", ctx.info_name, exc_info=True)
 
 
 def _usd(nanousd: int | None) -> str:
@@ -133,6 +183,7 @@ def register(app: typer.Typer) -> None:
     _register_accounts(accounts)
     _register_tokens_and_limits(accounts)
     _register_views(accounts)
+    _register_audit(accounts)
     _register_housekeeping(billing)
     _register_hub(hub)
 
@@ -313,6 +364,47 @@ def _register_views(accounts: typer.Typer) -> None:
             typer.echo(f"different: {rid}: billing {ours}, ledger {theirs} nano-USD")
         if not rec.ok:
             raise typer.Exit(1)
+
+
+def _register_audit(accounts: typer.Typer) -> None:
+    import typer
+
+    @accounts.command("audit")
+    def audit(
+        limit: int = typer.Option(100, "--limit", help="entries, most recent first (at most 10000)"),
+        actor: str = typer.Option(None, "--actor", help="only this actor: an account, (admin), cli:USER"),
+        since: str = typer.Option(None, "--since", help="only entries from this ISO date or time (UTC)"),
+        as_json: bool = typer.Option(False, "--json"),
+        database_url: str = _db_option(),
+    ) -> None:
+        """The audit log of admin actions: who did what, when, from where, and how it was answered."""
+        import datetime as dt
+
+        from billing.audit import entries
+
+        start = None
+        if since:
+            try:
+                start = dt.datetime.fromisoformat(since)
+            except ValueError:
+                typer.echo(f"error: --since: not an ISO date or time: {since!r}", err=True)
+                raise typer.Exit(2) from None
+            start = start if start.tzinfo else start.replace(tzinfo=dt.timezone.utc)
+
+        def listing(s: BillingService) -> list:
+            s.ensure_schema()
+            return entries(s.engine, since=start, actor=actor, limit=limit)
+
+        lines = _run(database_url, listing)
+        if as_json:
+            typer.echo(json.dumps([line.as_json() for line in lines], indent=2))
+            return
+        for line in lines:
+            target = f" {line.target}" if line.target else ""
+            typer.echo(
+                f"{line.at.isoformat(timespec='seconds')} {line.actor:20} {line.status:3} {line.action}{target}"
+                f"  ({line.source})"
+            )
 
 
 def _check_usage_options(fmt: str, every: bool) -> None:

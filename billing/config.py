@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from billing.ratelimit import TierRateLimits, default_rate_limits
+
 NANOUSD_PER_USD = 10**9
 
 
@@ -121,6 +123,13 @@ class BillingSettings(BaseModel):
     hub_timeout_s: float = Field(default=10, gt=0)
     hub_whoami_cache_s: float = Field(default=60, ge=0)
     hub_whoami_negative_cache_s: float = Field(default=10, ge=0)
+    # whoami look-ups run on their own small thread pool, one per token at a time (single-flight); past
+    # hub_whoami_max_pending look-ups waiting, a new token is answered 503 at once (the Hub is not flooded).
+    hub_whoami_max_concurrency: int = Field(default=4, ge=1)
+    hub_whoami_max_pending: int = Field(default=64, ge=1)
+    # Rate limits by tier (a user's tier; `hf-routed` for Hugging Face tokens, `open` for open mode's local
+    # account, `default` for a tier not listed): see billing/ratelimit.py. Enforced per serving process.
+    rate_limits: dict[str, TierRateLimits] = Field(default_factory=default_rate_limits)
     routed_account_prefix: str = "hf:"
     # The Hub's partner API (hfi hub sync).
     hub_provider: str = "hf-inference-selfhosted"

@@ -5,11 +5,13 @@ The Hub's base URL is configuration (`BillingSettings.hub_url`), so tests point 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,13 @@ def _parse_whoami(data: Any) -> HubIdentity:
 
 
 class WhoamiCache:
-    """Answers of the Hub's whoami endpoint, cached by the token's hash for a short while."""
+    """Answers of the Hub's whoami endpoint, cached by the token's hash for a short while (unknown tokens too, for
+    `negative_ttl_s`).
+
+    Look-ups run on their own bounded thread pool (`max_concurrency` at once), one per token at a time: callers
+    asking about a token already being looked up wait for that answer (single-flight). With `max_pending`
+    look-ups already waiting, a new token is refused at once (HubUnavailable, 503): random tokens can neither
+    flood the Hub nor tie up the threads that admit requests."""
 
     def __init__(
         self,
@@ -50,34 +58,66 @@ class WhoamiCache:
         timeout_s: float = 10,
         monotonic: Callable[[], float] = time.monotonic,
         transport: httpx.BaseTransport | None = None,
+        max_concurrency: int = 4,
+        max_pending: int = 64,
     ):
         self.hub_url = hub_url.rstrip("/")
         self.ttl_s, self.negative_ttl_s = ttl_s, negative_ttl_s
+        self.timeout_s = timeout_s
         self.monotonic = monotonic
+        self.max_pending = max_pending
         self._client = httpx.Client(timeout=timeout_s, transport=transport)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[float, HubIdentity | None]] = OrderedDict()
+        self._inflight: dict[str, Future[HubIdentity | None]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="hub-whoami")
         self.hub_calls = 0  # how many times the Hub was asked (the cache's effect is observable)
+        self.joined = 0  # look-ups that waited for one already in flight for the same token
 
     def identify(self, token: str) -> HubIdentity:
-        """The identity behind `token`; Unauthorized when the Hub does not know it."""
+        """The identity behind `token`; Unauthorized when the Hub does not know it (blocks this thread)."""
+        return _known(self.lookup(token).result(timeout=self.timeout_s + 5))
+
+    async def identify_async(self, token: str) -> HubIdentity:
+        """`identify` for an event loop: waits without holding a thread."""
+        return _known(await asyncio.wrap_future(self.lookup(token)))
+
+    def lookup(self, token: str) -> Future[HubIdentity | None]:
+        """A future of the identity behind `token` (None: unknown to the Hub): cached, joined or started."""
         key = hashlib.sha256(token.encode()).hexdigest()
-        now = self.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and hit[0] > now:
-                if hit[1] is None:
-                    raise Unauthorized("Invalid credentials in Authorization header")
-                return hit[1]
-        identity = self._ask(token)
+            if hit is not None and hit[0] > self.monotonic():
+                done: Future[HubIdentity | None] = Future()
+                done.set_result(hit[1])
+                return done
+            running = self._inflight.get(key)
+            if running is not None:
+                self.joined += 1
+                return running
+            if len(self._inflight) >= self.max_pending:
+                raise HubUnavailable(
+                    "Too many Hugging Face tokens are being checked right now; try again shortly",
+                    retry_after_s=1,
+                )
+            future = self._pool.submit(self._fetch, key, token)
+            self._inflight[key] = future
+            return future
+
+    def _fetch(self, key: str, token: str) -> HubIdentity | None:
+        try:
+            identity = self._ask(token)
+        except BaseException:
+            with self._lock:
+                self._inflight.pop(key, None)
+            raise
         ttl = self.ttl_s if identity is not None else self.negative_ttl_s
         with self._lock:
-            self._cache[key] = (now + ttl, identity)
+            self._cache[key] = (self.monotonic() + ttl, identity)
             self._cache.move_to_end(key)
             while len(self._cache) > MAX_CACHED_TOKENS:
                 self._cache.popitem(last=False)
-        if identity is None:
-            raise Unauthorized("Invalid credentials in Authorization header")
+            self._inflight.pop(key, None)
         return identity
 
     def _ask(self, token: str) -> HubIdentity | None:
@@ -98,8 +138,15 @@ class WhoamiCache:
             raise HubUnavailable("The Hugging Face Hub gave an unexpected answer about the token") from None
 
     def close(self) -> None:
-        """Close the HTTP client."""
+        """Stop the look-ups and close the HTTP client."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+
+def _known(identity: HubIdentity | None) -> HubIdentity:
+    if identity is None:
+        raise Unauthorized("Invalid credentials in Authorization header")
+    return identity
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,18 @@ class HousekeepingMark(Base):
     value: Mapped[int | None] = mapped_column(
         BigInteger, nullable=True
     )  # ledger_adopted_through: a ledger id
+
+
+class AuditEntry(Base):
+    """One admin action (billing/audit.py): who, what, when, from where, and the status it was answered with."""
+
+    __tablename__ = "billing_audit"
+    __table_args__ = (Index("ix_billing_audit_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(120))  # the caller's account, `(admin)` for the admin token
+    action: Mapped[str] = mapped_column(String(300))  # `POST /admin/users`, `cli create-user`
+    target: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)  # the HTTP status (a command: 0 done, 1 refused)
+    source: Mapped[str] = mapped_column(String(120))  # `http 10.0.0.7`, `cli alice@host`

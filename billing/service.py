@@ -144,6 +144,8 @@ class BillingService:
                 ttl_s=s.hub_whoami_cache_s,
                 negative_ttl_s=s.hub_whoami_negative_cache_s,
                 timeout_s=s.hub_timeout_s,
+                max_concurrency=s.hub_whoami_max_concurrency,
+                max_pending=s.hub_whoami_max_pending,
             )
         return self._whoami
 
@@ -381,7 +383,8 @@ class BillingService:
         limit: int | str | None = None,
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        """A month's usage that `caller` may see: their own, or an org's for its admins (per member).
+        """A month's usage that `caller` may see: their own, or an org's: its admins see it per member, its other
+        members see the totals and only their own charges.
 
         Totals cover the whole month; `charges` is one page of at most `limit` charges (default
         DEFAULT_CHARGES_LIMIT, at most MAX_CHARGES_LIMIT: more is a 400), the next one from `next_cursor`.
@@ -390,17 +393,20 @@ class BillingService:
         page = {"limit": check_limit(limit), "cursor": cursor}
         account = account or caller.name
         if account == self.settings.local_account and self.settings.mode == "open":
-            if not caller.is_admin:
+            if not (caller.is_admin or caller.name == account):
                 raise Forbidden(f"You cannot see the usage of {account!r}")
             local = BilledAccount(account, "user", "open", 0, True, None)  # open mode: no credits, no limit
             return ledger_usage_report(self.engine, local, month, **page)
         kind = self.accounts.account_kind(account)
-        allowed = caller.is_admin or (
+        full = caller.is_admin or (
             caller.name == account if kind == "user" else self.accounts.is_org_admin(caller.name, account)
         )
-        if not allowed:
+        # An organization's other members see its usage, but per member only their own charges.
+        member = not full and kind == "org" and caller.name in self.accounts.org_members(account)
+        if not (full or member):
             raise Forbidden(f"You cannot see the usage of {account!r}")
-        policy, per_member = self.accounts.account_policy(account), kind == "org"
+        policy, per_member = self.accounts.account_policy(account), kind == "org" and full
+        page["charges_user"] = None if full else caller.name
         self.spend.flush()  # this process's settlements, written behind, are in the report it asks for
         pruned_before = self.spend.pruned_before()
         if pruned_before is not None and month_bounds(month)[0] < pruned_before:

@@ -17,6 +17,7 @@ from typing import Any
 from metering.timing import Stopwatch, Timings, split_batch_ns
 from models.base import TaskRunner
 from models.catalog import ModelSpec
+from models.deadline import Deadline, max_compute_s
 from models.errors import GenerationError, ServiceError
 from models.loading import LoadOptions, resolve_source
 from models.registry import runner_class
@@ -82,6 +83,11 @@ class ModelExecutor:
         return GenerationError("unknown error")
 
     @property
+    def busy(self) -> bool:
+        """Whether a forward pass runs now (compute is serialised: at most one at a time)."""
+        return self._lock.locked()
+
+    @property
     def stoppable(self) -> bool:
         """Whether a request can report its steps and stop early (see `run`)."""
         return self.runner.stoppable
@@ -96,18 +102,25 @@ class ModelExecutor:
 
         With `should_stop`, a stoppable runner calls `on_step(compute_ns so far)` after each step and stops once
         `should_stop()` holds: Interrupted then carries the compute that ran."""
+        if self.runner.concurrent:
+            return self._run_concurrent(request, should_stop, on_step)
         arrived = time.perf_counter_ns()
         with self._lock:
             queue_ns = time.perf_counter_ns() - arrived
             watch = Stopwatch(self.runner.device_sync).start()
+            # limits.max_compute_s: a stoppable runner stops there
+            deadline = Deadline(max_compute_s(self.spec))
             try:
                 self.runner.validate(request)
-                if should_stop is None:
+                if should_stop is None and not self.runner.stoppable:
                     output, usage = self.runner.run(request)
                 else:
+                    gone = should_stop or (lambda: False)
                     step = (lambda: on_step(watch.elapsed_ns())) if on_step is not None else (lambda: None)
-                    output, usage = self.runner.run_steps(request, step, should_stop)
+                    output, usage = self.runner.run_steps(request, step, lambda: gone() or deadline.passed())
             except StopRun:
+                if deadline.expired:
+                    raise deadline.exceeded(watch.elapsed_ns()) from None
                 raise Interrupted(watch.elapsed_ns()) from None
             except Exception as err:
                 raise self._guard(err) from None
@@ -175,15 +188,19 @@ class ModelExecutor:
 
         Closing the generator (a client that went away) stops generation at the next token.
         """
+        if self.runner.concurrent:
+            yield from self._stream_concurrent(request)
+            return
         arrived = time.perf_counter_ns()
         stop = threading.Event()
         with self._lock:
             queue_ns = time.perf_counter_ns() - arrived
             watch = Stopwatch(self.runner.device_sync).start()
+            deadline = Deadline(max_compute_s(self.spec))
             try:
                 self.runner.validate(request)
                 final: dict[str, Any] = {}
-                for item in self.runner.stream(request, stop.is_set):
+                for item in self.runner.stream(request, lambda: stop.is_set() or deadline.passed()):
                     if isinstance(item, StreamChunk):
                         item.elapsed_ns = watch.elapsed_ns()
                         yield item
@@ -195,7 +212,67 @@ class ModelExecutor:
             except Exception as err:
                 raise self._guard(err) from None
             compute_ns = watch.elapsed_ns()
+            # stopped at the compute limit: 504, what ran is charged
+            if deadline.expired and not stop.is_set():
+                raise deadline.exceeded(compute_ns)
         timings = Timings(
             compute_ns=compute_ns, queue_ns=queue_ns, work_units=self.runner.work_units(request)
         )
         yield RunResult(output=final.get("output"), timings=timings, usage=final.get("usage", {}))
+
+    # A concurrent runner (continuous batching): no lock, and each request's compute is its shares of the engine's
+    # steps as the runner measured them (device-synchronised there), not a stopwatch around a call that mostly
+    # waits for other requests' work. Validation is not billed here: it runs beside the engine, off its clock.
+
+    def _run_concurrent(
+        self,
+        request: TaskRequest,
+        should_stop: Callable[[], bool] | None,
+        on_step: Callable[[int], None] | None,
+    ) -> RunResult:
+        consumed = [0]
+        deadline = Deadline(max_compute_s(self.spec), elapsed_ns=lambda: consumed[0])
+        gone = should_stop or (lambda: False)
+
+        def step(elapsed_ns: int) -> None:
+            consumed[0] = elapsed_ns
+            if on_step is not None:
+                on_step(elapsed_ns)
+
+        try:
+            self.runner.validate(request)
+            output, usage, timings = self.runner.run_metered(
+                request, lambda: gone() or deadline.passed(), step
+            )
+        except Interrupted as stopped:
+            if deadline.expired:
+                raise deadline.exceeded(stopped.compute_ns) from None
+            raise
+        except Exception as err:
+            raise self._guard(err) from None
+        return RunResult(output=output, timings=timings, usage=usage)
+
+    def _stream_concurrent(self, request: TaskRequest) -> Iterator[StreamChunk | RunResult]:
+        stop = threading.Event()
+        consumed = [0]
+        deadline = Deadline(max_compute_s(self.spec), elapsed_ns=lambda: consumed[0])
+        final: dict[str, Any] = {}
+        try:
+            self.runner.validate(request)
+            for item in self.runner.stream(request, lambda: stop.is_set() or deadline.passed()):
+                if isinstance(item, StreamChunk):
+                    item.elapsed_ns = consumed[0] = max(item.elapsed_ns, consumed[0])
+                    yield item
+                else:
+                    final = item
+        except GeneratorExit:
+            stop.set()
+            raise
+        except Interrupted as stopped:
+            # stopped at the compute limit: 504, what ran is charged
+            if deadline.expired and not stop.is_set():
+                raise deadline.exceeded(stopped.compute_ns) from None
+            raise
+        except Exception as err:
+            raise self._guard(err) from None
+        yield RunResult(output=final.get("output"), timings=final["timings"], usage=final.get("usage", {}))

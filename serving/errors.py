@@ -42,13 +42,14 @@ def unwrap(err: BaseException) -> BaseException:
 def _typed(err: BaseException) -> tuple[int, str] | None:
     """(status, message) of an error whose message the client may see, or None (answered 500 unknown error).
 
-    4xx and 503 (loading, overloaded: the client should retry) are told; other 5xx details stay in the log.
+    4xx, 503 (loading, overloaded: the client should retry) and 504 (a compute limit reached) are told; other
+    5xx details stay in the log.
     """
     if isinstance(err, OperationalError):  # the driver's details (host, port) stay in the log
         return 503, DATABASE_DOWN_MESSAGE
     status = getattr(err, "status_code", None)
     message = getattr(err, "message", None)
-    if isinstance(status, int) and isinstance(message, str) and (400 <= status < 500 or status == 503):
+    if isinstance(status, int) and isinstance(message, str) and (400 <= status < 500 or status in (503, 504)):
         return status, message
     return None
 

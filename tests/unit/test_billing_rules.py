@@ -157,8 +157,10 @@ def test_bill_to_refusals_are_403(svc):
     with pytest.raises(Forbidden) as err:
         svc.admit(toks["ann"], "club", "org/m", CENT, svc.now())
     assert "plan" in err.value.message
-    with pytest.raises(Forbidden):  # only org admins (and server admins) see an org's usage
-        svc.usage(svc.authenticate(toks["ben"]), account="acme")
+    with pytest.raises(Forbidden):  # only its members (and server admins) see an org's usage
+        svc.usage(svc.authenticate(toks["eve"]), account="acme")
+    seen = svc.usage(svc.authenticate(toks["ben"]), account="acme")  # a member: not per member
+    assert "by_member" not in seen and seen["charges_user"] == "ben"
 
 
 def test_disabled_model_is_403_for_the_org_only(svc):

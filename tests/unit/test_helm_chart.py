@@ -81,15 +81,16 @@ def test_default_values_render_the_expected_objects(helm):
     result = helm.template()
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in result.documents)
-    # The bundled ledger database, no ingress or monitor unless asked for.
-    assert kinds == ["RayService", "Service", "StatefulSet"]
+    # The bundled ledger database, the network policies around Ray and it, no ingress or monitor unless asked for.
+    assert kinds == ["NetworkPolicy", "NetworkPolicy", "RayService", "Service", "StatefulSet"]
 
 
 def test_ci_values_render_every_optional_part(helm):
     result = helm.template(values=[CI_VALUES])
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in result.documents)
-    assert kinds == ["Ingress", "PodMonitor", "RayService"]  # external database: no StatefulSet, no Service
+    # external database: no StatefulSet, no Service, one network policy (Ray's)
+    assert kinds == ["Ingress", "NetworkPolicy", "PodMonitor", "RayService"]
 
 
 # Offline validation of every manifest
@@ -469,6 +470,7 @@ def test_every_ray_pod_runs_serves_haproxy_ingress_and_can_turn_it_off(helm):
         container = template["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1", name
+        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/anaconda3/bin/hfi-haproxy", name  # 503s, ids
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == 8000, name  # HAProxy listens on every node that has replicas
     off = helm.template(values=[], sets={"serve.haproxy": "false"})

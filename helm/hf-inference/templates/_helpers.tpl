@@ -154,6 +154,7 @@ field and says what to change.
   "models" .Values.models
   "profiles" $profiles
   "billing" (dict "mode" .Values.serve.billingMode)
+  "host" "0.0.0.0"
   "hf_cache_dir" (printf "%s/huggingface/hub" .Values.modelCache.mountPath)
   "model_store" (printf "%s/models" .Values.modelCache.mountPath)
   "offline" .Values.serve.offline
@@ -207,6 +208,10 @@ field and says what to change.
 {{- if .Values.serve.haproxy }}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+{{- with .Values.serve.haproxyLauncher }}
+- name: RAY_SERVE_HAPROXY_BINARY_PATH
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .Values.modelCache.mountPath | quote }}
@@ -217,6 +222,11 @@ field and says what to change.
 {{- if .Values.serve.offline }}
 - name: HF_HUB_OFFLINE
   value: "1"
+{{- end }}
+{{- if eq .Values.rayAuth.mode "disabled" }}
+# Ray 2.60 turns its token auth on by default; rayAuth.mode: disabled says otherwise (keep networkPolicy on).
+- name: RAY_AUTH_MODE
+  value: disabled
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
