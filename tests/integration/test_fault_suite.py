@@ -10,6 +10,7 @@ each returns its reconciliation and the list of what went wrong, and a test fail
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -66,9 +67,7 @@ def model_killed(service):
     records = fs.poison_records(prefix)
     orphan = fs.inject_orphan_spool(service.spool_dir, records)
     app = fs.model_app(fs.CLS_ID)
-    killed = fs.kill_scenario(
-        service, app, app, KILL_REQUESTS, KILL_CLIENTS, router_dies=False, proxy_500_is_problem=False
-    )
+    killed = fs.kill_scenario(service, app, app, KILL_REQUESTS, KILL_CLIENTS, router_dies=False)
     return killed, fs.poison_outcome(service, prefix, records, orphan)
 
 
@@ -84,14 +83,13 @@ def router_killed(service):
         KILL_REQUESTS,
         KILL_CLIENTS,
         router_dies=True,
-        proxy_500_is_problem=False,
     )
 
 
 def test_a_model_replica_killed_mid_load_loses_and_doubles_no_charge(model_killed) -> None:
     """Every answered request has its one charge; a routed request whose replica died was retried (200) or is a
-    503 with Retry-After; only the model's own route (its process held the connection) may see it cut (or get
-    Serve's 500: see test_no_500_when_a_replica_dies_under_a_request)."""
+    503 with Retry-After; only the model's own route (its process held the connection) may see it cut or get
+    hfi-haproxy's 503 (see test_no_500_when_a_replica_dies_under_a_request)."""
     killed, _ = model_killed
     assert_clean(killed)
     rec = killed.recs["service"]
@@ -118,18 +116,43 @@ def test_the_router_killed_mid_load_its_successor_adopts_the_spool(router_killed
     assert router_killed.notes["spool_adopted"] and router_killed.notes["answered_after_kill"] > 0
 
 
-@pytest.mark.xfail(
-    reason="Ray Serve answers 500 (text/plain 'Internal Server Error', no Retry-After) for a request whose "
-    "replica dies under it: HAProxy's errorfile maps 502/503/504 to 500, Serve's Python proxy answers 500 too. "
-    "The service's own answers are never a 500 here; such a request may be charged (spooled before the crash), "
-    "like one whose connection was cut. Fixing it needs Serve's proxy to answer 503 with Retry-After.",
-    strict=False,
-)
 def test_no_500_when_a_replica_dies_under_a_request(model_killed, router_killed) -> None:
-    """What the brief asks: a request in flight when its process dies ends as a 503 with Retry-After or a lost
-    connection, never a 500."""
+    """A request in flight when its process dies ends as a 503 with Retry-After (hfi-haproxy answers for HAProxy
+    and for Serve's proxy: serving/haproxy_launcher.py) or a lost connection, never a 500."""
     killed, _ = model_killed
     assert (killed.notes["proxy_500"], router_killed.notes["proxy_500"]) == (0, 0)
+
+
+def test_a_plain_request_left_on_its_own_route_stops_and_is_charged_what_ran(service) -> None:
+    """One hop (HAProxy to the model's own replica): nobody but the replica sees the client leave. A long image
+    request (50 steps at 256x256) whose client closes its socket after a second stops at its next step and is
+    charged `client_disconnected`, not run to the end and charged as answered."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    tag = fs.new_prefix("left-plain") + "0"
+    body = json.dumps(
+        {"inputs": "a long one", "parameters": {"width": 256, "height": 256, "num_inference_steps": 50}}
+    ).encode()
+    url = urlsplit(service.url)
+    head = (
+        f"POST {service.model(fs.FLUX_ID)} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+        f"X-Request-Id: {tag}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        time.sleep(1.0)
+    view = fs.LedgerView(service.database_url)
+    try:
+        deadline = time.monotonic() + 180
+        while not (found := view.charges(tag)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+    finally:
+        view.close()
+    assert len(found) == 1, found
+    assert found[0].usage.status == STATUS_CLIENT_DISCONNECTED, found[0]
+    assert found[0].usage.compute_ns > 0 and found[0].cost_nanousd > 0, found[0]
 
 
 def test_an_over_long_request_id_is_a_400_and_charges_nothing(service) -> None:

@@ -257,3 +257,48 @@ def test_interrupted_crosses_a_pickle_with_its_fields() -> None:
     result = RunResult(output=None, timings=Timings(4), usage={"images": 1})
     again = pickle.loads(pickle.dumps(Interrupted(4, result)))
     assert (again.compute_ns, again.result.timings.compute_ns) == (4, 4)
+
+
+class _SlowStoppable:
+    """An executor whose run takes a few steps after it is told to stop, and reports the compute that ran."""
+
+    stoppable = True
+
+    def run(self, request: Any, should_stop: Any = None, total_steps: int = 1000) -> RunResult:
+        steps = 0
+        while steps < total_steps:
+            time.sleep(0.01)
+            steps += 1
+            if should_stop is not None and should_stop():
+                time.sleep(0.1)  # the step in progress ends first
+                raise Interrupted(steps * 10_000_000)
+        return RunResult(output="done", timings=Timings(steps * 10_000_000))
+
+
+@pytest.mark.parametrize("how", ["stoppable", "finish"])
+def test_a_second_cancellation_while_the_work_winds_down_still_charges_what_ran(how: str) -> None:
+    """Serve's replica and the service's own middleware can both cancel the handler of a client that left: the
+    second cancellation lands while the first one's wait for the work is in progress. The caller still gets
+    Interrupted with the compute that ran (charged), never a bare CancelledError (charged nothing)."""
+    from serving.streaming import run_stoppable
+
+    executor = _SlowStoppable()
+
+    async def scenario() -> Interrupted:
+        if how == "stoppable":
+            work = run_stoppable(executor, None)
+        else:
+            work = finish_despite_cancel(asyncio.to_thread(executor.run, None, None, 30))  # cannot stop early
+        task = asyncio.create_task(work)
+        await asyncio.sleep(0.1)
+        stops.append(1)
+        task.cancel()
+        await asyncio.sleep(0.03)
+        task.cancel()  # the second notice of the same disconnect
+        with pytest.raises(Interrupted) as err:
+            await task
+        return err.value
+
+    stops: list[int] = []
+    gone = asyncio.run(scenario())
+    assert gone.compute_ns >= 10_000_000

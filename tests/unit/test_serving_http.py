@@ -62,6 +62,18 @@ def test_client_request_id_is_reused(client):
     assert r.headers["x-request-id"] == "my-id-1" and r.headers["inference-id"] != "my-id-1"
 
 
+def test_a_proxy_made_request_id_is_not_the_clients_and_the_trace_id_is_reused(client):
+    """Behind HAProxy every request has an x-request-id: hfi-haproxy marks the ones it made up, so the caller's
+    X-Amzn-Trace-Id is the id (as the wire contract says) and a made-up id is never recorded as the client's."""
+    marked = {"x-request-id": "made-up-by-the-proxy", "x-hfi-generated-request-id": "1"}
+    r = client.post(CLS, json={"inputs": "hi"}, headers={**marked, "x-amzn-trace-id": "Root=1-abc-def"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "Root=1-abc-def"
+    r = client.post(CLS, json={"inputs": "hi"}, headers=marked)
+    assert r.headers["x-request-id"] == r.headers["inference-id"]  # no client id: our own
+    r = client.post(CLS, json={"inputs": "hi"}, headers={"x-request-id": "mine", "x-amzn-trace-id": "Root=1-x"})
+    assert r.headers["x-request-id"] == "mine"
+
+
 @pytest.mark.parametrize("header", ["x-request-id", "x-amzn-trace-id"])
 def test_an_over_long_client_request_id_is_a_400_naming_the_header(client, header):
     """The id is stored with the charge (256 characters at most): a longer one is refused before any compute."""
