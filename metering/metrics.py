@@ -73,7 +73,10 @@ COMPUTE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 BILLED_COMPUTE_SECONDS = Counter(
-    "hfi_billed_compute_seconds", "Billed compute seconds (the measured nanoseconds)", _LABELS, registry=REGISTRY
+    "hfi_billed_compute_seconds",
+    "Billed compute seconds (the measured nanoseconds)",
+    _LABELS,
+    registry=REGISTRY,
 )
 COST_USD = Counter(
     "hfi_cost_usd", "Charged cost in USD (exact amounts are in the ledger)", _LABELS, registry=REGISTRY

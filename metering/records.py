@@ -19,7 +19,9 @@ NS_PER_SECOND = 10**9
 
 STATUS_OK = "ok"
 STATUS_CLIENT_DISCONNECTED = "client_disconnected"
-STATUS_DEADLINE_EXCEEDED = "deadline_exceeded"  # stopped at the model's compute limit (504): what ran is charged
+STATUS_DEADLINE_EXCEEDED = (
+    "deadline_exceeded"  # stopped at the model's compute limit (504): what ran is charged
+)
 STATUSES = (STATUS_OK, STATUS_CLIENT_DISCONNECTED, STATUS_DEADLINE_EXCEEDED)
 
 

@@ -34,7 +34,10 @@ def task_operation(task: str, doc: dict[str, Any]) -> dict[str, Any]:
             "requestBody": {"required": True, "content": doc["request"]},
             "responses": {
                 "200": {"description": "the task's output", "content": doc["responses"]},
-                "400": {"description": "bad input or parameters: the message names the field", "content": error},
+                "400": {
+                    "description": "bad input or parameters: the message names the field",
+                    "content": error,
+                },
                 "404": {"description": "no such model", "content": error},
                 "413": {"description": "the body is too large", "content": error},
             },

@@ -73,7 +73,9 @@ def sse(data: Any) -> bytes:
 
 def require_dict(body: Any) -> dict[str, Any]:
     if isinstance(body, RawBody):  # not JSON, and no media type that says it is a file
-        raise InvalidInput('the request body is not valid JSON: this task takes a JSON object {"inputs": ...}')
+        raise InvalidInput(
+            'the request body is not valid JSON: this task takes a JSON object {"inputs": ...}'
+        )
     if not isinstance(body, dict):
         raise InvalidInput("the request body must be a JSON object")
     return body

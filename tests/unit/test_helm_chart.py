@@ -470,7 +470,9 @@ def test_every_ray_pod_runs_serves_haproxy_ingress_and_can_turn_it_off(helm):
         container = template["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1", name
-        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/anaconda3/bin/hfi-haproxy", name  # 503s, ids
+        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/anaconda3/bin/hfi-haproxy", (
+            name
+        )  # 503s, ids
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == 8000, name  # HAProxy listens on every node that has replicas
     off = helm.template(values=[], sets={"serve.haproxy": "false"})

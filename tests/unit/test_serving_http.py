@@ -70,7 +70,9 @@ def test_a_proxy_made_request_id_is_not_the_clients_and_the_trace_id_is_reused(c
     assert r.status_code == 200 and r.headers["x-request-id"] == "Root=1-abc-def"
     r = client.post(CLS, json={"inputs": "hi"}, headers=marked)
     assert r.headers["x-request-id"] == r.headers["inference-id"]  # no client id: our own
-    r = client.post(CLS, json={"inputs": "hi"}, headers={"x-request-id": "mine", "x-amzn-trace-id": "Root=1-x"})
+    r = client.post(
+        CLS, json={"inputs": "hi"}, headers={"x-request-id": "mine", "x-amzn-trace-id": "Root=1-x"}
+    )
     assert r.headers["x-request-id"] == "mine"
 
 
@@ -80,7 +82,9 @@ def test_an_over_long_client_request_id_is_a_400_naming_the_header(client, heade
     r = client.post(CLS, json={"inputs": "hi"}, headers={header: "x" * 257})
     assert r.status_code == 400, r.text
     assert header in r.json()["error"] and "256" in r.json()["error"]
-    assert "inference-id" not in r.headers  # refused before a request id was made: nothing ran, nothing charged
+    assert (
+        "inference-id" not in r.headers
+    )  # refused before a request id was made: nothing ran, nothing charged
     ok = client.post(CLS, json={"inputs": "hi"}, headers={header: "y" * 256})
     assert ok.status_code == 200, ok.text
 
