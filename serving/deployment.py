@@ -30,9 +30,26 @@ log = logging.getLogger("serving.deployment")
 T = TypeVar("T")
 
 
+class HttpEntry:
+    """What every deployment that serves HTTP itself shares: Serve builds its FastAPI app (serving/http.py) over
+    `self.core`, and the charge spool is drained when Serve shuts the replica down."""
+
+    core: Any  # serving.ingress.IngressCore, set by the subclass's __init__
+
+    def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serving.http import create_app
+
+        return create_app(self.core)
+
+
 @serve.deployment
 @serve.ingress()
-class ModelDeployment:
+class ModelDeployment(HttpEntry):
     """One replica of one model: loads it once, runs requests (batched where configured), times them.
 
     It serves its model's HTTP routes itself (`/models/{id}...`: parse, admission, the model, metering, in this
@@ -55,16 +72,6 @@ class ModelDeployment:
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
         self.core = IngressCore(loaded, self.local, set_request_id_header=False)
-
-    def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
-        core = getattr(self, "core", None)
-        if core is not None:
-            core.close()
-
-    def __serve_build_asgi_app__(self) -> Any:
-        from serving.http import create_app
-
-        return create_app(self.core)
 
     async def info(self) -> dict[str, Any]:
         return await self.local.info(self.spec.id)
@@ -203,7 +210,7 @@ def calls_in_flight(spec: ModelSpec) -> int:
 
 @serve.deployment
 @serve.ingress()
-class Ingress:
+class Ingress(HttpEntry):
     """The router application's HTTP entry: the FastAPI app of serving/http.py over Ray handles to the models.
 
     It takes the routes that no model application's prefix claims: those that name the model in the body
@@ -223,13 +230,3 @@ class Ingress:
         handles = model_handles(catalog, app_names)
         backend = RayBackend(handles, as_deployed(catalog))
         self.core = IngressCore(loaded, backend, set_request_id_header=False)
-
-    def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
-        core = getattr(self, "core", None)
-        if core is not None:
-            core.close()
-
-    def __serve_build_asgi_app__(self) -> Any:
-        from serving.http import create_app
-
-        return create_app(self.core)

@@ -15,13 +15,14 @@ from models.catalog import ModelSpec
 from models.executor import ModelExecutor
 from models.types import Progress, RunResult, StreamChunk, TaskRequest
 from serving.config import Settings
+from serving.deployment import HttpEntry
 from serving.metrics_export import install_ray_metrics
 from serving.pool import ModelPool, PoolBackend, as_deployed, model_handles
 
 
 @serve.deployment
 @serve.ingress()
-class PoolDeployment:
+class PoolDeployment(HttpEntry):
     """One replica of a pool: loads its models on first use, evicts them least recently used."""
 
     def __init__(
@@ -52,16 +53,6 @@ class PoolDeployment:
         remote = RayBackend(model_handles(catalog, app_names, skip=set(self.pool.specs)), others)
         self.backend = PoolBackend(self.pool, remote)
         self.core = IngressCore(loaded, self.backend, set_request_id_header=False)
-
-    def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
-        core = getattr(self, "core", None)
-        if core is not None:
-            core.close()
-
-    def __serve_build_asgi_app__(self) -> Any:
-        from serving.http import create_app
-
-        return create_app(self.core)
 
     async def pool_status(self) -> dict[str, Any]:
         return self.pool.status()
