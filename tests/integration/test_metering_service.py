@@ -445,9 +445,13 @@ def test_a_client_that_leaves_an_image_request_is_charged_for_what_ran(hfi_servi
 
     Behind Serve's Python proxy the replica learns that the client left: the charge is flagged
     client_disconnected and the runner stops at its next step (a 50-step run is abandoned within seconds, and the
-    next image does not wait for it). Behind HAProxy it cannot: HAProxy aborts only requests not yet sent to a
-    replica (`option abortonclose`: then nothing ran), so a forwarded run goes to its end and is charged in full,
-    as `ok` (a shorter run here, to keep the suite fast). Either way nothing ran for free."""
+    next image does not wait for it). Behind HAProxy a request forwarded to the replica is stopped the same way
+    (HAProxy closes the replica's connection; see test_fault_suite's request left on its own route), but one has
+    also been seen to run to its end, charged in full as `ok` (right after start-up; cause not pinned down), and
+    HAProxy drops a request whose client left before it was forwarded (then nothing ran). So behind HAProxy a
+    short run is used and each of those outcomes is accepted: charged once for what ran, or not at all if nothing
+    ran, never free.
+    """
     prefix = tag_prefix("leave-image")
     steps = 3 if behind_haproxy() else 50
     slow = {"inputs": "a cat", "parameters": {"width": 256, "height": 256, "num_inference_steps": steps}}
@@ -463,13 +467,14 @@ def test_a_client_that_leaves_an_image_request_is_charged_for_what_ran(hfi_servi
     if behind_haproxy():
         # HAProxy may drop a request whose client left before a replica took it (then nothing ran and nothing is
         # charged), or forward it, and then the run goes to its end and is charged in full: once either way.
-        rows = ledger.wait_for_tags(prefix, 2)
+        rows = ledger.wait_for_tags(prefix, 3)  # all three, or (left dropped unforwarded) two at the time-out
         tags = sorted(r.usage.client_request_id for r in rows)
         assert tags in (
             sorted(prefix + t for t in ("warm", "next")),
             sorted(prefix + t for t in ("warm", "left", "next")),
         )
         assert all(r.usage.compute_ns > 0 and r.cost_nanousd > 0 for r in rows)
+        assert all(r.usage.status in ("ok", STATUS_CLIENT_DISCONNECTED) for r in rows)
         return
     rows = ledger.wait_for_tags(prefix, 3)
     left = next(r for r in rows if r.usage.client_request_id == prefix + "left")
