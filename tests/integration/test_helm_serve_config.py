@@ -4,7 +4,7 @@
 - the RayCluster config gives the Ray autoscaler (its own KubeRay config reader) a node type for every model's
   profile whose resources hold one replica, and the head room for the ingress;
 - the rendered applications are the project's own layout (serving.app.applications: one per model at
-  /models/{id}, the router at /), and each builds with its import_path into its deployment, placed by its
+  /models/{id}, one per pool with models, the router at /), and each builds with its import_path into its deployment, placed by its
   profile. Ray is not started and no model is loaded.
 """
 
@@ -22,7 +22,11 @@ from models.catalog import parse_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "hf-inference"
-VALUE_SETS = {"default": [], "ci-two-gpu-profiles": [CHART / "ci" / "two-gpu-profiles-values.yaml"]}
+VALUE_SETS = {
+    "default": [],
+    "ci-two-gpu-profiles": [CHART / "ci" / "two-gpu-profiles-values.yaml"],
+    "ci-pool": [CHART / "ci" / "pool-values.yaml"],  # two models sharing a pool's replicas
+}
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))
@@ -72,7 +76,10 @@ def test_the_charts_applications_are_the_projects_own_layout(rayservice, cluster
         (a.name, a.route_prefix, a.import_path) for a in ours
     ]
     for app, mine in zip(rendered, ours, strict=True):
-        assert app["args"].get("model") == mine.args.get("model")
+        assert (app["args"].get("model"), app["args"].get("pool")) == (
+            mine.args.get("model"),
+            mine.args.get("pool"),
+        )
 
 
 def test_autoscaler_sees_a_node_type_for_every_models_profile(rayservice):
@@ -89,7 +96,7 @@ def test_autoscaler_sees_a_node_type_for_every_models_profile(rayservice):
     args = _app_args(rayservice)
     profiles = {p["name"]: HardwareProfile.model_validate(p) for p in args["profiles"]}
     groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    for spec in parse_catalog({"models": args["models"]}).models:
+    for spec in parse_catalog({"models": args["models"], "pools": args.get("pools", [])}).models:
         profile = profiles[spec.hardware_profile]
         node = node_types[spec.hardware_profile]
         options = profile.ray_actor_options()
@@ -126,15 +133,26 @@ def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
     args = _app_args(rayservice)
     built = [_build(app) for app in _serve_config(rayservice)["applications"]]
     deployments = {d.name: d for b in built for d in b.deployments}
-    catalog = parse_catalog({"models": args["models"]})
+    catalog = parse_catalog({"models": args["models"], "pools": args.get("pools", [])})
     profiles = {p["name"]: HardwareProfile.model_validate(p) for p in args["profiles"]}
-    assert set(deployments) == {"ingress"} | {spec.deployment_name for spec in catalog.models}
+    pools = [catalog.pool(name) for name in sorted({s.pool for s in catalog.models if s.pool is not None})]
+    assert set(deployments) == {"ingress"} | {
+        spec.deployment_name for spec in catalog.models if spec.pool is None
+    } | {pool.deployment_name for pool in pools}
     assert [len(b.deployments) for b in built] == [1] * len(built)  # each application is one deployment
     assert built[-1].ingress_deployment_name == "ingress"
     ingress = deployments["ingress"]
     assert ingress.ray_actor_options["num_cpus"] == args["ingress_num_cpus"]
     assert ingress.num_replicas == args["ingress_replicas"]
-    for spec in catalog.models:
+    for pool in pools:  # one deployment of shared replicas, placed by the pool's profile
+        deployment = deployments[pool.deployment_name]
+        expected = profiles[pool.hardware_profile].ray_actor_options()
+        assert {k: deployment.ray_actor_options.get(k) for k in expected} == expected, pool.name
+        assert (deployment.num_replicas, deployment.max_ongoing_requests) == (
+            pool.replicas,
+            pool.max_ongoing_requests,
+        )
+    for spec in (s for s in catalog.models if s.pool is None):
         deployment = deployments[spec.deployment_name]
         expected = profiles[spec.hardware_profile].ray_actor_options()
         actual = {k: deployment.ray_actor_options.get(k) for k in expected}

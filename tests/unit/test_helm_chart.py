@@ -396,6 +396,10 @@ BAD_VALUES = {
         _set(["profiles", 1, "accelerator", "type"], ""),
         "at '/profiles/1/accelerator/type'",
     ),
+    "model naming an unknown pool": (
+        _set(["models", 0, "pool"], "nope"),
+        'pool: unknown pool "nope"',
+    ),
     "negative model replicas": (
         _set(["models", 1, "replicas"], -1),
         "at '/models/1/replicas': minimum: got -1, want 0",

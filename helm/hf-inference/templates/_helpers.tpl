@@ -102,6 +102,13 @@ field and says what to change.
 {{- end -}}
 {{- $ids := dict -}}
 {{- $minByProfile := dict -}}
+{{- $poolNames := list -}}
+{{- range .Values.pools -}}
+{{- if has .name $poolNames -}}
+{{- fail (printf "pools: pool %q is listed twice" .name) -}}
+{{- end -}}
+{{- $poolNames = append $poolNames .name -}}
+{{- end -}}
 {{- range $m := .Values.models -}}
 {{- $key := lower $m.id -}}
 {{- if hasKey $ids $key -}}
@@ -111,6 +118,11 @@ field and says what to change.
 {{- if not (hasKey $profiles $m.hardware_profile) -}}
 {{- fail (printf "models[%s].hardware_profile: unknown profile %q; declared profiles: %s (each profile in values.profiles becomes a Ray worker group)" $m.id $m.hardware_profile (keys $profiles | sortAlpha | join ", ")) -}}
 {{- end -}}
+{{- if $m.pool -}}
+{{- if not (has $m.pool $poolNames) -}}
+{{- fail (printf "models[%s].pool: unknown pool %q; declared pools: %s" $m.id $m.pool ($poolNames | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- else -}}
 {{- $min := 1 -}}
 {{- if $m.autoscaling -}}
 {{- $min = int (default 1 $m.autoscaling.min_replicas) -}}
@@ -122,6 +134,14 @@ field and says what to change.
 {{- $min = int $m.replicas -}}
 {{- end -}}
 {{- $_ := set $minByProfile $m.hardware_profile (add (get $minByProfile $m.hardware_profile | default 0) $min) -}}
+{{- end -}}
+{{- end -}}
+{{- range $p := .Values.pools -}}
+{{- $pp := default "cpu-basic" $p.hardware_profile -}}
+{{- if not (hasKey $profiles $pp) -}}
+{{- fail (printf "pools[%s].hardware_profile: unknown profile %q; declared profiles: %s" $p.name $pp (keys $profiles | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $_ := set $minByProfile $pp (add (get $minByProfile $pp | default 0) (int (default 1 $p.replicas))) -}}
 {{- end -}}
 {{- range $name, $needed := $minByProfile -}}
 {{- $p := get $profiles $name -}}
@@ -152,6 +172,7 @@ field and says what to change.
 {{- end -}}
 {{- $args := dict
   "models" .Values.models
+  "pools" (.Values.pools | default list)
   "profiles" $profiles
   "billing" (dict "mode" .Values.serve.billingMode)
   "host" "0.0.0.0"
@@ -164,10 +185,25 @@ field and says what to change.
 {{- /* One application per model, routed at /models/{id} (HAProxy sends its requests straight to its replicas),
   then the router at / (serving.app.applications lays out the same). */ -}}
 {{- $apps := list -}}
+{{- $pooled := list -}}
 {{- range .Values.models -}}
+{{- if .pool -}}
+{{- $pooled = append $pooled .pool -}}
+{{- else -}}
 {{- $name := printf "model-%s" (regexReplaceAll "[^A-Za-z0-9_-]" (replace "/" "--" .id) "-") -}}
 {{- $modelArgs := merge (dict "model" .id) (deepCopy $args) -}}
 {{- $apps = append $apps (dict "name" $name "route_prefix" (printf "/models/%s" .id) "import_path" "serving.app:build_model_app" "args" $modelArgs) -}}
+{{- end -}}
+{{- end -}}
+{{- /* One application per pool with models: the first takes /models (what no model application claims). */ -}}
+{{- $first := true -}}
+{{- range .Values.pools -}}
+{{- if has .name $pooled -}}
+{{- $prefix := ternary "/models" (printf "/pools/%s" .name) $first -}}
+{{- $first = false -}}
+{{- $poolArgs := merge (dict "pool" .name) (deepCopy $args) -}}
+{{- $apps = append $apps (dict "name" (printf "pool-%s" .name) "route_prefix" $prefix "import_path" "serving.app:build_pool_app" "args" $poolArgs) -}}
+{{- end -}}
 {{- end -}}
 {{- $apps = append $apps (dict "name" "hf-inference" "route_prefix" "/" "import_path" "serving.app:build_ingress_app" "args" $args) -}}
 {{- $config := dict
