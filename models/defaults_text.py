@@ -37,17 +37,22 @@ def _seed(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def _wordpiece(vocab_size: int = 600) -> Any:
-    """A BERT-style WordPiece tokenizer trained in memory on the corpus (offsets work: it is a fast tokenizer)."""
+def wordpiece_tokenizer(
+    corpus: list[str] | None = None,
+    vocab_size: int = 600,
+    specials: list[str] | None = None,
+    max_length: int = 128,
+) -> Any:
+    """A BERT-style WordPiece tokenizer trained in memory on `corpus` (this module's by default; offsets work: it
+    is a fast tokenizer). Also the tiny vision and audio models' (models/vision_audio_defaults.py)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        _CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS)
-    )
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials or _SPECIALS)
+    tok.train_from_iterator(corpus or _CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -60,7 +65,7 @@ def _wordpiece(vocab_size: int = 600) -> Any:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
-        model_max_length=128,
+        model_max_length=max_length,
     )
 
 
@@ -97,7 +102,7 @@ def build_tiny_qa(directory: Path) -> None:
     from transformers import BertForQuestionAnswering
 
     _seed(1)
-    tokenizer = _wordpiece()
+    tokenizer = wordpiece_tokenizer()
     _save(BertForQuestionAnswering(_bert_config(tokenizer)), tokenizer, directory)
 
 
@@ -106,7 +111,7 @@ def build_tiny_fill_mask(directory: Path) -> None:
     from transformers import BertForMaskedLM
 
     _seed(2)
-    tokenizer = _wordpiece()
+    tokenizer = wordpiece_tokenizer()
     _save(BertForMaskedLM(_bert_config(tokenizer)), tokenizer, directory)
 
 
@@ -118,7 +123,7 @@ def build_tiny_ner(directory: Path) -> None:
     from transformers import BertForTokenClassification
 
     _seed(3)
-    tokenizer = _wordpiece()
+    tokenizer = wordpiece_tokenizer()
     _save(BertForTokenClassification(_bert_config(tokenizer, **_labels(NER_LABELS))), tokenizer, directory)
 
 
@@ -127,7 +132,7 @@ def build_tiny_nli(directory: Path) -> None:
     from transformers import BertForSequenceClassification
 
     _seed(4)
-    tokenizer = _wordpiece()
+    tokenizer = wordpiece_tokenizer()
     config = _bert_config(tokenizer, **_labels(["contradiction", "neutral", "entailment"]))
     _save(BertForSequenceClassification(config), tokenizer, directory)
 
@@ -136,7 +141,7 @@ def _tiny_bart(seed: int, directory: Path, **generation: Any) -> None:
     from transformers import BartConfig, BartForConditionalGeneration
 
     _seed(seed)
-    tokenizer = _wordpiece()
+    tokenizer = wordpiece_tokenizer()
     config = BartConfig(
         vocab_size=len(tokenizer),
         d_model=32,
@@ -181,7 +186,7 @@ def build_tiny_tapas(directory: Path) -> None:
     from transformers import TapasConfig, TapasForQuestionAnswering, TapasTokenizer
 
     _seed(7)
-    vocab = sorted(_wordpiece().get_vocab().items(), key=lambda kv: kv[1])
+    vocab = sorted(wordpiece_tokenizer().get_vocab().items(), key=lambda kv: kv[1])
     directory.mkdir(parents=True, exist_ok=True)
     vocab_file = directory / "vocab.txt"
     vocab_file.write_text("".join(f"{token}\n" for token, _ in vocab))
