@@ -12,8 +12,8 @@ from models.base import param_float, param_int, param_str
 from models.errors import InvalidInput
 from models.media import encode_image
 from models.tasks.media_runner import MediaRunner
-from models.tasks.text_to_image import TextToImageRunner, image_format
-from models.types import IMAGE_TO_IMAGE, StopRun, TaskRequest
+from models.tasks.text_to_image import TextToImageRunner, image_format, step_callback
+from models.types import IMAGE_TO_IMAGE, TaskRequest
 
 
 class ImageToImageRunner(MediaRunner):
@@ -88,14 +88,7 @@ class ImageToImageRunner(MediaRunner):
     ) -> tuple[Any, dict[str, int]]:
         if "callback_on_step_end" not in self._call_params:
             return self._generate(request, None)
-
-        def step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            on_step()
-            if should_stop():
-                raise StopRun
-            return callback_kwargs
-
-        return self._generate(request, step_end)
+        return self._generate(request, step_callback(on_step, should_stop))
 
     def _generate(
         self, request: TaskRequest, step_end: Callable[..., Any] | None

@@ -25,6 +25,21 @@ def image_format(accept: str | None) -> str:
     return "jpeg"
 
 
+def step_callback(
+    on_step: Callable[[], None], should_stop: Callable[[], bool]
+) -> Callable[..., dict[str, Any]]:
+    """A diffusers `callback_on_step_end` that reports each step and stops the run when asked (StopRun: out of
+    the denoising loop, no more steps, no decode)."""
+
+    def step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step()
+        if should_stop():
+            raise StopRun
+        return callback_kwargs
+
+    return step_end
+
+
 class TextToImageRunner(TaskRunner):
     tasks = (TEXT_TO_IMAGE,)
 
@@ -101,14 +116,7 @@ class TextToImageRunner(TaskRunner):
     ) -> tuple[Any, dict[str, int]]:
         if "callback_on_step_end" not in self._call_params:  # a pipeline without step callbacks runs whole
             return self._generate(request, None)
-
-        def step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            on_step()
-            if should_stop():
-                raise StopRun  # out of the denoising loop now: no more steps, no decode
-            return callback_kwargs
-
-        return self._generate(request, step_end)
+        return self._generate(request, step_callback(on_step, should_stop))
 
     def _generate(
         self, request: TaskRequest, step_end: Callable[..., Any] | None
