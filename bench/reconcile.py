@@ -302,9 +302,9 @@ class SqlLedger:
 
         try:
             if self.layout is None:
-                from metering.ledger import make_engine
+                from core.db import LEDGER, make_engine
 
-                return make_engine(self.database_url)
+                return make_engine(self.database_url, LEDGER)
             return sa.create_engine(self.database_url)
         except (sa.exc.ArgumentError, ImportError) as err:
             raise LedgerError(f"bad ledger URL {self.database_url!r}: {err}") from err

@@ -59,8 +59,9 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
+from core.money import usd_str  # noqa: E402
 from metering.ledger import charges_table, dead_letters_table, row_to_charge  # noqa: E402
-from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge, usd_str  # noqa: E402
+from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge  # noqa: E402
 
 CLS_ID = "local/tiny-sentiment"
 EMB_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -19,10 +19,11 @@ from sqlalchemy.orm import Session
 
 from billing.cache import TtlCache, missing
 from billing.config import BillingSettings, TierPolicy
-from billing.db import read_session, utcnow, write_session
+from billing.db import read_session, write_session
 from billing.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 from billing.schema import DisabledModel, Org, OrgMember, Token, User
 from billing.tokens import new_token, new_token_id, token_hint, token_sha256
+from core.utc import utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TOKEN_CACHE_ENTRIES = 100_000

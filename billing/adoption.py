@@ -27,8 +27,9 @@ from billing.books import (
     new_deltas,
 )
 from billing.books import reservation_row as make_row
-from billing.db import as_utc, read_session, write_session
+from billing.db import read_session, write_session
 from billing.schema import HousekeepingMark, Org, Reservation, User
+from core.utc import as_utc
 
 ADOPTED_THROUGH = "ledger_adopted_through"
 ADOPT_BATCH_ROWS = 1000

@@ -13,8 +13,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from billing.db import as_utc, read_session, utcnow, write_session
+from billing.db import read_session, write_session
 from billing.schema import AuditEntry
+from core.utc import as_utc, utcnow
 
 MAX_LISTED = 10_000
 

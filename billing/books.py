@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import BigInteger, DateTime, String, column, table, update
 from sqlalchemy.orm import Session
 
-from billing.db import as_utc
 from billing.schema import MonthSpend, Reservation
+from core.utc import as_utc
 
 OPEN, SETTLED, RELEASED, EXPIRED = "open", "settled", "released", "expired"
 FINISHED = (SETTLED, RELEASED, EXPIRED)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from core.money import NANOUSD_PER_USD
 
 if TYPE_CHECKING:
     import typer
@@ -23,32 +24,21 @@ DB_HELP = (
 )
 
 
-def _config_file() -> dict[str, Any]:
-    path = os.environ.get("HFI_CONFIG")
-    if not path:
-        return {}
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return data if isinstance(data, dict) else {}
-
-
 def load_settings() -> BillingSettings:
     """Billing settings from $HFI_CONFIG's `billing:` section (tiers, Hub URL, ...) and $HFI_BILLING_MODE."""
     from billing.config import BillingSettings
+    from core.settings import settings_data
 
-    data = dict(_config_file().get("billing") or {})
-    if os.environ.get("HFI_BILLING_MODE"):
-        data["mode"] = os.environ["HFI_BILLING_MODE"]
-    return BillingSettings.model_validate(data)
+    data = settings_data(variables=("HFI_BILLING_MODE",), secret_files=False)
+    return BillingSettings.model_validate(data.get("billing") or {})
 
 
 def resolve_database_url(option: str | None) -> str:
     """--database-url, else $HFI_DATABASE_URL, else the config file's, else the metering default."""
-    from metering.config import MeteringSettings
+    from core.settings import setting
+    from metering.config import DEFAULT_DATABASE_URL
 
-    configured = (_config_file().get("metering") or {}).get("database_url")
-    return option or os.environ.get("HFI_DATABASE_URL") or configured or MeteringSettings().database_url
+    return setting("metering.database_url", option, default=DEFAULT_DATABASE_URL)
 
 
 def parse_usd(value: str) -> int:
@@ -57,7 +47,7 @@ def parse_usd(value: str) -> int:
         amount = Decimal(value.strip().lstrip("$"))
     except InvalidOperation:
         raise ValueError(f"not an amount in USD: {value!r}") from None
-    nano = amount * 10**9
+    nano = amount * NANOUSD_PER_USD
     if not amount.is_finite() or nano != nano.to_integral_value() or amount < 0:
         raise ValueError(f"not a non-negative USD amount with at most 9 decimals: {value!r}")
     return int(nano)
@@ -165,9 +155,9 @@ def _audit_command(svc: BillingService, status: int) -> None:
 
 
 def _usd(nanousd: int | None) -> str:
-    from billing.reports import usd
+    from core.money import usd_str
 
-    return "none" if nanousd is None else "$" + usd(nanousd)
+    return "none" if nanousd is None else "$" + usd_str(nanousd)
 
 
 def register(app: typer.Typer) -> None:
@@ -330,7 +320,7 @@ def _register_views(accounts: typer.Typer) -> None:
 
     @accounts.command("usage")
     def usage(
-        account: str,
+        account: str = typer.Argument(None, help="the account (default: every account together)"),
         month: str = typer.Option(None, "--month", help="YYYY-MM (default: this month)"),
         fmt: str = typer.Option("json", "--format", help="json or csv"),
         limit: int = typer.Option(None, "--limit", help="charges a page (default 1000, at most 10000)"),
@@ -338,7 +328,8 @@ def _register_views(accounts: typer.Typer) -> None:
         every: bool = typer.Option(False, "--all", help="csv: every charge of the month, page after page"),
         database_url: str = _db_option(),
     ) -> None:
-        """An account's month: included credits used, pay-as-you-go, by model and profile, a page of charges."""
+        """An account's month (the usage API's report): included credits used, pay-as-you-go, by model, profile
+        and day, a page of charges. No account: every account's month, by account."""
         _check_usage_options(fmt, every)
         _run(database_url, lambda s: _print_usage(s, account, month, fmt, limit, cursor, every))
 
@@ -417,7 +408,7 @@ def _check_usage_options(fmt: str, every: bool) -> None:
 
 
 def _print_usage(
-    svc: BillingService, account: str, month: str | None, fmt: str, limit, cursor, every: bool
+    svc: BillingService, account: str | None, month: str | None, fmt: str, limit, cursor, every: bool
 ) -> None:
     """One page of the usage report (its next cursor on stderr), or with `every` the whole month as CSV."""
     import typer

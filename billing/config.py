@@ -1,6 +1,6 @@
 """Billing settings. Part of the service settings (serving/config.py).
 
-Money is integer nano-USD (10^-9 USD) everywhere, like the metering ledger: $1.00 is 1_000_000_000.
+Money is integer nano-USD (10^-9 USD) everywhere, like the metering ledger: $1.00 is core.money.NANOUSD_PER_USD.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from billing.ratelimit import TierRateLimits, default_rate_limits
-
-NANOUSD_PER_USD = 10**9
+from core.money import NANOUSD_PER_USD
 
 
 class TierPolicy(BaseModel):

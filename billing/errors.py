@@ -1,12 +1,12 @@
 """Typed billing errors: each carries its HTTP `status_code` and a `message` safe to show to the client.
 
-They are models.errors.ServiceError subclasses: they pickle with their message intact (they may cross a Ray
+They are core.errors.ServiceError subclasses: they pickle with their message intact (they may cross a Ray
 handle) and serving/errors.py maps them to HTTP like every other typed error.
 """
 
 from __future__ import annotations
 
-from models.errors import ServiceError
+from core.errors import ServiceError
 
 
 class BillingError(ServiceError):

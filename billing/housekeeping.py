@@ -28,9 +28,10 @@ from sqlalchemy.orm import Session
 
 from billing.adoption import adopt_orphan_charges
 from billing.books import EXPIRED, FINISHED, LEDGER_CHARGES, OPEN, SETTLED, Deltas, apply_deltas, new_deltas
-from billing.db import as_utc, read_session, write_session
+from billing.db import read_session, write_session
 from billing.leases import LEASE_RECLAIM_GRACE_S, reclaim_dead_leases
 from billing.schema import HousekeepingMark, Lease, Reservation
+from core.utc import as_utc
 
 if TYPE_CHECKING:
     from billing.config import BillingSettings

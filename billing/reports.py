@@ -21,14 +21,17 @@ from typing import Any
 from sqlalchemy import Engine, and_, case, func, inspect, or_, select
 
 from billing.accounts import BilledAccount
-from billing.db import as_utc, read_session
+from billing.db import read_session
 from billing.errors import InvalidRequest
 from billing.schema import Reservation
 from billing.spend import OPEN, SETTLED
+from core.money import usd_str
+from core.utc import as_utc
 
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 CSV_COLUMNS = ("request_id", "started_at", "user", "model_id", "hardware_profile", "cost_nanousd", "cost_usd")
 DEFAULT_CHARGES_LIMIT = 1000
+EVERY_ACCOUNT = "all"  # the `kind` of the report of every account together (operators only)
 MAX_CHARGES_LIMIT = 10_000
 
 # (model_id, hardware_profile, user, requests, cost_nanousd): the month's charges summed per model, profile, user
@@ -94,34 +97,31 @@ def month_bounds(month: str) -> tuple[dt.datetime, dt.datetime]:
     return start, end
 
 
-def usd(nanousd: int) -> str:
-    """Exact decimal USD string with 9 places."""
-    sign = "-" if nanousd < 0 else ""
-    n = abs(nanousd)
-    return f"{sign}{n // 10**9}.{n % 10**9:09d}"
-
-
 def _group(groups: Sequence[Group], key: str, index: int) -> list[dict[str, Any]]:
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for g in groups:
         t = totals[str(g[index] or "unknown")]
         t[0] += g[3]
         t[1] += g[4]
-    return [
-        {key: k, "requests": n, "cost_nanousd": cost, "cost_usd": usd(cost)}
-        for k, (n, cost) in sorted(totals.items())
-    ]
+    return [_row(key, k, n, cost) for k, (n, cost) in sorted(totals.items())]
 
 
-def _charge(request_id: str, started_at, user: str, model_id: str, profile: str | None, cost: int) -> dict:
+def _row(key: str, value: str, requests: int, cost: int) -> dict[str, Any]:
+    return {key: value, "requests": requests, "cost_nanousd": cost, "cost_usd": usd_str(cost)}
+
+
+def _charge(
+    request_id: str, started_at, account: str, user: str, model_id: str, profile: str | None, cost: int
+) -> dict:
     return {
         "request_id": request_id,
         "started_at": as_utc(started_at).isoformat(),
+        "account": account,
         "user": user,
         "model_id": model_id,
         "hardware_profile": profile or "unknown",
         "cost_nanousd": cost,
-        "cost_usd": usd(cost),
+        "cost_usd": usd_str(cost),
     }
 
 
@@ -144,7 +144,7 @@ def _by_day(month: str, sums: Sequence[Any] | None) -> list[dict[str, Any]]:
     start, end = month_bounds(month)
     values = [int(v or 0) for v in sums] if sums else [0] * (end - start).days
     return [
-        {"day": (start + dt.timedelta(days=i)).date().isoformat(), "cost_nanousd": v, "cost_usd": usd(v)}
+        {"day": (start + dt.timedelta(days=i)).date().isoformat(), "cost_nanousd": v, "cost_usd": usd_str(v)}
         for i, v in enumerate(values)
     ]
 
@@ -191,6 +191,7 @@ def usage_report(
             _charge(
                 x.request_id or x.id,
                 x.started_at,
+                x.account,
                 x.user,
                 x.model_id,
                 x.hardware_profile,
@@ -217,7 +218,7 @@ def usage_report(
 
 def ledger_usage_report(
     engine: Engine,
-    account: BilledAccount,
+    account: BilledAccount | None,
     month: str,
     *,
     per_member: bool = False,
@@ -226,14 +227,18 @@ def ledger_usage_report(
     charges_user: str | None = None,
 ) -> dict[str, Any]:
     """The month's usage of `account` from the metering ledger's charges (open mode keeps no reservations, and
-    months past the reservations' retention have been pruned)."""
+    months past the reservations' retention have been pruned); `account` None: every account's, with
+    `by_account`."""
     from metering.ledger import charges_table as t
 
     start, end = month_bounds(month)
     after = decode_cursor(cursor, int)
-    mine = (t.c.billed_account == account.name, t.c.started_at >= start, t.c.started_at < end)
+    mine = [t.c.started_at >= start, t.c.started_at < end]
+    if account is not None:
+        mine.append(t.c.billed_account == account.name)
     groups: list[Group] = []
     charges: list[dict[str, Any]] = []
+    by_account: list[dict[str, Any]] = []
     next_cursor = None
     daily = None
     with read_session(engine) as s:
@@ -244,10 +249,20 @@ def ledger_usage_report(
                     select(*keys, func.count(), func.sum(t.c.cost_nanousd)).where(*mine).group_by(*keys)
                 )
             )
+            if account is None:
+                per_account = select(t.c.billed_account, func.count(), func.sum(t.c.cost_nanousd))
+                by_account = [
+                    _row("account", a, int(n), int(c or 0))
+                    for a, n, c in s.execute(
+                        per_account.where(*mine).group_by(t.c.billed_account).order_by(t.c.billed_account)
+                    )
+                ]
             daily = s.execute(
                 select(*_daily_columns(t.c.started_at, t.c.cost_nanousd, month)).where(*mine)
             ).first()
-            page = select(t.c.id, t.c.request_id, t.c.started_at, *keys, t.c.cost_nanousd).where(*mine)
+            page = select(
+                t.c.id, t.c.request_id, t.c.started_at, t.c.billed_account, *keys, t.c.cost_nanousd
+            ).where(*mine)
             if charges_user is not None:
                 page = page.where(t.c.user == charges_user)
             if after is not None:
@@ -255,13 +270,19 @@ def ledger_usage_report(
             rows = s.execute(page.order_by(t.c.started_at, t.c.id).limit(limit + 1)).all()
             charges = [
                 _charge(
-                    x.request_id, x.started_at, x.user, x.model_id, x.hardware_profile, int(x.cost_nanousd)
+                    x.request_id,
+                    x.started_at,
+                    x.billed_account,
+                    x.user,
+                    x.model_id,
+                    x.hardware_profile,
+                    int(x.cost_nanousd),
                 )
                 for x in rows[:limit]
             ]
             if len(rows) > limit:
                 next_cursor = encode_cursor(rows[limit - 1].started_at, int(rows[limit - 1].id))
-    return build_report(
+    report = build_report(
         account,
         month,
         groups,
@@ -272,10 +293,24 @@ def ledger_usage_report(
         by_day=_by_day(month, daily),
         charges_user=charges_user,
     )
+    if account is None:
+        report["by_account"] = by_account
+    return report
+
+
+def ledger_has_account(engine: Engine, name: str) -> bool:
+    """Whether the metering ledger has ever billed a charge to `name` (an account billing may not manage, such
+    as routed Hugging Face traffic)."""
+    from metering.ledger import charges_table as t
+
+    with read_session(engine) as s:
+        if not inspect(s.connection()).has_table(t.name):
+            return False
+        return s.scalar(select(t.c.id).where(t.c.billed_account == name).limit(1)) is not None
 
 
 def build_report(
-    account: BilledAccount,
+    account: BilledAccount | None,
     month: str,
     groups: Sequence[Group],
     charges: list[dict[str, Any]],
@@ -288,22 +323,22 @@ def build_report(
     charges_user: str | None = None,
 ) -> dict[str, Any]:
     """The report of a month: totals over all its charges (`groups`), its spend per UTC day (`by_day`), and one
-    page of its charges (`charges`: only `charges_user`'s when given)."""
+    page of its charges (`charges`: only `charges_user`'s when given). `account` None: every account together,
+    where what belongs to one account (its tier, credits, pay-as-you-go amount, limit) is null."""
     total = sum(g[4] for g in groups)
-    included_used = min(total, account.included_nanousd)
     report: dict[str, Any] = {
-        "account": account.name,
-        "kind": account.kind,
-        "tier": account.policy_name,
+        "account": None,
+        "kind": EVERY_ACCOUNT,
+        "tier": None,
         "month": month,
         "currency": "USD",
-        "included_credits_nanousd": account.included_nanousd,
-        "included_used_nanousd": included_used,
-        "included_left_nanousd": account.included_nanousd - included_used,
-        "pay_as_you_go_nanousd": total - included_used,
+        "included_credits_nanousd": None,
+        "included_used_nanousd": None,
+        "included_left_nanousd": None,
+        "pay_as_you_go_nanousd": None,
         "total_nanousd": total,
-        "total_usd": usd(total),
-        "spending_limit_nanousd": account.spending_limit_nanousd,
+        "total_usd": usd_str(total),
+        "spending_limit_nanousd": None,
         "in_flight_reserved_nanousd": in_flight_nanousd,
         "requests": sum(g[3] for g in groups),
         "by_model": _group(groups, "model_id", 0),
@@ -313,6 +348,18 @@ def build_report(
         "charges_limit": limit,
         "next_cursor": next_cursor,
     }
+    if account is not None:
+        included_used = min(total, account.included_nanousd)
+        report.update(
+            account=account.name,
+            kind=account.kind,
+            tier=account.policy_name,
+            included_credits_nanousd=account.included_nanousd,
+            included_used_nanousd=included_used,
+            included_left_nanousd=account.included_nanousd - included_used,
+            pay_as_you_go_nanousd=total - included_used,
+            spending_limit_nanousd=account.spending_limit_nanousd,
+        )
     if per_member:
         report["by_member"] = _group(groups, "user", 2)
     if charges_user is not None:

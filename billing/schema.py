@@ -7,6 +7,7 @@ Every table is prefixed `billing_`; billing's Alembic migrations keep their own 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
@@ -20,7 +21,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.migrations import Migrations
+
 VERSION_TABLE = "billing_alembic_version"
+# Run by core.migrations (billing.db.LazyMigrations). Billing's engine takes SQLite's write lock up front, so a
+# migration never loses a race to another process: one attempt.
+MIGRATIONS = Migrations(
+    "billing", Path(__file__).parent / "migrations", VERSION_TABLE, pg_lock_key=0x6266_6962_696C
+)
 
 
 class Base(DeclarativeBase):

@@ -28,12 +28,23 @@ from sqlalchemy.exc import OperationalError
 
 from billing.accounts import AccountStore, BilledAccount, Caller
 from billing.config import BillingSettings
-from billing.db import DatabaseDown, LazyMigrations, as_utc, make_engine, utcnow
+from billing.db import DatabaseDown, LazyMigrations
 from billing.errors import AccountsUnavailable, Forbidden, PaymentRequired, Unauthorized
 from billing.hub import WhoamiCache
 from billing.reconcile import Reconciliation, reconcile
-from billing.reports import check_limit, check_month, ledger_usage_report, month_bounds, usage_report
+from billing.reports import (
+    check_limit,
+    check_month,
+    ledger_has_account,
+    ledger_usage_report,
+    month_bounds,
+    usage_report,
+)
 from billing.spend import Housekeeping, Leasing, SpendBook, SweepResult, month_of
+from billing.usage_access import LOCAL, usage_scope
+from core.db import BILLING, make_engine
+from core.money import NANOUSD_PER_USD
+from core.utc import as_utc, utcnow
 
 FREE_TIER_MESSAGE = (
     "You have exceeded your monthly included credits for Inference Providers. "
@@ -44,7 +55,7 @@ FREE_TIER_MESSAGE = (
 def estimate_nanousd(usd_per_second: Fraction | Decimal | int, compute_seconds: float | Fraction) -> int:
     """What to reserve at admission: `compute_seconds` at the profile's price, rounded up to a nano-USD."""
     seconds = Fraction(compute_seconds) if not isinstance(compute_seconds, Fraction) else compute_seconds
-    exact = Fraction(usd_per_second) * seconds * 10**9
+    exact = Fraction(usd_per_second) * seconds * NANOUSD_PER_USD
     if exact < 0:
         raise ValueError("an estimate cannot be negative")
     return math.ceil(exact)
@@ -93,7 +104,7 @@ class BillingService:
         self.database_url = database_url
         # No connection here: the service starts while the database is down (open mode never needs it on the
         # request path). The first use of `accounts` or `spend` runs the migrations (LazyMigrations).
-        self.engine = make_engine(database_url)
+        self.engine = make_engine(database_url, BILLING)
         self.migrations: LazyMigrations | None = LazyMigrations(self.engine) if migrate else None
         self._accounts = AccountStore(self.engine, settings, clock=self.now)
         self._spend = SpendBook(
@@ -383,36 +394,38 @@ class BillingService:
         limit: int | str | None = None,
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        """A month's usage that `caller` may see: their own, or an org's: its admins see it per member, its other
-        members see the totals and only their own charges.
+        """A month's usage that `caller` may see (billing.usage_access): their own, an organization's (its
+        admins per member, its other members its totals and only their own charges), any account's or every
+        account's for an operator.
 
         Totals cover the whole month; `charges` is one page of at most `limit` charges (default
         DEFAULT_CHARGES_LIMIT, at most MAX_CHARGES_LIMIT: more is a 400), the next one from `next_cursor`.
         """
         month = check_month(month) if month else self.now().strftime("%Y-%m")
         page = {"limit": check_limit(limit), "cursor": cursor}
-        account = account or caller.name
-        if account == self.settings.local_account and self.settings.mode == "open":
-            if not (caller.is_admin or caller.name == account):
-                raise Forbidden(f"You cannot see the usage of {account!r}")
-            local = BilledAccount(account, "user", "open", 0, True, None)  # open mode: no credits, no limit
-            return ledger_usage_report(self.engine, local, month, **page)
-        kind = self.accounts.account_kind(account)
-        full = caller.is_admin or (
-            caller.name == account if kind == "user" else self.accounts.is_org_admin(caller.name, account)
+        open_mode = self.settings.mode == "open"
+        scope = usage_scope(
+            caller,
+            account,
+            lambda: self.accounts,
+            local_account=self.settings.local_account if open_mode else None,
+            in_ledger=lambda name: ledger_has_account(self.engine, name),
         )
-        # An organization's other members see its usage, but per member only their own charges.
-        member = not full and kind == "org" and caller.name in self.accounts.org_members(account)
-        if not (full or member):
-            raise Forbidden(f"You cannot see the usage of {account!r}")
-        policy, per_member = self.accounts.account_policy(account), kind == "org" and full
-        page["charges_user"] = None if full else caller.name
+        if scope.account is None:
+            return ledger_usage_report(self.engine, None, month, **page)
+        if scope.from_ledger:
+            plan = "open" if scope.kind == LOCAL else "none"  # no credits, no limit: billed as it runs
+            kind = "user" if scope.kind == LOCAL else scope.kind
+            unmanaged = BilledAccount(scope.account, kind, plan, 0, True, None)
+            return ledger_usage_report(self.engine, unmanaged, month, **page)
+        policy = self.accounts.account_policy(scope.account)
+        page["charges_user"] = scope.charges_user
         self.spend.flush()  # this process's settlements, written behind, are in the report it asks for
         pruned_before = self.spend.pruned_before()
         if pruned_before is not None and month_bounds(month)[0] < pruned_before:
             # Old reservations are pruned: a month that may have lost some is read from the ledger (complete).
-            return ledger_usage_report(self.engine, policy, month, per_member=per_member, **page)
-        return usage_report(self.engine, policy, month, per_member=per_member, **page)
+            return ledger_usage_report(self.engine, policy, month, per_member=scope.per_member, **page)
+        return usage_report(self.engine, policy, month, per_member=scope.per_member, **page)
 
     def reconcile(self, month: str) -> Reconciliation:
         """Billing's settled costs of `month` against the metering ledger's charges, request by request."""

@@ -68,11 +68,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from billing.books import EXPIRED, FINISHED, OPEN, RELEASED, SETTLED, month_of
-from billing.db import as_utc, read_session, utcnow, write_session
+from billing.db import read_session, write_session
 from billing.housekeeping import PRUNE_BATCH_ROWS, PRUNED_BEFORE, Housekeeper, Housekeeping, SweepResult
 from billing.leases import RECLAIMED, RETURNED, Budget, Held, Rollover, roll_over, top_up
 from billing.schema import MonthSpend, Reservation
 from billing.writer import Op, ReleaseOpen, SettledRow, SettleOpen, write_batch
+from core.utc import as_utc, utcnow
 
 if TYPE_CHECKING:
     from billing.config import BillingSettings

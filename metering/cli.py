@@ -8,13 +8,14 @@ Imports stay inside the commands so that `hfi --help` stays fast.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from core.settings import ENV_VARS
+from core.utc import as_utc
 
 if TYPE_CHECKING:
     import typer
@@ -22,13 +23,12 @@ if TYPE_CHECKING:
     from metering.config import MeteringSettings
     from metering.spool import Spool
 
-# The environment variables of the metering settings, as the service reads them (serving.config.ENV_VARS).
+# The environment variables of the metering settings, as the service reads them (core.settings.ENV_VARS), name ->
+# field: the drain reads all but the provider secret, which only the billing endpoint needs.
 METERING_ENV_VARS = {
-    "HFI_DATABASE_URL": "database_url",
-    "HFI_SPOOL_DIR": "spool_dir",
-    "HFI_EVENTS_FILE": "events_file",
-    "HFI_COLLECTOR_URL": "collector_url",
-    "HFI_COLLECTOR_TOKEN": "collector_token",
+    name: path.removeprefix("metering.")
+    for name, (path, _) in ENV_VARS.items()
+    if path.startswith("metering.") and name != "HFI_PROVIDER_SECRET"
 }
 
 
@@ -44,7 +44,7 @@ def parse_when(value: str | None, *, end: bool = False) -> dt.datetime | None:
         when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"not an ISO date or datetime: {value!r}") from None
-    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+    return as_utc(when)
 
 
 def month_start(now: dt.datetime | None = None) -> dt.datetime:
@@ -55,9 +55,12 @@ def month_start(now: dt.datetime | None = None) -> dt.datetime:
 
 def resolve_database_url(option: str | None) -> str:
     """--database-url, else $HFI_DATABASE_URL, else the MeteringSettings default."""
-    from metering.config import MeteringSettings, expand_sqlite_url
+    from core.db import expand_sqlite_url
+    from core.settings import setting
+    from metering.config import DEFAULT_DATABASE_URL
 
-    return expand_sqlite_url(option or os.environ.get("HFI_DATABASE_URL") or MeteringSettings().database_url)
+    url = setting("metering.database_url", option, default=DEFAULT_DATABASE_URL, config_file=False)
+    return expand_sqlite_url(url)
 
 
 def usage_text(
@@ -138,18 +141,12 @@ def drain_settings(
     """The service's metering settings as its processes read them (HFI_CONFIG's `metering`, then the
     environment), with --spool-dir and --database-url over them. The drain must feed the same ledger and
     sinks: a spool file is deleted once every consumer it is drained for is past its end."""
-    import yaml
-
+    from core.settings import settings_data
     from metering.config import MeteringSettings
 
-    env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    if env.get("HFI_CONFIG"):
-        config = yaml.safe_load(Path(env["HFI_CONFIG"]).read_text()) or {}
-        data.update(config.get("metering") or {})
-    data.update({key: env[name] for name, key in METERING_ENV_VARS.items() if env.get(name)})
-    data.update({k: v for k, v in (("spool_dir", spool_dir), ("database_url", database_url)) if v})
-    return MeteringSettings.model_validate(data)
+    options = {k: v for k, v in (("spool_dir", spool_dir), ("database_url", database_url)) if v}
+    data = settings_data({"metering": options}, env=env, variables=METERING_ENV_VARS, secret_files=False)
+    return MeteringSettings.model_validate(data.get("metering") or {})
 
 
 @dataclass
@@ -268,10 +265,11 @@ def register(app: typer.Typer) -> None:
         """The hardware profiles: accelerator, CPUs, memory and the price in force today."""
         import json
 
+        from core.settings import setting
         from hardware_profiles.loader import ProfileError
 
         try:
-            rows = profiles_rows(profiles_dir or os.environ.get("HFI_PROFILES_DIR"))
+            rows = profiles_rows(setting("profiles_dir", profiles_dir, config_file=False))
         except ProfileError as err:
             typer.echo(str(err), err=True)
             raise typer.Exit(2) from None
@@ -313,9 +311,12 @@ def _register_dead_letters(app: typer.Typer) -> None:
 
         from sqlalchemy.exc import OperationalError
 
+        from core.settings import setting
         from metering.config import MeteringSettings
 
-        spool = spool_dir or os.environ.get("HFI_SPOOL_DIR") or MeteringSettings().spool_dir
+        spool = setting(
+            "metering.spool_dir", spool_dir, default=MeteringSettings().spool_dir, config_file=False
+        )
         try:
             rows = dead_letters_list(
                 resolve_database_url(database_url), spool, consumer=consumer, limit=limit

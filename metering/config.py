@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.db import expand_sqlite_url
+
 DEFAULT_DATABASE_URL = "sqlite:///~/.local/share/hfi/ledger.db"
 
 
@@ -66,11 +68,3 @@ class MeteringSettings(BaseModel):
 
     def resolved_spool_dir(self) -> Path:
         return Path(self.spool_dir).expanduser()
-
-
-def expand_sqlite_url(url: str) -> str:
-    """Expand `~` in the file path of a sqlite URL; other URLs are returned unchanged."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url[len(prefix) :].startswith("~"):
-        return prefix + str(Path(url[len(prefix) :]).expanduser())
-    return url

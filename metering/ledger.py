@@ -1,14 +1,14 @@
 """The ledger: one row per charge, keyed by a unique request id, in SQLite or PostgreSQL (SQLAlchemy 2).
 
 The schema is owned by the Alembic migrations in metering/migrations (version table
-`metering_alembic_version`, so billing can keep its own migrations in the same database). Inserting a request
-id that is already there is a no-op, which is what makes spool replays and retries safe.
+`metering_alembic_version`, so billing can keep its own migrations in the same database), run by
+core.migrations. Inserting a request id that is already there is a no-op, which is what makes spool replays and
+retries safe.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,22 +23,22 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    create_engine,
-    event,
     func,
     select,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError, StatementError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from metering.config import expand_sqlite_url
+from core.db import LEDGER, make_engine
+from core.migrations import Migrations, upgrade
 from metering.records import Charge, UsageRecord
-
-log = logging.getLogger(__name__)
 
 VERSION_TABLE = "metering_alembic_version"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# The ledger's engine lets the driver begin its transactions on SQLite (core.db), so a process can lose the race
+# to create the tables to another one starting beside it: it tries again and finds them there.
+MIGRATIONS = Migrations("metering", MIGRATIONS_DIR, VERSION_TABLE, pg_lock_key=727274001, race_attempts=3)
 _INSERT_CHUNK_ROWS = 200  # 28 columns x 200 rows stays far below SQLite's bound-parameter limit
 _LOOKUP_CHUNK_IDS = 500
 
@@ -210,62 +210,12 @@ def _request_id(row: dict[str, Any]) -> str:
     return row["request_id"]
 
 
-def make_engine(database_url: str) -> Engine:
-    """An engine for `database_url`: SQLite gets its directory created, WAL and a busy timeout."""
-    url = make_url(expand_sqlite_url(database_url))
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer (several replicas, reports)
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    return engine
-
-
-# What a process that lost a migration race to another one sees (SQLite): it retries and finds the work done.
-_MIGRATION_RACE_MESSAGES = ("already exists", "duplicate column name", "database is locked")
-_MIGRATE_LOCK = threading.Lock()  # Alembic's `context` is process-global: one migration at a time
-
-
-def migrate(engine: Engine) -> None:
-    """Bring the metering tables to the latest migration (idempotent).
-
-    Safe to race: PostgreSQL serialises migrators with an advisory lock (see env.py); on SQLite a process that
-    loses the race to create the tables fails once and retries, then finds them there.
-    """
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy.exc import DBAPIError
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with _MIGRATE_LOCK:
-        for attempt in range(3):
-            try:
-                with engine.begin() as conn:
-                    cfg.attributes["connection"] = conn
-                    command.upgrade(cfg, "head")
-                return
-            except DBAPIError as err:
-                raced = any(m in str(err.orig) for m in _MIGRATION_RACE_MESSAGES)
-                if attempt == 2 or err.connection_invalidated or not raced:
-                    raise
-                log.info("metering: another process is migrating the ledger; trying again")
-
-
 class Ledger:
     """The charge ledger in one database: idempotent inserts, reports and look-ups."""
 
     def __init__(self, database_url: str, *, engine: Engine | None = None) -> None:
         self.database_url = database_url
-        self.engine = engine or make_engine(database_url)
+        self.engine = engine or make_engine(database_url, LEDGER)
         self._migrated = False
         self._migrate_lock = threading.Lock()
         self._insert_stmt: Any = None
@@ -279,7 +229,7 @@ class Ledger:
         """Run the migrations once per Ledger object."""
         with self._migrate_lock:
             if not self._migrated:
-                migrate(self.engine)
+                upgrade(self.engine, MIGRATIONS)
                 self._migrated = True
 
     def insert(self, charges: Sequence[Charge]) -> list[str]:

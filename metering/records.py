@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
+from core.money import usd_str
+from core.utc import as_utc
 from metering.errors import InvalidUsage
 
-NANOUSD_PER_USD = 10**9
 NS_PER_SECOND = 10**9
 
 STATUS_OK = "ok"
@@ -30,7 +31,7 @@ class UsageRecord:
     """One request that reached compute, as measured: the input to pricing.
 
     Times are integer nanoseconds on a monotonic clock. `compute_ns` is the billed phase (for a batched
-    request, its share of the batch, see `metering.timing.split_batch_ns`); `queue_ns` and `total_ns` are
+    request, its share of the batch, see `core.timing.split_batch_ns`); `queue_ns` and `total_ns` are
     recorded for transparency and are never billed.
     """
 
@@ -93,9 +94,7 @@ class UsageRecord:
     @property
     def started_at_utc(self) -> dt.datetime:
         """`started_at` as an aware UTC datetime (a naive one is taken to be UTC already)."""
-        if self.started_at.tzinfo is None:
-            return self.started_at.replace(tzinfo=dt.timezone.utc)
-        return self.started_at.astimezone(dt.timezone.utc)
+        return as_utc(self.started_at)
 
 
 def seconds_str(ns: int, places: int = 9) -> str:
@@ -103,13 +102,6 @@ def seconds_str(ns: int, places: int = 9) -> str:
     scaled = ns // 10 ** (9 - places)
     whole, frac = divmod(scaled, 10**places)
     return f"{whole}.{frac:0{places}d}" if places else str(whole)
-
-
-def usd_str(nanousd: int) -> str:
-    """Nano-USD as an exact decimal string of USD with 9 decimals ("0.001250000")."""
-    sign = "-" if nanousd < 0 else ""
-    whole, frac = divmod(abs(nanousd), NANOUSD_PER_USD)
-    return f"{sign}{whole}.{frac:09d}"
 
 
 _USAGE_FIELDS = fields(UsageRecord)

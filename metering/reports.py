@@ -13,7 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from metering.records import Charge, usd_str
+from core.money import usd_str
+from metering.records import Charge
 
 FORMATS = ("table", "json", "csv")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from core.utc import to_utc
 from hardware_profiles import ProfileCatalog
 from metering import metrics
 from metering.config import MeteringSettings
@@ -345,17 +346,6 @@ class MeteringService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def to_utc(value: dt.datetime | dt.date | None) -> dt.datetime | None:
-    """A date (midnight UTC) or datetime (naive means UTC) as an aware UTC datetime."""
-    if value is None:
-        return None
-    if not isinstance(value, dt.datetime):
-        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
 
 
 def validate_request_ids(request_ids: Iterable[Any], max_ids: int) -> list[str]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from core.errors import ServiceError
 from models.catalog import ModelSpec
-from models.errors import ServiceError
 from models.types import CHAT_COMPLETION, COMPLETION, TEXT_GENERATION, TEXT_TO_IMAGE
 
 # Per task, seconds of compute; a model's `limits.max_compute_s` wins. Sized so a request within the default caps

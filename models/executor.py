@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from metering.timing import Stopwatch, Timings, split_batch_ns
+from core.errors import ServiceError
+from core.timing import Stopwatch, Timings, split_batch_ns
 from models.base import TaskRunner
 from models.catalog import ModelSpec
 from models.deadline import Deadline, max_compute_s
-from models.errors import GenerationError, ServiceError
+from models.errors import GenerationError
 from models.loading import LoadOptions, resolve_source
 from models.registry import runner_class
 from models.types import Interrupted, RunResult, StopRun, StreamChunk, TaskRequest

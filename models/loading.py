@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import ServiceError
 from models.catalog import ModelSpec
-from models.errors import ServiceError
 from models.registry import builder, runner_class
 
 log = logging.getLogger(__name__)

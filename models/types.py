@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from metering.timing import Timings
+from core.timing import Timings
 
 # Operations a runner can serve. Hub pipeline tags, plus the OpenAI-shaped operations of generation models.
 TEXT_TO_IMAGE = "text-to-image"

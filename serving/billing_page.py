@@ -25,8 +25,8 @@ from fastapi.responses import RedirectResponse
 
 from billing.accounts import Caller
 from billing.errors import Forbidden, InvalidRequest, NotFound
-from billing.reports import usd
 from billing.service import BillingService
+from core.money import usd_str
 from serving.routes.accounts import caller_of
 
 router = APIRouter()
@@ -149,13 +149,14 @@ def account(request: Request, name: str | None = None) -> dict[str, Any]:
 def chart(request: Request, account: str | None = None, month: str | None = None) -> Response:
     """The month's spend per UTC day as an SVG bar chart (the same report as GET /billing/usage)."""
     report = _billing(request).usage(caller_of(request), account, month, limit=1)
-    svg = daily_chart_svg(report["by_day"], f"Daily spend of {report['account']}, {report['month']} (UTC)")
+    who = report["account"] or "every account"
+    svg = daily_chart_svg(report["by_day"], f"Daily spend of {who}, {report['month']} (UTC)")
     return Response(svg, media_type="image/svg+xml", headers={"x-content-type-options": "nosniff"})
 
 
 def _label(nanousd: int) -> str:
     """A short USD label for an axis (the exact amounts are in the tables)."""
-    text = usd(nanousd).rstrip("0")
+    text = usd_str(nanousd).rstrip("0")
     whole, _, frac = text.partition(".")
     return f"${whole}.{frac.ljust(2, '0')}"
 
@@ -173,8 +174,8 @@ def daily_chart_svg(by_day: list[dict[str, Any]], title: str, width: int = 720, 
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" role="img" '
         f'aria-labelledby="chart-title chart-desc" font-family="system-ui, sans-serif" font-size="12">',
         f'<title id="chart-title">{escape(title)}</title>',
-        f'<desc id="chart-desc">{len(values)} days; total {escape(usd(total))} USD; highest day '
-        f"{escape(usd(peak))} USD.</desc>",
+        f'<desc id="chart-desc">{len(values)} days; total {escape(usd_str(total))} USD; highest day '
+        f"{escape(usd_str(peak))} USD.</desc>",
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
     ]
     for i in range(5):  # horizontal grid lines and their labels, bottom to top
@@ -190,7 +191,7 @@ def daily_chart_svg(by_day: list[dict[str, Any]], title: str, width: int = 720, 
         bar_h = 0.0 if peak == 0 else plot_h * value / peak
         x = left + i * step + step * 0.15
         y = top + plot_h - bar_h
-        label = f"{day['day']}: {usd(value)} USD"
+        label = f"{day['day']}: {usd_str(value)} USD"
         parts.append(
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{step * 0.7:.1f}" height="{bar_h:.1f}" fill="#0b5cad">'
             f"<title>{escape(label)}</title></rect>"

@@ -39,7 +39,8 @@ def _settings_args(config: Path | None, host: str | None, port: int | None, cata
 
 def _load(args: dict):
     """Settings with the catalog and profiles validated, or exit 2 with the message naming the field."""
-    from serving.config import Settings, SettingsError
+    from core.settings import SettingsError
+    from serving.config import Settings
 
     try:
         settings = Settings.load(args)

@@ -1,55 +1,24 @@
 """Service settings, declared once, loaded from YAML and the environment at start-up (never at import).
 
-Every environment variable the service reads is listed in ENV_VARS.
+core.settings loads them (HFI_CONFIG, then the environment, then the builder's args); every environment variable
+the service reads is listed in core.settings.ENV_VARS.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from billing.config import BillingSettings
+from core.settings import SettingsError, settings_data
 from hardware_profiles import ProfileCatalog, load_profiles
 from hardware_profiles.loader import ProfileError
 from metering.config import MeteringSettings
 from models.catalog import CatalogError, ModelCatalog, load_catalog, parse_catalog
 from models.loading import LoadOptions
-from serving.secrets import SecretInSettingsFile, refuse_secrets, with_secret_files
 from serving.security import SecuritySettings
-
-# name -> (settings path, description)
-ENV_VARS: dict[str, tuple[str, str]] = {
-    "HFI_CONFIG": ("", "a YAML settings file"),
-    "HFI_HOST": ("host", "address the HTTP server binds"),
-    "HFI_PORT": ("port", "port of the HTTP server"),
-    "HFI_CATALOG": ("catalog_file", "the model catalog YAML"),
-    "HFI_PROFILES_DIR": ("profiles_dir", "a directory of hardware profile YAML files"),
-    "HFI_MODEL_STORE": ("model_store", "where local model directories live"),
-    "HFI_DATABASE_URL": ("metering.database_url", "the ledger database (SQLite or PostgreSQL URL)"),
-    "HFI_SPOOL_DIR": ("metering.spool_dir", "the durable charge spool directory"),
-    "HFI_EVENTS_FILE": ("metering.events_file", "a CloudEvents JSON-lines file of charges"),
-    "HFI_COLLECTOR_URL": ("metering.collector_url", "a usage-event collector (OpenMeter's ingest API)"),
-    "HFI_COLLECTOR_TOKEN": ("metering.collector_token", "bearer token for the collector"),
-    "HFI_PROVIDER_SECRET": ("metering.provider_secret", "secret of the Hugging Face billing endpoint"),
-    "HFI_BILLING_MODE": ("billing.mode", "open (one local account) or tokens"),
-    "HFI_ADMIN_TOKEN": ("billing.admin_token", "the operator's admin token"),
-    "HFI_HUB_URL": ("billing.hub_url", "the Hugging Face Hub (whoami, partner API)"),
-    "HFI_ACCEPT_HF_TOKENS": ("billing.accept_hf_tokens", "1: accept routed Hugging Face tokens"),
-    "HF_TOKEN": ("hf_token", "Hugging Face token for gated or private models"),
-    "HF_HUB_CACHE": ("hf_cache_dir", "the Hugging Face cache directory"),
-    "HF_HUB_OFFLINE": ("offline", "1: load models from the cache only"),
-}
-
-
-BOOLEAN_ENV_VARS = {"HF_HUB_OFFLINE", "HFI_ACCEPT_HF_TOKENS"}
-
-
-class SettingsError(ValueError):
-    pass
 
 
 class Settings(BaseModel):
@@ -93,31 +62,14 @@ class Settings(BaseModel):
     @classmethod
     def load(cls, data: dict[str, Any] | None = None, *, env: dict[str, str] | None = None) -> Settings:
         """Settings from HFI_CONFIG (if set), then the environment, then `data` (the builder's args)."""
-        try:  # secrets: from the environment or a mounted file (HFI_ADMIN_TOKEN_FILE, ...), never the YAML
-            env = with_secret_files(dict(os.environ if env is None else env))
-            merged: dict[str, Any] = {}
-            if env.get("HFI_CONFIG"):
-                merged = _read_yaml(Path(env["HFI_CONFIG"]))
-                refuse_secrets(merged, env["HFI_CONFIG"])
-        except SecretInSettingsFile as err:
-            raise SettingsError(str(err)) from None
-        from_env: set[str] = set()
-        data = data or {}
-        for name, (path, _) in ENV_VARS.items():
-            if path and env.get(name):
-                value: Any = env[name]
-                if name in BOOLEAN_ENV_VARS:
-                    value = value.strip().lower() in ("1", "true", "yes", "on")
-                _set_path(merged, path, value)
-                if not _has_path(data, path):
-                    from_env.add(path)
-        _deep_update(merged, data)
+        # secrets: from the environment or a mounted file (HFI_ADMIN_TOKEN_FILE, ...), never the YAML
+        layers = settings_data(data, env=env)
         try:
-            settings = cls.model_validate(merged)
+            settings = cls.model_validate(layers.values)
         except ValidationError as err:
             lines = [f"settings: field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
             raise SettingsError("\n".join(lines)) from None
-        settings._from_env = from_env
+        settings._from_env = layers.from_env
         return settings
 
     def replica_args(self) -> dict[str, Any]:
@@ -164,36 +116,3 @@ class Settings(BaseModel):
             hf_cache_dir=self.hf_cache_dir,
             offline=self.offline,
         )
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise SettingsError(f"{path}: cannot read settings: {err}") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: settings must be a mapping")
-    return data
-
-
-def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        target = target.setdefault(key, {})
-    target[leaf] = value
-
-
-def _has_path(data: dict[str, Any], dotted: str) -> bool:
-    for key in dotted.split("."):
-        if not isinstance(data, dict) or key not in data:
-            return False
-        data = data[key]
-    return True
-
-
-def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _deep_update(target[key], value)
-        else:
-            target[key] = value

@@ -15,9 +15,10 @@ from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.handle import DeploymentHandle
 
+from core.errors import ServiceError
 from hardware_profiles import HardwareProfile
 from models.catalog import ModelSpec
-from models.errors import ReplicaUnavailable, ServiceError
+from models.errors import ReplicaUnavailable
 from models.executor import ModelExecutor
 from models.types import Progress, RunResult, StreamChunk, TaskRequest
 from serving.batching import Batcher

@@ -1,7 +1,7 @@
 """The one place errors become HTTP responses.
 
-Typed errors (models.errors.ServiceError, and billing's errors, which carry `status_code` and `message`) keep
-their status and message. Anything else is a bug: logged with its traceback, answered `500 unknown error`.
+Typed errors (core.errors.ServiceError: the runners', billing's, which carry `status_code` and `message`)
+keep their status and message. Anything else is a bug: logged with its traceback, answered `500 unknown error`.
 Errors raised in a replica arrive wrapped by Ray; the cause is unwrapped here. A database that cannot be
 reached (SQLAlchemy's OperationalError, from the account API or reports) is a 503, not a bug. Every 503 carries
 `Retry-After` (seconds): the error's `retry_after_s`, else its `estimated_time`, else DEFAULT_RETRY_AFTER_S.
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import ServiceError
+from core.errors import ServiceError
 
 log = logging.getLogger("serving.errors")
 

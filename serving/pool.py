@@ -27,8 +27,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import ServiceError
 from models.catalog import ModelCatalog, ModelSpec, PoolSpec
-from models.errors import ServiceError
 from models.types import Progress, RunResult, StreamChunk, TaskRequest
 from serving.batching import Batcher
 from serving.inprocess import LocalBackend

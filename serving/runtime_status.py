@@ -146,7 +146,7 @@ def serve_replicas() -> dict[str, dict[str, int]]:
 
 
 def _spend(core: IngressCore, now: dt.datetime) -> dict[str, Any]:
-    from metering.records import usd_str
+    from core.money import usd_str
 
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = today.replace(day=1)

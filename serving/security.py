@@ -36,7 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from billing.accounts import Caller
 from billing.errors import Forbidden, Unauthorized
 from billing.ratelimit import Check, RateLimited, RateLimiter, Ticket, limits_for
-from models.errors import InvalidInput, PayloadTooLarge, ServiceError
+from core.errors import ServiceError
+from models.errors import InvalidInput, PayloadTooLarge
 from models.types import CHAT_COMPLETION, COMPLETION, TEXT_GENERATION
 
 if TYPE_CHECKING:

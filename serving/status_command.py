@@ -115,7 +115,8 @@ def _target(url: str | None, token: str | None, config: Path | None) -> tuple[st
     """The URL and token to use: the options, else this machine's settings (host, port, HFI_ADMIN_TOKEN)."""
     if url and token:
         return url, token
-    from serving.config import Settings, SettingsError
+    from core.settings import SettingsError
+    from serving.config import Settings
 
     if config:
         os.environ["HFI_CONFIG"] = str(config)

@@ -1,4 +1,4 @@
-"""Alembic environment for billing's tables: run through billing.db.upgrade with a connection given."""
+"""Alembic environment for billing's tables: run through core.migrations.upgrade with a connection given."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from billing.schema import VERSION_TABLE, Base
 config = context.config
 connection = config.attributes.get("connection")
 if connection is None:  # `alembic` on the command line: build one from sqlalchemy.url
-    from billing.db import make_engine
+    from core.db import BILLING, make_engine
 
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    engine = make_engine(config.get_main_option("sqlalchemy.url"), BILLING)
     connection = engine.connect()
 
 

@@ -8,7 +8,7 @@ the batch; a sequence that ends (EOS, length, a stop string, its client gone) le
 Metering by step: each step is timed on the engine thread's monotonic clock (device-synchronised on CUDA), from
 the end of the previous step (or the wake-up from idle) to its own end, so the steps tile the engine's busy time.
 The step's time is split across the sequences in it by the tokens each processed (prompt tokens of a prefill
-chunk, 1 for a decode) with largest remainder (`metering.timing.split_batch_ns`): the shares add up to the step
+chunk, 1 for a decode) with largest remainder (`core.timing.split_batch_ns`): the shares add up to the step
 exactly, and a request's compute is the sum of its shares. So the compute billed to all requests adds up to
 `busy_ns`, the time the engine was working.
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from metering.timing import split_batch_ns
+from core.timing import split_batch_ns
 from models.tasks.llm_sampling import RowSampler, SamplingParams, TokenChoice, choose_tokens
 
 log = logging.getLogger(__name__)

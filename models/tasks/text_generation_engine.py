@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from metering.timing import Timings
+from core.timing import Timings
 from models.errors import GenerationError, InvalidInput
 from models.tasks import generation_extras
 from models.tasks.llm_engine import (

@@ -1,4 +1,4 @@
-"""Accounts over HTTP: `GET /billing/usage` for everyone, and the admin API behind an admin token.
+"""Accounts over HTTP: the usage API (`GET /billing/usage`) for everyone, and the admin API behind an admin token.
 
 Services come from `request.app.state.billing` (billing.service.BillingService). Handlers are plain `def`:
 billing talks to the database synchronously, so FastAPI runs them in its thread pool. Billing's typed errors
@@ -93,6 +93,17 @@ def _manager(request: Request, account: str) -> BillingService:
 # --- usage
 
 
+# What GET /usage took before it moved here (it redirects, query and all): answered with what to use instead.
+_MONTHS = (
+    "the usage API reports calendar months: use month=YYYY-MM (`hfi usage` reads any window of the ledger)"
+)
+_MOVED_PARAMETERS = {
+    "since": _MONTHS,
+    "until": _MONTHS,
+    "charges": "the report lists the month's charges itself (`charges`, a page at a time, or format=csv)",
+}
+
+
 @router.get("/billing/usage")
 def usage(
     request: Request,
@@ -103,11 +114,16 @@ def usage(
     limit: str | None = None,
     cursor: str | None = None,
 ) -> Any:
-    """A month's usage: included credits used, pay-as-you-go, by model, hardware profile (member), and a page
-    of its charges (`limit`, default 1000, at most 10000; `cursor`: the previous page's `next_cursor`, also
-    sent as the `x-next-cursor` header). The totals are the whole month's."""
+    """The usage API: a month's usage, as billing.usage_access allows (your own; your organizations' for their
+    admins; any account's, or every account's, for an operator). Included credits used, pay-as-you-go, by
+    model, hardware profile, day (and member, or account), and a page of its charges (`limit`, default 1000, at
+    most 10000; `cursor`: the previous page's `next_cursor`, also sent as the `x-next-cursor` header). The
+    totals are the whole month's. `GET /usage` redirects here."""
+    for name, instead in _MOVED_PARAMETERS.items():
+        if name in request.query_params:
+            raise InvalidRequest(f"{name}: {instead}")
     if format not in ("json", "csv"):
-        raise InvalidRequest("format: use json or csv")
+        raise InvalidRequest(f"format: use json or csv, got {format!r}")
     report = _billing(request).usage(caller_of(request), account, month, limit=limit, cursor=cursor)
     headers = {"x-next-cursor": report["next_cursor"]} if report["next_cursor"] else {}
     if format == "csv":

@@ -17,7 +17,7 @@ BF16_TIE_MARGIN = 0.1  # bf16 logits carry ~3 significant digits
 def test_batched_generation_bf16_on_cuda():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from metering.timing import split_batch_ns
+    from core.timing import split_batch_ns
     from models.tasks.llm_engine import BatchingEngine, EngineConfig, EngineRequest, FinishEvent
     from models.tasks.llm_sampling import SamplingParams
 

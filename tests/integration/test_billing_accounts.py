@@ -15,9 +15,11 @@ import pytest
 from sqlalchemy import inspect
 
 from billing.config import BillingSettings
-from billing.db import current_revision, make_engine, upgrade
 from billing.errors import Conflict, Forbidden, InvalidRequest, NotFound, PaymentRequired, Unauthorized
+from billing.schema import MIGRATIONS
 from billing.service import BillingService
+from core.db import BILLING, LEDGER, make_engine
+from core.migrations import current_revision, upgrade
 
 UTC = dt.timezone.utc
 CENT = 10_000_000
@@ -39,11 +41,11 @@ def svc(database_url):
 
 
 def test_migrations_have_their_own_version_table_and_are_idempotent(database_url):
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, BILLING)
     try:
-        upgrade(engine)
-        upgrade(engine)  # a second start changes nothing
-        assert current_revision(engine) == "0004_admin_audit"
+        upgrade(engine, MIGRATIONS)
+        upgrade(engine, MIGRATIONS)  # a second start changes nothing
+        assert current_revision(engine, MIGRATIONS) == "0004_admin_audit"
         tables = set(inspect(engine).get_table_names())
         assert "billing_alembic_version" in tables and "alembic_version" not in tables
         assert {"billing_users", "billing_orgs", "billing_tokens", "billing_reservations"} <= tables
@@ -52,15 +54,14 @@ def test_migrations_have_their_own_version_table_and_are_idempotent(database_url
 
 
 def test_billing_and_metering_migrations_share_the_database(database_url):
-    from metering.ledger import make_engine as metering_engine
-    from metering.ledger import migrate
+    from metering.ledger import MIGRATIONS as METERING
 
-    m = metering_engine(database_url)
+    m = make_engine(database_url, LEDGER)
     try:
-        migrate(m)
+        upgrade(m, METERING)
         svc = BillingService(BillingSettings(mode="tokens"), database_url)
         svc.ensure_schema()  # billing migrates on first use, not at construction
-        migrate(m)
+        upgrade(m, METERING)
         tables = set(inspect(m).get_table_names())
         assert {"metering_charges", "billing_users", "billing_alembic_version"} <= tables
         svc.close()
@@ -213,9 +214,9 @@ def test_migrations_match_the_models(database_url):
 
     from billing.schema import Base
 
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, BILLING)
     try:
-        upgrade(engine)
+        upgrade(engine, MIGRATIONS)
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
             diff = compare_metadata(ctx, Base.metadata)

@@ -16,10 +16,12 @@ import pytest
 from sqlalchemy import inspect, select, text, update
 
 from billing.config import BillingSettings
-from billing.db import make_engine, read_session, upgrade, write_session
+from billing.db import read_session, write_session
 from billing.errors import InvalidRequest, PaymentRequired
-from billing.schema import Reservation
+from billing.schema import MIGRATIONS, Reservation
 from billing.service import BillingService
+from core.db import BILLING, make_engine
+from core.migrations import upgrade
 
 UTC = dt.timezone.utc
 CENT = 10_000_000
@@ -330,23 +332,21 @@ def _alembic(engine, action: str, revision: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    from billing.db import MIGRATIONS_DIR
-
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(MIGRATIONS.directory))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         getattr(command, action)(cfg, revision)
 
 
 def test_the_migration_adds_the_reservation_indexes(database_url):
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, BILLING)
     try:
-        upgrade(engine, "0001_billing_accounts")
+        upgrade(engine, MIGRATIONS, "0001_billing_accounts")
         before = _indexes(engine)
         assert "ix_billing_reservations_account_month_state" in before
         assert EXPIRY_INDEX[0] not in before and SWEEP_INDEX[0] not in before
-        upgrade(engine)
+        upgrade(engine, MIGRATIONS)
         after = _indexes(engine)
         for name, columns in (REPORT_INDEX, EXPIRY_INDEX, SWEEP_INDEX):
             assert after[name] == columns
@@ -354,7 +354,7 @@ def test_the_migration_adds_the_reservation_indexes(database_url):
         assert "billing_housekeeping" in inspect(engine).get_table_names()
         _alembic(engine, "downgrade", "0001_billing_accounts")
         assert _indexes(engine) == before
-        upgrade(engine)
+        upgrade(engine, MIGRATIONS)
         assert _indexes(engine) == after
     finally:
         engine.dispose()
@@ -389,9 +389,9 @@ QUERIES = {
 def test_with_a_long_history_the_hot_queries_use_their_indexes(database_url):
     """A history of finished reservations (and a few open ones), analysed: every query the request path and
     housekeeping run reads through an index, never the whole table, and a report page sorts nothing."""
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, BILLING)
     try:
-        upgrade(engine)
+        upgrade(engine, MIGRATIONS)
         rows = [
             {
                 "id": f"{i:032x}",

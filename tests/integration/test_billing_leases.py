@@ -21,12 +21,14 @@ import pytest
 from sqlalchemy import event, select
 
 from billing.config import BillingSettings
-from billing.db import as_utc, read_session, write_session
+from billing.db import read_session, write_session
 from billing.errors import Forbidden, PaymentRequired, Unauthorized
 from billing.leases import LEASE_RECLAIM_GRACE_S
 from billing.schema import Lease, MonthSpend, Reservation, Token, User
 from billing.service import BillingService
 from billing.tokens import token_hint, token_sha256
+from core.db import WRITE_OPTION
+from core.utc import as_utc
 
 UTC = dt.timezone.utc
 CENT = 10_000_000
@@ -164,7 +166,7 @@ def test_admission_writes_nothing_per_request(replicas, clock):
     writes = []
 
     def count(conn) -> None:
-        if conn.get_execution_options().get("billing_write"):
+        if conn.get_execution_options().get(WRITE_OPTION):
             writes.append(1)
 
     event.listen(svc.engine, "begin", count)

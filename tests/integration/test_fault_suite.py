@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from metering.records import STATUS_CLIENT_DISCONNECTED, usd_str
+from core.money import usd_str
+from metering.records import STATUS_CLIENT_DISCONNECTED
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "fault_suite.py"
 _spec = importlib.util.spec_from_file_location("fault_suite", _PATH)

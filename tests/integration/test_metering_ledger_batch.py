@@ -15,6 +15,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from fixtures.postgres import PostgresServer, create_database, drop_database
 
+from core.db import LEDGER, make_engine
+from core.timing import split_batch_ns
 from hardware_profiles import load_profiles
 from metering.ledger import (
     MIGRATIONS_DIR,
@@ -22,11 +24,9 @@ from metering.ledger import (
     Ledger,
     charge_to_row,
     charges_table,
-    make_engine,
 )
 from metering.pricing import price_in_catalog
 from metering.records import Charge, UsageRecord
-from metering.timing import split_batch_ns
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -72,7 +72,7 @@ def charge(i: int, **kw) -> Charge:
 
 
 def test_upgrade_from_the_first_revision_keeps_old_rows(empty_db_url: str) -> None:
-    engine = make_engine(empty_db_url)
+    engine = make_engine(empty_db_url, LEDGER)
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), "0001_metering_charges")

@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from fixtures.postgres import PostgresServer
 
+from core.money import usd_str
 from metering.ledger import Ledger
-from metering.records import STATUS_OK, usd_str
+from metering.records import STATUS_OK
 from serving.config import Settings
 from serving.http import create_app
 from serving.ingress import IngressCore
@@ -87,7 +88,7 @@ def test_database_outage_mid_run_requests_succeed_and_every_charge_arrives_once(
             # Reading the ledger is what fails, plainly: 503 with a JSON error, never a wrong answer.
             lookup = client.post("/billing/requests", json={"requestIds": list(during)}, headers=AUTH)
             assert lookup.status_code == 503 and "ledger" in lookup.json()["error"]
-            usage = client.get("/usage")
+            usage = client.get("/billing/usage")  # the usage API (GET /usage redirects here)
             assert usage.status_code == 503, usage.text
         finally:
             postgres_server.start()

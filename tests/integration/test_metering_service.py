@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import datetime as dt
 import io
 import json
 import time
@@ -22,10 +21,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from billing.reports import MAX_CHARGES_LIMIT, month_bounds
+from core.money import usd_str
 from hardware_profiles import load_profiles
 from metering.ledger import charges_table, row_to_charge
 from metering.pricing import cost_nanousd
-from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge, usd_str
+from metering.records import STATUS_CLIENT_DISCONNECTED, STATUS_OK, Charge
 
 FLUX = "/models/local/tiny-flux"
 EMB = "/models/sentence-transformers/all-MiniLM-L6-v2"
@@ -537,33 +538,51 @@ def _groups(rows: list[Charge]) -> dict[tuple[str, str], list[Charge]]:
 
 
 def test_usage_report_totals_equal_the_sum_of_the_charges(hfi_service, mixed_run, ledger) -> None:
+    """The usage API's month (GET /billing/usage; GET /usage redirects there) against the ledger: its totals are
+    the sums of the month's charges, its CSV ends with that total, and it lists exactly those charges."""
     _, _sent, rows = mixed_run
-    since = min(r.usage.started_at_utc for r in rows)
-    until = max(r.usage.started_at_utc for r in rows) + dt.timedelta(microseconds=1)
-    window = ledger._select(
-        sa.and_(charges_table.c.started_at >= since, charges_table.c.started_at < until)
-    )  # what the report must sum: ours, and anything else charged in that window
-    assert {r.request_id for r in rows} <= {r.request_id for r in window}
-    params = {"since": since.isoformat(), "until": until.isoformat()}
-    r = httpx.get(hfi_service.url + "/usage", params={**params, "format": "json"}, timeout=30)
+    for month in sorted({r.usage.started_at_utc.strftime("%Y-%m") for r in rows}):
+        start, end = month_bounds(month)
+        mine = sa.and_(
+            charges_table.c.billed_account == "local",  # open mode: every charge is the local account's
+            charges_table.c.started_at >= start,
+            charges_table.c.started_at < end,
+        )
+        for _ in range(20):  # a charge of an earlier test may still be draining: read while the ledger holds
+            window = ledger._select(mine)  # what the report must sum: ours, and all else charged that month
+            report, listed, table = _usage_month(hfi_service.url, month)
+            if {c.request_id for c in ledger._select(mine)} == {c.request_id for c in window}:
+                break
+        assert {r.request_id for r in rows if r.usage.started_at_utc.strftime("%Y-%m") == month} <= {
+            c.request_id for c in window
+        }
+        total = sum(c.cost_nanousd for c in window)
+        assert report["account"] == "local" and report["requests"] == len(window)
+        assert report["total_nanousd"] == total and report["total_usd"] == usd_str(total)
+        for part in ("by_model", "by_hardware_profile", "by_day"):
+            assert sum(row["cost_nanousd"] for row in report[part]) == total, part
+        assert table[-1]["request_id"] == "TOTAL"
+        assert table[-1]["cost_usd"] == report["total_usd"] and len(table) - 1 == len(window)
+        assert listed == {c.request_id: c.cost_nanousd for c in window}
+    moved = httpx.get(hfi_service.url + "/usage", params={"month": month}, timeout=30)
+    assert moved.status_code == 308 and moved.headers["location"] == f"billing/usage?month={month}"
+
+
+def _usage_month(url: str, month: str) -> tuple[dict, dict[str, int], list[dict[str, str]]]:
+    """The usage API's report of `month` (first page), all its charges (page after page), and its CSV."""
+    params: dict[str, Any] = {"month": month, "limit": MAX_CHARGES_LIMIT}
+    r = httpx.get(url + "/billing/usage", params={**params, "format": "json"}, timeout=30)
     assert r.status_code == 200, r.text
-    report = r.json()
-    totals = report["totals"]
-    assert totals["requests"] == len(window)
-    assert totals["cost_nanousd"] == sum(c.cost_nanousd for c in window)
-    assert totals["compute_ms"] == sum(c.compute_ms for c in window)
-    assert totals["cost_usd"] == usd_str(sum(c.cost_nanousd for c in window))
-    assert sum(row["cost_nanousd"] for row in report["rows"]) == totals["cost_nanousd"]
-    r = httpx.get(hfi_service.url + "/usage", params={**params, "format": "csv"}, timeout=30)
+    report = page = r.json()
+    listed = {c["request_id"]: c["cost_nanousd"] for c in page["charges"]}
+    while page["next_cursor"]:
+        page = httpx.get(
+            url + "/billing/usage", params={**params, "cursor": page["next_cursor"]}, timeout=30
+        ).json()
+        listed.update({c["request_id"]: c["cost_nanousd"] for c in page["charges"]})
+    r = httpx.get(url + "/billing/usage", params={**params, "format": "csv"}, timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-    table = list(csv.DictReader(io.StringIO(r.text)))
-    assert table[-1]["day"] == "TOTAL"
-    assert table[-1]["cost_usd"] == totals["cost_usd"] and int(table[-1]["requests"]) == len(window)
-    r = httpx.get(
-        hfi_service.url + "/usage", params={**params, "format": "json", "charges": "true"}, timeout=30
-    )
-    listed = {c["request_id"]: c["cost_nanousd"] for c in r.json()}
-    assert listed == {c.request_id: c.cost_nanousd for c in window}
+    return report, listed, list(csv.DictReader(io.StringIO(r.text)))
 
 
 def test_usage_events_file_has_one_cloudevent_per_charge(hfi_service, mixed_run) -> None:

@@ -242,8 +242,8 @@ def test_drain_waits_for_this_hosts_processes_to_stop_and_then_delivers_their_sp
 
 @pytest.mark.parametrize("events", [False, True])
 def test_drain_settings_read_the_service_environment_and_config(tmp_path: Path, events: bool) -> None:
+    from core.settings import ENV_VARS
     from metering.cli import METERING_ENV_VARS, drain_settings
-    from serving.config import ENV_VARS
 
     # the drain reads the metering settings the way the service does, so it feeds the same ledger and sinks
     for name, key in METERING_ENV_VARS.items():

@@ -103,11 +103,12 @@ def test_migrations_match_the_models(tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from billing.db import make_engine, upgrade
-    from billing.schema import Base
+    from billing.schema import MIGRATIONS, Base
+    from core.db import BILLING, make_engine
+    from core.migrations import upgrade
 
-    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
-    upgrade(engine)
+    engine = make_engine(f"sqlite:///{tmp_path}/m.db", BILLING)
+    upgrade(engine, MIGRATIONS)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         diff = [d for d in compare_metadata(ctx, Base.metadata) if "billing_alembic_version" not in repr(d)]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from metering.timing import split_batch_ns
+from core.timing import split_batch_ns
 from models.tasks.llm_engine import (
     FINISH_CANCELLED,
     FINISH_EOS,

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.timing import split_batch_ns
 from hardware_profiles import load_profiles
 from metering.errors import InvalidUsage
 from metering.pricing import price_in_catalog
 from metering.records import Charge, UsageRecord
-from metering.timing import split_batch_ns
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

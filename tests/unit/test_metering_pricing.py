@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.timing import split_batch_ns
 from hardware_profiles import HardwareProfile, ProfileCatalog, load_profiles
 from metering.errors import InvalidUsage
 from metering.pricing import (
@@ -21,7 +22,6 @@ from metering.pricing import (
     usd_per_hour_str,
 )
 from metering.records import Charge, UsageRecord
-from metering.timing import split_batch_ns
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -9,9 +9,10 @@ import pickle
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.money import usd_str
 from hardware_profiles import load_profiles
 from metering.pricing import price_in_catalog
-from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str, usd_str
+from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str
 
 UTC = dt.timezone.utc
 CATALOG = load_profiles()

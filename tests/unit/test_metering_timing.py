@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metering.timing import Stopwatch, Timings, split_batch_ns
+from core.timing import Stopwatch, Timings, split_batch_ns
 
 totals = st.integers(min_value=0, max_value=10**13)
 weights = st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=64)

@@ -15,7 +15,8 @@ from starlette.datastructures import Headers
 from billing.errors import HubUnavailable, Unauthorized
 from billing.hub import WhoamiCache
 from billing.ratelimit import Check, RateLimited, RateLimiter, RateLimitPolicy
-from serving.config import Settings, SettingsError
+from core.settings import SettingsError
+from serving.config import Settings
 from serving.security import cross_origin, route_kind, same_origin
 
 # Rate limits

@@ -7,11 +7,12 @@ from fractions import Fraction
 
 import pytest
 
+from core.settings import SettingsError
 from hardware_profiles import load_profiles
 from hardware_profiles.loader import ProfileError
 from models.catalog import CatalogError, parse_catalog
 from serving.app import deployment_options
-from serving.config import Settings, SettingsError
+from serving.config import Settings
 
 TINY = {"id": "org/m", "task": "text-classification", "source": {"path": "m"}}
 

@@ -105,7 +105,7 @@ def test_open_mode_starts_serves_and_spools_while_the_database_is_down(open_core
         assert all(rid.encode() in spooled for rid in ids), "every charge waits in the spool"
 
         # Reading the ledger is what fails, and says so: 503 with Retry-After, never a 500.
-        usage = client.get("/usage")
+        usage = client.get("/billing/usage")  # the usage API (GET /usage redirects here)
         assert usage.status_code == 503 and usage.headers["retry-after"].isdigit(), usage.text
 
 

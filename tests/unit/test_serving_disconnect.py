@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from core.timing import Timings
 from metering.records import STATUS_CLIENT_DISCONNECTED
-from metering.timing import Timings
 from models.types import Interrupted, Progress, RunResult
 from serving.config import Settings
 from serving.http import create_app

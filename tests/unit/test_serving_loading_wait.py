@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi.testclient import TestClient
 
-from metering.timing import Timings
+from core.timing import Timings
 from models.types import RunResult
 from serving.config import Settings
 from serving.http import create_app

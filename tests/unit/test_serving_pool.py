@@ -45,7 +45,7 @@ class FakeExecutor:
         return ("text-classification",)
 
     def run(self, request: TaskRequest) -> RunResult:
-        from metering.timing import Timings
+        from core.timing import Timings
 
         return RunResult(output=self.spec.id, timings=Timings(compute_ns=1, queue_ns=0))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from metering.timing import Timings
+from core.timing import Timings
 from models.catalog import ModelSpec
 from models.errors import InvalidInput
 from models.types import RunResult
