@@ -46,6 +46,22 @@ class Autoscaling(BaseModel):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=2, gt=0)
+    # Scale to zero (min_replicas: 0): see serving/replicas.py for how requests are answered meanwhile.
+    idle_timeout_s: float = Field(
+        default=300,
+        gt=0,
+        description="with min_replicas 0: how long the last replica stays after its last request",
+    )
+    estimated_load_s: float = Field(
+        default=30,
+        gt=0,
+        description="the `estimated_time` answered while no replica is up, until a start has been measured",
+    )
+    max_waiting_requests: int = Field(
+        default=32,
+        ge=0,
+        description="requests held (x-wait-for-model) while the model loads; past it, 503 at once",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
@@ -125,6 +141,11 @@ class ModelSpec(BaseModel):
     def deployment_name(self) -> str:
         """A Serve deployment name derived from the id (Serve names may not contain '/')."""
         return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.id.replace("/", "--"))
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Whether the model may have no replica (autoscaling.min_replicas 0): it is loaded on demand."""
+        return self.pool is None and self.autoscaling is not None and self.autoscaling.min_replicas == 0
 
 
 class PoolSpec(BaseModel):

@@ -34,9 +34,23 @@ def deployment_options(spec: ModelSpec, profile: HardwareProfile) -> dict[str, A
             "max_replicas": spec.autoscaling.max_replicas,
             "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
         }
+        if spec.scales_to_zero:
+            options["autoscaling_config"].update(idle_scaling(spec.autoscaling.idle_timeout_s))
     else:
         options["num_replicas"] = spec.replicas
     return options
+
+
+def idle_scaling(idle_timeout_s: float) -> dict[str, float]:
+    """Serve's settings for "the last replica goes `idle_timeout_s` after the last request": its autoscaler
+    averages the requests over a look-back window, then waits `downscale_to_zero_delay_s` before 1 -> 0."""
+    look_back = min(30.0, idle_timeout_s / 2)
+    return {
+        "look_back_period_s": look_back,
+        "downscale_to_zero_delay_s": idle_timeout_s - look_back,
+        # Serve wants its (deprecated) metrics interval under the window: 10 s unless the window is shorter.
+        "metrics_interval_s": min(10.0, look_back / 2),
+    }
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class AppSpec:
     """One Serve application of the service: its name, route prefix, and the builder args of its import path."""
 
     name: str
-    route_prefix: str
+    route_prefix: str | None  # None: no HTTP of its own (a model that scales to zero: see model_route_prefix)
     import_path: str
     args: dict[str, Any]
 
@@ -60,8 +74,14 @@ POOL_IMPORT_PATH = "serving.app:build_pool_app"
 INGRESS_APP = "hf-inference"
 
 
-def model_route_prefix(spec: ModelSpec, settings: Settings) -> str:
-    """Where a model application takes HTTP: its model's routes, `/models/{id}` and everything under it."""
+def model_route_prefix(spec: ModelSpec, settings: Settings) -> str | None:
+    """Where a model application takes HTTP: its model's routes, `/models/{id}` and everything under it.
+
+    None for a model that scales to zero: while it has no replica, something must answer for it (503 with
+    `estimated_time`, or hold the request while it loads), so its routes go to the router (or the first pool,
+    which takes `/models`), which reach it by handle (serving/replicas.py)."""
+    if spec.scales_to_zero:
+        return None
     return f"{settings.route_prefix.rstrip('/')}/models/{spec.id}"
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-USAGE = """
-The hf-inference backend is up on {url}
+READY = "Ready: {url} ({loaded} in {seconds:.1f} s). Ctrl-C stops it."
 
+USAGE = """
   Python:  from huggingface_hub import InferenceClient
            InferenceClient(base_url="{url}/models/local/tiny-flux").text_to_image("a cat", seed=1).save("cat.png")
            InferenceClient(base_url="{url}/v1").chat_completion(
@@ -18,7 +18,6 @@ The hf-inference backend is up on {url}
   curl:    curl {url}/models/sentence-transformers/all-MiniLM-L6-v2 -d '{{"inputs": "hello"}}'
 
 Models: {models}
-Ctrl-C stops it.
 """
 
 
@@ -72,6 +71,14 @@ def _first_start_tokens(settings) -> None:
         typer.echo("Keep them: they are not shown again (`hfi accounts issue-token` makes more).")
 
 
+def _loaded(catalog) -> str:
+    """What the ready line says is up: the models loaded now, and those that load on their first request."""
+    models = catalog.models
+    later = [m for m in models if m.scales_to_zero or m.pool is not None]
+    said = f"{len(models) - len(later)} models loaded"
+    return f"{said}, {len(later)} load on their first request" if later else said
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -81,6 +88,7 @@ def register(app: typer.Typer) -> None:
         catalog: Path | None = typer.Option(None, help="a model catalog YAML (default: the built-in one)"),
     ) -> None:
         """Start Ray and Serve on this machine and serve the catalog's models until Ctrl-C."""
+        import logging
         import signal
         import time
 
@@ -89,10 +97,14 @@ def register(app: typer.Typer) -> None:
         args = _settings_args(config, host, port, catalog)
         settings, catalog_models, _ = _load(args)
         started = time.perf_counter()
+        # One ready line below, not Serve's one per application.
+        logging.getLogger("ray.serve").addFilter(lambda record: "is ready at" not in record.getMessage())
         _first_start_tokens(settings)
         url = local.start(args)
         typer.echo(USAGE.format(url=url, models=", ".join(m.id for m in catalog_models.models)))
-        typer.echo(f"(ready in {time.perf_counter() - started:.1f}s)")
+        typer.echo(
+            READY.format(url=url, loaded=_loaded(catalog_models), seconds=time.perf_counter() - started)
+        )
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly, as on Ctrl-C
         try:
             while True:

@@ -40,7 +40,11 @@ class Settings(BaseModel):
     hf_cache_dir: str | None = None
     offline: bool = False
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # How long a request waits for a model's replica: one that is starting, or (x-wait-for-model: true) one of a
+    # model that scales to zero; then 503 with estimated_time.
     model_wait_timeout_s: float = Field(default=300, gt=0)
+    # Each replica runs one internal request on a model it loaded before it takes traffic (serving/warmup.py).
+    warmup: bool = True
     # Where the service is mounted: "/" (the default), or a path such as "/blue" to run a second copy beside
     # another on one Serve instance (routes then live under it: /blue/models/{id}, /blue/v1/...).
     route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?$")

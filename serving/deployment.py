@@ -25,7 +25,9 @@ from serving.batching import Batcher
 from serving.config import Settings
 from serving.inprocess import LocalBackend
 from serving.metrics_export import install_ray_metrics
+from serving.replicas import ColdStarts
 from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
+from serving.warmup import warm_up
 
 log = logging.getLogger("serving.deployment")
 T = TypeVar("T")
@@ -66,6 +68,8 @@ class ModelDeployment(HttpEntry):
         loaded = Settings.load(settings)
         options = loaded.load_options()  # secrets (HF_TOKEN) come from this replica's env
         self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
+        if loaded.warmup:
+            warm_up(self.executor)  # before Serve sends it traffic: never charged (serving/warmup.py)
         batching = self.spec.batching
         self.batcher: Batcher | None = None
         if batching is not None and self.executor.runner.batchable:
@@ -122,8 +126,16 @@ class RayBackend:
     target_ongoing_requests, so that the autoscaler still sees the load).
     """
 
-    def __init__(self, handles: dict[str, DeploymentHandle], specs: list[ModelSpec] | None = None) -> None:
+    def __init__(
+        self,
+        handles: dict[str, DeploymentHandle],
+        specs: list[ModelSpec] | None = None,
+        app_names: dict[str, str] | None = None,
+    ) -> None:
         self.handles = handles
+        # Models that scale to zero: a request finds out here whether a replica is up (serving/replicas.py).
+        cold = [s for s in specs or [] if s.scales_to_zero and s.id in handles]
+        self.cold_starts = ColdStarts(cold, app_names or {}, self._first_info) if cold else None
         self.stoppable: dict[str, bool] = {}  # from each model's info: run through run_progress
         self.batchers: dict[str, Batcher] = {}
         for spec in specs or []:
@@ -137,6 +149,12 @@ class RayBackend:
 
     async def info(self, model_id: str) -> dict[str, Any]:
         info = await self.handles[model_id].info.remote()
+        self.stoppable[model_id] = bool(info.get("stoppable"))
+        return info
+
+    async def _first_info(self, model_id: str) -> dict[str, Any]:
+        """A model's info, asked outside any request (it starts a replica of a model scaled to zero)."""
+        info = await detached(lambda: self.handles[model_id].info.remote())
         self.stoppable[model_id] = bool(info.get("stoppable"))
         return info
 
@@ -229,5 +247,5 @@ class Ingress(HttpEntry):
 
         # a pooled model's handle: its pool's deployment, bound to its id
         handles = model_handles(catalog, app_names)
-        backend = RayBackend(handles, as_deployed(catalog))
+        backend = RayBackend(handles, as_deployed(catalog), app_names)
         self.core = IngressCore(loaded, backend, set_request_id_header=False)

@@ -103,9 +103,46 @@ async def health_report(core: Any, probe: DatabaseProbe) -> dict[str, Any]:
         "billing_mode": mode,
         # Open mode admits without the database; tokens mode needs it for every admission.
         "admission": OK if mode == "open" or database == OK else UNAVAILABLE,
-        "models": [m.id for m in core.catalog.models],
+        "models": await model_states(core),
     }
     spool = core.metering.spool
     if spool is not None:
         report["spool_pending_bytes"] = spool.pending(LEDGER)  # charges not yet in the ledger
     return report
+
+
+ON_DEMAND = "on_demand"  # a pooled model: its pool's replicas are up and load it on its first request
+
+
+async def model_states(core: Any) -> dict[str, str]:
+    """Each model's state: loaded (a replica can answer now), loading (a replica is starting), scaled_to_zero (none,
+    and none wanted until a request comes), or, for a pooled model, its pool's: on_demand or loading.
+
+    From Serve's replica counts (read at most once a second, serving/replicas.py); outside Ray Serve (the in-process
+    server) every model is loaded."""
+    from serving.app import app_name
+    from serving.replicas import LOADED, ReplicaCounts, replica_state
+    from serving.runtime_status import in_serve
+
+    catalog = core.catalog
+    if not in_serve():
+        return {m.id: LOADED for m in catalog.models}
+    cold = getattr(core.backend, "cold_starts", None)
+    counts_reader = cold.counts if cold is not None else _counts(core, ReplicaCounts)
+    counts = await counts_reader.get()
+    states: dict[str, str] = {}
+    for spec in catalog.models:
+        state = replica_state(counts.get(app_name(spec, core.settings, catalog)))
+        if cold is not None and spec.id in cold:
+            state = await cold.state(spec.id)  # a start this process asked for counts as loading at once
+        if spec.pool is not None and state == LOADED:
+            state = ON_DEMAND
+        states[spec.id] = state
+    return states
+
+
+def _counts(core: Any, make: Any) -> Any:
+    counts = getattr(core, "_health_counts", None)
+    if counts is None:
+        counts = core._health_counts = make()
+    return counts

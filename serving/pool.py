@@ -180,6 +180,9 @@ class PoolBackend:
     def __init__(self, pool: ModelPool, remote: Any = None) -> None:
         self.pool = pool
         self.remote = remote
+        self.cold_starts = getattr(
+            remote, "cold_starts", None
+        )  # models that scale to zero, reached by handle
 
     def _remote(self) -> Any:
         if self.remote is None:

@@ -18,6 +18,7 @@ from serving.config import Settings
 from serving.deployment import HttpEntry
 from serving.metrics_export import install_ray_metrics
 from serving.pool import ModelPool, PoolBackend, as_deployed, model_handles
+from serving.warmup import warm_up
 
 
 @serve.deployment
@@ -41,7 +42,10 @@ class PoolDeployment(HttpEntry):
         threads = self.profile.torch_threads
 
         def load(spec: ModelSpec) -> ModelExecutor:
-            return ModelExecutor(spec, options, threads)
+            executor = ModelExecutor(spec, options, threads)
+            if loaded.warmup:
+                warm_up(executor)  # before its first request runs on it: never charged (serving/warmup.py)
+            return executor
 
         self.pool = ModelPool(
             catalog.pooled(pool_name),
@@ -50,7 +54,7 @@ class PoolDeployment(HttpEntry):
             max_memory_bytes=pool_spec.max_memory_mb * 1024 * 1024,
         )
         others = [m for m in as_deployed(catalog) if m.id not in self.pool]
-        remote = RayBackend(model_handles(catalog, app_names, skip=set(self.pool.specs)), others)
+        remote = RayBackend(model_handles(catalog, app_names, skip=set(self.pool.specs)), others, app_names)
         self.backend = PoolBackend(self.pool, remote)
         self.core = IngressCore(loaded, self.backend, set_request_id_header=False)
 

@@ -30,6 +30,9 @@ class RequestContext:
     user: str = "local"
     billed_account: str = "local"
     created: int = field(default_factory=lambda: int(time.time()))
+    held_ns: int = (
+        0  # held while the model's first replica started (x-wait-for-model): queue time, never billed
+    )
 
 
 @dataclass

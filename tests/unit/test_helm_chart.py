@@ -286,9 +286,14 @@ def test_serve_config_carries_the_models_and_profiles_from_values(rendered):
     assert app["import_path"] == "serving.app:build_ingress_app"
     assert app["route_prefix"] == "/"
     assert serve_config["http_options"]["port"] == 8000
-    # One application per model at /models/{id}: HAProxy sends a model's requests straight to its replicas.
+
+    # One application per model at /models/{id}: HAProxy sends a model's requests straight to its replicas. A
+    # model that scales to zero has none: the router answers for it while it has no replica.
+    def route(model: dict) -> str | None:
+        return None if (model.get("autoscaling") or {}).get("min_replicas") == 0 else f"/models/{model['id']}"
+
     assert [(a["route_prefix"], a["args"]["model"]) for a in model_apps] == [
-        (f"/models/{m['id']}", m["id"]) for m in values["models"]
+        (route(m), m["id"]) for m in values["models"]
     ]
     assert {a["import_path"] for a in model_apps} == {"serving.app:build_model_app"}
     assert all({k: v for k, v in a["args"].items() if k != "model"} == app["args"] for a in model_apps)

@@ -146,5 +146,13 @@ def test_deployment_options_from_profile_and_catalog():
         fixed["num_replicas"] == 1 and fixed["max_ongoing_requests"] == 4 and fixed["name"] == "model-org--m"
     )
     auto = deployment_options(catalog.models[1], profiles.get("cpu-basic"))
-    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2}
+    # min_replicas 0 scales to zero after the default idle timeout (300 s): Serve's window plus its delay.
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "target_ongoing_requests": 2,
+        "look_back_period_s": 30.0,
+        "downscale_to_zero_delay_s": 270.0,
+        "metrics_interval_s": 10.0,
+    }
     assert "num_replicas" not in auto

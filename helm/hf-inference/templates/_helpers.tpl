@@ -182,8 +182,9 @@ field and says what to change.
   "ingress_replicas" .Values.serve.ingress.replicas
   "ingress_num_cpus" .Values.serve.ingress.numCpus
 -}}
-{{- /* One application per model, routed at /models/{id} (HAProxy sends its requests straight to its replicas),
-  then the router at / (serving.app.applications lays out the same). */ -}}
+{{- /* One application per model, routed at /models/{id} (HAProxy sends its requests straight to its replicas); a
+  model that scales to zero (autoscaling.min_replicas 0) has no route of its own: the router answers for it while it
+  has no replica. Then the router at / (serving.app.applications lays out the same). */ -}}
 {{- $apps := list -}}
 {{- $pooled := list -}}
 {{- range .Values.models -}}
@@ -192,7 +193,11 @@ field and says what to change.
 {{- else -}}
 {{- $name := printf "model-%s" (regexReplaceAll "[^A-Za-z0-9_-]" (replace "/" "--" .id) "-") -}}
 {{- $modelArgs := merge (dict "model" .id) (deepCopy $args) -}}
-{{- $apps = append $apps (dict "name" $name "route_prefix" (printf "/models/%s" .id) "import_path" "serving.app:build_model_app" "args" $modelArgs) -}}
+{{- $app := dict "name" $name "route_prefix" (printf "/models/%s" .id) "import_path" "serving.app:build_model_app" "args" $modelArgs -}}
+{{- if .autoscaling -}}{{- if hasKey .autoscaling "min_replicas" -}}{{- if eq (int .autoscaling.min_replicas) 0 -}}
+{{- $_ := set $app "route_prefix" nil -}}
+{{- end -}}{{- end -}}{{- end -}}
+{{- $apps = append $apps $app -}}
 {{- end -}}
 {{- end -}}
 {{- /* One application per pool with models: the first takes /models (what no model application claims). */ -}}

@@ -1,0 +1,57 @@
+"""Warm-up (serving/warmup.py): every task's warm-up body is a request its own adapter accepts, and the warm-up runs
+a real forward pass on each default model, outside metering."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from models.catalog import parse_catalog
+from serving.routes.base import RequestContext
+from serving.routes.registry import ADAPTERS
+from serving.warmup import warm_up, warmup_body
+
+# Tasks without a warm-up: tabular models (their columns are their owner's), and operations that are not a model's
+# catalog task (chat and completion run on text-generation models, which warm up as text-generation).
+NO_WARMUP = {"tabular-classification", "tabular-regression", "chat-completion", "completion"}
+
+
+@pytest.mark.parametrize("task", sorted(ADAPTERS))
+def test_every_tasks_warmup_body_parses_with_its_adapter(task):
+    body = warmup_body(task)
+    if task in NO_WARMUP:
+        assert body is None
+        return
+    assert body is not None, f"{task} has no warm-up body"
+    spec = parse_catalog({"models": [{"id": "local/m", "task": task, "source": {"path": "m"}}]}).models[0]
+    ctx = RequestContext(request_id="w", inference_id="w", model_id="local/m", started_at=None)
+    parsed = ADAPTERS[task].parse(body, spec, ctx)
+    assert parsed.request.task == task
+
+
+def test_warm_up_runs_each_default_model_once_outside_metering(executors, caplog):
+    from metering import metrics
+
+    before = metrics.RECENT.snapshot()
+    caplog.set_level(logging.INFO, logger="serving.warmup")
+    for model_id, executor in executors.items():
+        took = warm_up(executor)
+        assert took is not None and took > 0, model_id
+        assert f"{model_id}: warmed up" in caplog.text
+    assert metrics.RECENT.snapshot() == before, "a warm-up is not a request: not in the request window"
+
+
+def test_a_failing_warm_up_is_logged_and_the_replica_serves_anyway(executors, caplog):
+    executor = executors["local/tiny-sentiment"]
+
+    class Broken:
+        spec = executor.spec
+        runner = executor.runner
+
+        def run(self, request):
+            raise RuntimeError("out of memory")
+
+    caplog.set_level(logging.WARNING, logger="serving.warmup")
+    assert warm_up(Broken()) is None
+    assert "the warm-up request failed (serving anyway): out of memory" in caplog.text
