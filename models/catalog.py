@@ -94,6 +94,10 @@ class Limits(BaseModel):
     # The compute one request may use on its replica (None: the task's default, models/deadline.py); past it
     # the work stops, the request is answered 504 naming this limit and charged for what ran.
     max_compute_s: float | None = Field(default=None, gt=0)
+    # An image model's speed on its hardware profile, in megapixel-steps per second (applied linearly): an image
+    # request estimated past max_compute_s is refused before it runs (models/compute_estimate.py). Wins over what
+    # the replica measures at start-up; with neither, only max_pixels and max_steps apply.
+    image_megapixel_steps_per_s: float | None = Field(default=None, gt=0)
     max_table_cells: int = Field(default=10_000, ge=1)
     max_input_pixels: int = Field(default=4096 * 4096, ge=1, description="pixels of an input image")
     max_audio_seconds: float = Field(default=600, gt=0, description="seconds of input audio")

@@ -18,6 +18,7 @@ from core.errors import ServiceError
 from core.timing import Stopwatch, Timings, split_batch_ns
 from models.base import TaskRunner
 from models.catalog import ModelSpec
+from models.compute_estimate import StepCost
 from models.deadline import Deadline, max_compute_s
 from models.errors import GenerationError
 from models.loading import LoadOptions, resolve_source
@@ -63,6 +64,9 @@ class ModelExecutor:
         self.runner.load()
         self.load_seconds = time.perf_counter() - started
         self._lock = threading.Lock()
+        # An image model's seconds per denoising step by size, measured at start-up (serving/warmup.py); read by
+        # the ingress to refuse requests past the compute limit (models/compute_estimate.py).
+        self.step_cost: StepCost | None = None
         log.info(
             "loaded %s (%s) on %s in %.1fs", spec.id, self.source.revision, self.device, self.load_seconds
         )

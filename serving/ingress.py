@@ -30,6 +30,7 @@ from metering.records import (
 )
 from metering.service import MeteringService
 from models.catalog import ModelSpec
+from models.compute_estimate import check_compute_estimate
 from models.deadline import ComputeDeadlineExceeded
 from models.errors import InvalidInput, ModelLoading, ModelNotFound, PayloadTooLarge, UnprocessableRequest
 from models.types import Interrupted, RunResult, StreamChunk, TaskRequest
@@ -265,6 +266,7 @@ class IngressCore:
         adapter = ADAPTERS[task]
         parsed = adapter.parse(body, spec, ctx)
         check_input_chars(parsed, spec)  # before the replica's lock: a refusal there would tie it up for free
+        check_compute_estimate(parsed.request, spec, info)  # an image that cannot finish in time: never run
         if parsed.stream and not adapter.can_stream:
             raise InvalidInput(f"task {task} does not stream")
         job = Job(ctx, spec, info, adapter, parsed, await self.admit(request, ctx, spec))

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from models.catalog import ModelCatalog
+from models.compute_estimate import image_compute_info
 from models.executor import ModelExecutor
 from models.loading import LoadOptions
 from models.types import RunResult, StreamChunk, TaskRequest
@@ -38,6 +39,8 @@ class LocalBackend:
             "load_seconds": ex.load_seconds,
             "batching": model_id in self.batchers,
             "stoppable": self.stoppable(model_id),
+            # an image model's measured step cost: the ingress refuses what cannot finish in time
+            "image_compute": image_compute_info(ex),
         }
 
     async def run(self, model_id: str, request: TaskRequest) -> RunResult:

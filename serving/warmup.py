@@ -8,6 +8,9 @@ The request goes through the task's own adapter (the same parse and rendering as
 model's default parameters, and straight to the executor: it is never metered, so never charged, nor counted in the
 request metrics.
 A warm-up that fails is logged and the replica serves anyway (a real request then gets the real error).
+
+An image model's warm-up then times a few denoising steps at a few sizes (`calibrate`): the seconds a step that
+the ingress uses to refuse requests that cannot finish within the compute limit (models/compute_estimate.py).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import time
 import uuid
 import wave
 from functools import cache
+from itertools import pairwise
 from typing import Any
 
+from models.compute_estimate import IMAGE_TASKS, StepCost
 from models.types import (
     AUDIO_CLASSIFICATION,
     AUDIO_TO_AUDIO,
@@ -47,6 +52,7 @@ from models.types import (
     VISUAL_QUESTION_ANSWERING,
     ZERO_SHOT_CLASSIFICATION,
     ZERO_SHOT_IMAGE_CLASSIFICATION,
+    Interrupted,
 )
 
 log = logging.getLogger("serving.warmup")
@@ -144,13 +150,144 @@ def warm_up(executor: Any) -> float | None:
     try:
         parsed = adapter.parse(body, spec, ctx)
         result = executor.run(parsed.request)
-        if not parsed.stream:
-            adapter.render(
-                result, parsed, ctx
-            )  # the response's encoding (JSON, PNG, WAV) has first calls too
+        if not parsed.stream:  # the response's encoding (JSON, PNG, WAV) has first calls too
+            adapter.render(result, parsed, ctx)
+        if spec.batching is not None and executor.runner.batchable:  # batched requests take their own path
+            executor.run_batch([parsed.request, parsed.request], [0, 0])
     except Exception as err:
         log.warning("%s: the warm-up request failed (serving anyway): %s", spec.id, err)
         return None
     took = time.perf_counter() - started
     log.info("%s: warmed up in %.2f s", spec.id, took)
+    if spec.task in IMAGE_TASKS:
+        try:
+            executor.step_cost = calibrate(executor)
+        except Exception as err:  # the replica serves anyway, under its static caps only
+            log.warning("%s: the calibration failed (static caps only): %s", spec.id, err)
     return took
+
+
+# Calibration of an image model (models/compute_estimate.py): timed denoising steps at the model's default size, then
+# at twice the width and height, and so on while a step took under CALIBRATION_GROW_BELOW_S and the size is within
+# limits.max_pixels. Each size runs at least CALIBRATION_MIN_STEPS steps, more (up to CALIBRATION_MAX_STEPS) until
+# CALIBRATION_SAMPLE_S of compute, so short steps get more samples; a run stops after its last step (no decode), or
+# once it has computed CALIBRATION_RUN_CAP_S. A step's time is the shortest between two step ends (the first step,
+# which carries the prompt's encoding, is left out): the lowest figure, which refuses least. On the CPU it is also
+# at most the process's CPU time over that step divided by its torch threads: a replica that starts while others
+# compete for the same cores waits for them, and that wait is no part of what the model costs.
+CALIBRATION_MIN_STEPS = 3
+CALIBRATION_MAX_STEPS = 12
+CALIBRATION_SAMPLE_S = 0.3
+CALIBRATION_GROW_BELOW_S = 0.5
+CALIBRATION_RUN_CAP_S = 1.5
+CALIBRATION_FIRST_SIDE = 64  # image-to-image, which has no default size: from 64x64 up
+
+
+def calibration_body(task: str, width: int, height: int, steps: int) -> dict[str, Any]:
+    """A timed request at `width` x `height`, `steps` denoising steps that all run (image-to-image: strength 1)."""
+    if task == TEXT_TO_IMAGE:
+        return {
+            "inputs": TEXT,
+            "parameters": {"width": width, "height": height, "num_inference_steps": steps},
+        }
+    return {
+        "inputs": _png(),
+        "parameters": {
+            "prompt": TEXT,
+            "target_size": {"width": width, "height": height},
+            "num_inference_steps": steps,
+            "strength": 1.0,
+        },
+    }
+
+
+def calibrate(executor: Any) -> StepCost | None:
+    """Measure an image model's seconds per denoising step at a few sizes on this replica; None when it cannot
+    (a runner that does not report its steps, or a failed run: logged). Never metered, like the warm-up."""
+    spec = executor.spec
+    if not executor.stoppable:
+        return None
+    multiple = int(getattr(executor.runner, "size_multiple", 8) or 8)
+    steps = min(CALIBRATION_MAX_STEPS, spec.limits.max_steps)
+    if spec.task == TEXT_TO_IMAGE:
+        width, height = int(spec.defaults.get("width", 1024)), int(spec.defaults.get("height", 1024))
+    else:
+        width = height = -(-CALIBRATION_FIRST_SIDE // multiple) * multiple
+    threads = _torch_threads() if str(executor.device) == "cpu" else None
+    points: list[tuple[float, float]] = []
+    started = time.perf_counter()
+    while width * height <= spec.limits.max_pixels:
+        timed = _timed_steps(executor, width, height, steps)
+        if timed is None:
+            break
+        step_s = step_seconds(*timed, threads)
+        if step_s <= 0:
+            break
+        points.append((width * height / 1e6, step_s))
+        if step_s >= CALIBRATION_GROW_BELOW_S:
+            break
+        width, height = width * 2, height * 2
+    if not points:
+        return None
+    cost = StepCost(tuple(points))
+    log.info(
+        "%s: calibrated in %.2f s (megapixels, seconds a step): %s",
+        spec.id,
+        time.perf_counter() - started,
+        ", ".join(f"({mp:.4g}, {s:.4g})" for mp, s in cost.points),
+    )
+    return cost
+
+
+def _timed_steps(
+    executor: Any, width: int, height: int, steps: int
+) -> tuple[list[tuple[int, int]], int] | None:
+    """One calibration run: (compute ns, the process's CPU ns) at each step's end, and the CPU ns at its start;
+    None when no step ran (logged)."""
+    from serving.routes.base import RequestContext
+    from serving.routes.registry import ADAPTERS
+
+    spec = executor.spec
+    request_id = f"calibration-{uuid.uuid4()}"
+    ctx = RequestContext(request_id=request_id, inference_id=request_id, model_id=spec.id, started_at=None)
+    marks: list[tuple[int, int]] = []
+
+    def mark(elapsed_ns: int) -> None:
+        marks.append((elapsed_ns, time.process_time_ns()))
+
+    def done() -> bool:
+        if not marks:
+            return False
+        elapsed_s = marks[-1][0] / 1e9
+        enough = len(marks) >= CALIBRATION_MIN_STEPS and elapsed_s >= CALIBRATION_SAMPLE_S
+        return len(marks) >= steps or enough or elapsed_s >= CALIBRATION_RUN_CAP_S
+
+    cpu_started = time.process_time_ns()
+    try:
+        request = (
+            ADAPTERS[spec.task].parse(calibration_body(spec.task, width, height, steps), spec, ctx).request
+        )
+        executor.run(request, should_stop=done, on_step=mark)
+    except Interrupted:
+        pass  # stopped after its last step: the decode is not timed
+    except Exception as err:
+        if not marks:
+            log.warning("%s: the calibration at %dx%d failed: %s", spec.id, width, height, err)
+    return (marks, cpu_started) if marks else None
+
+
+def step_seconds(marks: list[tuple[int, int]], cpu_started_ns: int, threads: int | None) -> float:
+    """Seconds a step from (compute ns, process CPU ns) at each step's end: the shortest gap between two ends (one
+    step only: the first, prompt included); with `threads` (on the CPU), each gap at most its CPU time / threads."""
+    starts = [(0, cpu_started_ns), *marks] if len(marks) == 1 else marks
+    gaps = []
+    for (wall0, cpu0), (wall1, cpu1) in pairwise(starts):
+        wall = wall1 - wall0
+        gaps.append(min(wall, (cpu1 - cpu0) / threads) if threads else wall)
+    return min(gaps) / 1e9
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads())
