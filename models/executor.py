@@ -89,8 +89,18 @@ class ModelExecutor:
 
     @property
     def busy(self) -> bool:
-        """Whether a forward pass runs now (compute is serialised: at most one at a time)."""
+        """Whether compute runs now: a forward pass under the lock (at most one at a time), or, for a concurrent
+        runner (continuous batching), sequences in its engine's running batch."""
+        occupancy = self.occupancy()
+        if occupancy is not None:
+            return occupancy[0] > 0
         return self._lock.locked()
+
+    def occupancy(self) -> tuple[int, int] | None:
+        """A concurrent runner's (requests computing now, requests waiting for their first step), from its engine;
+        None under the lock, where only `busy` is known (the callers waiting for the lock are not counted)."""
+        engine = getattr(self.runner, "engine", None) if self.runner.concurrent else None
+        return engine.occupancy() if engine is not None else None
 
     @property
     def stoppable(self) -> bool:
@@ -188,13 +198,16 @@ class ModelExecutor:
             offset_ns += share
             results[i] = RunResult(output=output, timings=timings, usage=usage)
 
-    def stream(self, request: TaskRequest) -> Iterator[StreamChunk | RunResult]:
+    def stream(self, request: TaskRequest, report_stop: bool = False) -> Iterator[StreamChunk | RunResult]:
         """Yield chunks as they are generated, each stamped with the compute consumed so far, then a RunResult.
 
-        Closing the generator (a client that went away) stops generation at the next token.
+        Closing the generator (a client that went away) stops generation at the next token. With `report_stop`,
+        closing it early raises Interrupted from `close()` with the compute that ran for the request until it
+        stopped: the steps after the last chunk its consumer read included (continuous batching: until the engine
+        dropped the sequence, which `close()` waits for, one step at most).
         """
         if self.runner.concurrent:
-            yield from self._stream_concurrent(request)
+            yield from self._stream_concurrent(request, report_stop)
             return
         arrived = time.perf_counter_ns()
         stop = threading.Event()
@@ -212,7 +225,9 @@ class ModelExecutor:
                     else:
                         final = item
             except GeneratorExit:
-                stop.set()
+                stop.set()  # the runner's generator is left at its yield: nothing more runs
+                if report_stop:
+                    raise Interrupted(watch.elapsed_ns()) from None
                 raise
             except Exception as err:
                 raise self._guard(err) from None
@@ -257,14 +272,18 @@ class ModelExecutor:
             raise self._guard(err) from None
         return RunResult(output=output, timings=timings, usage=usage)
 
-    def _stream_concurrent(self, request: TaskRequest) -> Iterator[StreamChunk | RunResult]:
+    def _stream_concurrent(
+        self, request: TaskRequest, report_stop: bool
+    ) -> Iterator[StreamChunk | RunResult]:
         stop = threading.Event()
         consumed = [0]
         deadline = Deadline(max_compute_s(self.spec), elapsed_ns=lambda: consumed[0])
         final: dict[str, Any] = {}
+        items: Iterator[StreamChunk | dict[str, Any]] = iter(())
         try:
             self.runner.validate(request)
-            for item in self.runner.stream(request, lambda: stop.is_set() or deadline.passed()):
+            items = self.runner.stream(request, lambda: stop.is_set() or deadline.passed())
+            for item in items:
                 if isinstance(item, StreamChunk):
                     item.elapsed_ns = consumed[0] = max(item.elapsed_ns, consumed[0])
                     yield item
@@ -272,6 +291,10 @@ class ModelExecutor:
                     final = item
         except GeneratorExit:
             stop.set()
+            if report_stop:
+                stopped = _drain_stopped(items, consumed[0])
+                if stopped is not None:
+                    raise stopped from None
             raise
         except Interrupted as stopped:
             # stopped at the compute limit: 504, what ran is charged
@@ -281,3 +304,22 @@ class ModelExecutor:
         except Exception as err:
             raise self._guard(err) from None
         yield RunResult(output=final.get("output"), timings=final["timings"], usage=final.get("usage", {}))
+
+
+def _drain_stopped(items: Iterator[StreamChunk | dict[str, Any]], consumed_ns: int) -> Interrupted | None:
+    """What a concurrent runner's stream, told to stop, ran for its request until it stopped: read it to its end
+    (the engine drops the sequence before its next step, or it ended meanwhile) for the compute of every step it
+    took part in. None if it failed instead (a failure is not charged)."""
+    compute_ns = consumed_ns
+    try:
+        for item in items:
+            if isinstance(item, StreamChunk):
+                compute_ns = max(compute_ns, item.elapsed_ns)
+            else:
+                compute_ns = max(compute_ns, item["timings"].compute_ns)
+    except Interrupted as stopped:
+        compute_ns = max(compute_ns, stopped.compute_ns)
+    except Exception:
+        log.warning("a stream stopped by its consumer failed before it stopped", exc_info=True)
+        return None
+    return Interrupted(compute_ns)

@@ -42,6 +42,7 @@ from serving.routes.accounts import bearer_token
 from serving.routes.base import Parsed, RequestContext, TaskAdapter, sse
 from serving.routes.registry import ADAPTERS, choose_task
 from serving.security import check_input_chars
+from serving.streaming import LeavableStream, leavable_stream
 
 log = logging.getLogger("serving.ingress")
 T = TypeVar("T")
@@ -459,17 +460,20 @@ class IngressCore:
         return StreamingResponse(self._metered_stream(job), media_type="text/event-stream", headers=headers)
 
     async def _metered_stream(self, job: Job) -> AsyncIterator[bytes]:
-        """Stream the model's chunks; charge after the last token, or for what ran if the client left.
+        """Stream the model's chunks; charge after the last token, or for what ran if the client left: every step
+        the model ran for it until it dropped the stream, when the backend can tell (`LeavableStream.stop`), else
+        the compute of the last chunk read.
 
         A stream that fails is not charged; its error is the last event (the status line is already sent).
         """
         consumed_ns = 0
         final: RunResult | None = None
         outcome = "disconnected"  # until the stream ends one way or the other
+        source = leavable_stream(self.backend, job.spec.id, job.parsed.request)
 
         async def items() -> AsyncIterator[StreamChunk | RunResult]:
             nonlocal consumed_ns, final
-            async for item in self.backend.stream(job.spec.id, job.parsed.request):
+            async for item in source:
                 if isinstance(item, RunResult):
                     item.timings.queue_ns += job.ctx.held_ns
                     final, consumed_ns = item, item.timings.compute_ns
@@ -489,9 +493,21 @@ class IngressCore:
             _, body = error_body(err)
             yield sse(body)
         finally:
-            await asyncio.shield(self.in_background(self._settle_stream(job, final, consumed_ns, outcome)))
+            settle = self._settle_stream(job, final, consumed_ns, outcome, source)
+            await asyncio.shield(self.in_background(settle))
 
-    async def _settle_stream(self, job: Job, final: RunResult | None, consumed_ns: int, outcome: str) -> None:
+    async def _settle_stream(
+        self,
+        job: Job,
+        final: RunResult | None,
+        consumed_ns: int,
+        outcome: str,
+        source: LeavableStream | None = None,
+    ) -> None:
+        if source is not None:  # a stream left (or broken) mid-way: stop the model, learn what it ran
+            stopped = await source.stop()
+            if stopped is not None and final is None and outcome == "disconnected":
+                consumed_ns = max(consumed_ns, stopped.compute_ns)
         spec = job.spec
         labels = {
             "model_id": spec.id,

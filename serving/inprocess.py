@@ -5,6 +5,7 @@ its own HTTP requests with (its executor and batcher); `InProcessBackend` loads 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,9 +54,21 @@ class LocalBackend:
             return await run_stoppable(executor, request)
         return await finish_despite_cancel(asyncio.to_thread(executor.run, request))
 
-    async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
-        async for item in iterate_in_thread(lambda: self.executors[model_id].stream(request)):
-            yield item
+    def reports_stop(self, model_id: str) -> bool:
+        """Whether a stream of this model closed early can tell what ran (see `stream`): always, in process."""
+        return True
+
+    async def stream(
+        self, model_id: str, request: TaskRequest, report_stop: bool = False
+    ) -> AsyncIterator[StreamChunk | RunResult]:
+        """The request's chunks, then its RunResult. With `report_stop`, closing it early (`aclose()`: its client
+        went away) stops the model and raises Interrupted with the compute that ran for the request until the
+        model dropped it (serving/streaming.py LeavableStream)."""
+        executor = self.executors[model_id]
+        items = iterate_in_thread(lambda: executor.stream(request, report_stop), report_stop)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield item
 
 
 class InProcessBackend(LocalBackend):

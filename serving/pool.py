@@ -18,6 +18,7 @@ hardware profile, which must be the pool's (models/catalog.py checks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -201,14 +202,22 @@ class PoolBackend:
         async with self.pool.use(model_id) as entry:
             return await entry.backend.run(model_id, request)
 
-    async def stream(self, model_id: str, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
+    def reports_stop(self, model_id: str) -> bool:
+        """Whether a stream of this model closed early can tell what ran (see LocalBackend.stream)."""
+        return model_id in self.pool
+
+    async def stream(
+        self, model_id: str, request: TaskRequest, report_stop: bool = False
+    ) -> AsyncIterator[StreamChunk | RunResult]:
         if model_id not in self.pool:
             async for item in self._remote().stream(model_id, request):
                 yield item
             return
         async with self.pool.use(model_id) as entry:
-            async for item in entry.backend.stream(model_id, request):
-                yield item
+            items = entry.backend.stream(model_id, request, report_stop)
+            async with contextlib.aclosing(items):  # closed early: its Interrupted (what ran) comes out
+                async for item in items:
+                    yield item
 
     async def run_progress(self, model_id: str, request: TaskRequest) -> AsyncIterator[Progress | RunResult]:
         from serving.streaming import run_with_progress

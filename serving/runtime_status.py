@@ -5,8 +5,8 @@ Each model is a Serve application of its own, so the figures come from several p
 - replicas (running, starting, target): Serve's controller (`serve.status()`, and the target from its details);
 - requests in flight: Serve's count of ongoing requests on each of the model's replicas, plus the requests the
   router holds in its own batcher for the model;
-- queue: those of them not computing yet (waiting in a replica's batcher, or for the model's one forward pass at a
-  time), plus the router's batcher;
+- queue: those of them not computing yet (waiting in a replica's batcher, in a continuous batching engine's queue,
+  or for the model's one forward pass at a time), plus the router's batcher;
 - requests/s and p50 over the last minute: every serving process (the router and each replica) keeps a window of
   its finished requests (metering/recent.py); the windows are merged here;
 - spool backlog and drain lag: every serving process spools its own charges (MeteringService.backlog);
@@ -46,15 +46,22 @@ def register(core: IngressCore) -> None:
 
 
 def _queued(core: IngressCore, ongoing: int | None) -> dict[str, int]:
-    """Requests of each model that wait in this process before their compute."""
+    """Requests of each model that wait in this process before their compute: in a batcher, in a continuous
+    batching engine's queue (its running sequences are computing), or for the model's one forward pass at a
+    time (Serve's ongoing requests on a model's replica, less the one that computes)."""
     backend = core.backend
+    batchers = getattr(backend, "batchers", {})
     queued: dict[str, int] = {}
-    for model_id, batcher in getattr(backend, "batchers", {}).items():
+    for model_id, batcher in batchers.items():
         queued[model_id] = queued.get(model_id, 0) + batcher.queued
     executors = getattr(backend, "executors", {})
-    if ongoing is not None and len(executors) == 1:  # a model's replica: its one model
-        ((model_id, executor),) = executors.items()
-        if model_id not in getattr(backend, "batchers", {}):
+    for model_id, executor in executors.items():
+        if model_id in batchers:
+            continue
+        occupancy = executor.occupancy()
+        if occupancy is not None:  # the engine knows its queue, with or without Serve's count
+            queued[model_id] = queued.get(model_id, 0) + occupancy[1]
+        elif ongoing is not None and len(executors) == 1:  # a model's replica: its one model
             queued[model_id] = queued.get(model_id, 0) + max(0, ongoing - (1 if executor.busy else 0))
     return queued
 

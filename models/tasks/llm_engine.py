@@ -16,6 +16,13 @@ The engine knows nothing of tokenizers or protocols: a request's `on_token` call
 inside the step, so it is billed) turns each token into whatever its caller streams and may end the sequence.
 `GenerationEngine` is the interface the text-generation runner uses; another engine (vLLM, SGLang, transformers'
 own continuous batching manager) can stand behind it.
+
+One request's failure is its own. What is per row fails only its row: its logits hooks (a grammar), its
+sampling, its token callback. A forward pass that fails is retried without the culprit: a group prefill runs each
+of its prompts alone, at once, and a decode step first runs each row alone on a copy of its cache (the batch's
+cache is cut back to before the step), then the batch goes on without the rows that failed alone. Only the
+requests that fail on their own end with an error; the time of the failed attempt and of the retries that found
+them is split across them (a "failed" step), so the steps still add up to the engine's busy time.
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ class EngineRequest:
         self.sampler: RowSampler | None = None
         self.finished = False
         self.finish_reason: str | None = None
+        self.error: BaseException | None = None  # why it failed, when it did (FINISH_ERROR)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -122,7 +130,9 @@ class EngineRequest:
 class StepRecord:
     """What one engine step did (kept for the last `history` steps: tests and diagnostics)."""
 
-    kind: str  # "prefill" | "decode"
+    # "prefill" | "decode" | "failed": a failed forward and its retries, split across the requests that failed
+    # on their own (or across a group whose prompts each ran alone once the group's prefill failed)
+    kind: str
     step_ns: int
     request_ids: list[str]
     tokens: list[int]
@@ -147,6 +157,11 @@ class GenerationEngine(ABC):
     @abstractmethod
     def busy_ns(self) -> int:
         """Total time the engine spent in steps: the sum of every request's compute."""
+
+    @abstractmethod
+    def occupancy(self) -> tuple[int, int]:
+        """(sequences generating now, sequences waiting for their first step): what `hfi status` shows as the
+        model's work in progress and its queue."""
 
 
 @dataclass
@@ -247,6 +262,16 @@ class BatchingEngine(GenerationEngine):
     def busy_ns(self) -> int:
         return self._busy_ns
 
+    def occupancy(self) -> tuple[int, int]:
+        """Read from any thread: the batch's rows (and a long prompt being prefilled in chunks) are generating;
+        the rest of the queue, and what was submitted since the engine last looked, wait."""
+        with self._cv:
+            inbox = len(self._inbox)
+        waiting = [r for r in list(self.waiting) if not r.finished]
+        chunking = 1 if waiting and waiting[0].prefilled else 0
+        running = sum(1 for r in list(self.rows) if not r.finished)  # a finished row leaves at the step's end
+        return running + chunking, len(waiting) - chunking + inbox
+
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             import torch
@@ -273,7 +298,7 @@ class BatchingEngine(GenerationEngine):
             try:
                 with torch.inference_mode():
                     step_start = self._step(step_start)
-            except Exception as err:  # the model failed: fail what was in that step, keep serving
+            except Exception as err:  # the engine's own fault (a request's own is isolated in its step)
                 log.exception("generation step failed")
                 self._fail_all(err)
                 step_start = time.perf_counter_ns()
@@ -345,11 +370,26 @@ class BatchingEngine(GenerationEngine):
             req.sampler = RowSampler(req.params, self.device)
 
     def _prefill_group(self, group: list[EngineRequest], step_start: int) -> int:
+        for req in list(group):
+            try:
+                self._start(req, step_start)
+            except Exception as err:  # its own settings (a seed the generator refuses): nothing ran for it
+                group.remove(req)
+                self.waiting.remove(req)
+                self._finish(req, FINISH_ERROR, err)
+        if not group:
+            return step_start
+        try:
+            out, cache, mask = self._prefill_forward(group)
+        except Exception as err:
+            return self._prefill_failed(group, step_start, err)
+        return self._prefill_done(group, out, cache, mask, step_start)
+
+    def _prefill_forward(self, group: list[EngineRequest]) -> tuple[Any, Any, Any]:
+        """One left-padded forward over the group's prompts, on a cache of its own: (output, cache, mask)."""
         import torch
         from transformers import DynamicCache
 
-        for req in group:
-            self._start(req, step_start)
         lengths = [len(r.prompt_ids) for r in group]
         longest = max(lengths)
         ids = torch.tensor([[0] * (longest - n) + r.prompt_ids for r, n in zip(group, lengths, strict=True)])
@@ -369,19 +409,57 @@ class BatchingEngine(GenerationEngine):
             for layer in cache.layers:
                 layer.keys = layer.keys.masked_fill(~keep, 0)
                 layer.values = layer.values.masked_fill(~keep, 0)
+        return out, cache, mask
+
+    def _prefill_done(
+        self, group: list[EngineRequest], out: Any, cache: Any, mask: Any, step_start: int
+    ) -> int:
+        """A group's prefill ran: each newcomer's first token, and the group joins the batch."""
+        lengths = [len(r.prompt_ids) for r in group]
+        errors: dict[int, BaseException] = {}
         choices = choose_tokens(
             out.logits[:, -1, :].float(),
             [r.sampler for r in group],  # type: ignore[misc]
             [r.history for r in group],
             lengths,
+            errors,
         )
-        for _ in group:  # only now: a failure before this fails them from the queue (_fail_all)
-            self.waiting.popleft()
+        for req in group:  # only now: they leave the queue once their prefill ran
+            self.waiting.remove(req)
         self._join(group, cache, mask)
-        payloads = self._take(group, choices)
+        payloads = self._take(group, choices, errors)
         end = self._end_step(step_start, "prefill", group, lengths)
         self._deliver(group, choices, payloads)
         return end
+
+    def _prefill_failed(self, group: list[EngineRequest], step_start: int, err: BaseException) -> int:
+        """A group's prefill failed: run each prompt alone, now, each a step of its own. Those that fail alone end
+        with their error and pay the failed attempts (the group's and their own); the others join the batch."""
+        self.sync()
+        now = time.perf_counter_ns()
+        lost_ns = now - step_start
+        failed: list[tuple[EngineRequest, BaseException]] = []
+        if len(group) == 1:
+            failed.append((group[0], err))
+        else:
+            log.warning("a prefill of %d prompts failed (%r): retrying each alone", len(group), err)
+            for req in group:
+                try:
+                    out, cache, mask = self._prefill_forward([req])
+                except Exception as own:
+                    self.sync()
+                    end = time.perf_counter_ns()
+                    lost_ns, now = lost_ns + end - now, end
+                    failed.append((req, own))
+                    continue
+                now = self._prefill_done([req], out, cache, mask, now)
+            if not failed:  # each ran alone, only the group failed: its time goes to the group, which goes on
+                self._account("failed", lost_ns, group, [len(r.prompt_ids) for r in group])
+                return now
+        for req, _ in failed:
+            self.waiting.remove(req)
+        self._fail(failed, lost_ns, [len(r.prompt_ids) for r, _ in failed])
+        return now
 
     def _prefill_chunk(self, req: EngineRequest, step_start: int) -> int:
         import torch
@@ -392,24 +470,33 @@ class BatchingEngine(GenerationEngine):
             req.prefill_cache = DynamicCache(config=self.model_config)
         start = req.prefilled
         chunk = req.prompt_ids[start : start + self.config.prefill_chunk_tokens]
-        out = self.model(
-            input_ids=torch.tensor([chunk], device=self.device),
-            attention_mask=torch.ones((1, start + len(chunk)), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kwarg: req.prefill_cache},
-        )
+        try:
+            out = self.model(
+                input_ids=torch.tensor([chunk], device=self.device),
+                attention_mask=torch.ones((1, start + len(chunk)), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: req.prefill_cache},
+            )
+        except Exception as err:  # alone in its step: it fails, nobody else
+            self.sync()
+            end = time.perf_counter_ns()
+            self.waiting.remove(req)
+            req.prefill_cache = None
+            self._fail([(req, err)], end - step_start, [len(chunk)])
+            return end
         req.prefilled += len(chunk)
         if req.prefilled < len(req.prompt_ids):
             return self._end_step(step_start, "prefill", [req], [len(chunk)])
         assert req.sampler is not None
         logits = out.logits[:, -1, :].float()
-        choice = choose_tokens(logits, [req.sampler], [req.history], [len(req.prompt_ids)])[0]
-        self.waiting.popleft()
+        errors: dict[int, BaseException] = {}
+        choice = choose_tokens(logits, [req.sampler], [req.history], [len(req.prompt_ids)], errors)[0]
+        self.waiting.remove(req)
         cache, req.prefill_cache = req.prefill_cache, None
         self._join([req], cache, torch.ones((1, req.prefilled), dtype=torch.long, device=self.device))
-        payloads = self._take([req], [choice])
+        payloads = self._take([req], [choice], errors)
         end = self._end_step(step_start, "prefill", [req], [len(chunk)])
         self._deliver([req], [choice], payloads)
         return end
@@ -418,34 +505,96 @@ class BatchingEngine(GenerationEngine):
         import torch
 
         rows = list(self.rows)
+        length = self.mask.shape[1]
         ones = torch.ones((len(rows), 1), dtype=self.mask.dtype, device=self.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        out = self.model(
-            input_ids=torch.tensor(self.next_tokens, device=self.device).unsqueeze(1),
-            attention_mask=self.mask,
-            position_ids=torch.tensor(self.positions, device=self.device).unsqueeze(1),
-            **{self._cache_kwarg: self.cache},
-            use_cache=True,
-        )
+        mask = torch.cat([self.mask, ones], dim=1)
+        try:
+            out = self._decode_forward(self.cache, mask, self.next_tokens, self.positions)
+        except Exception as err:
+            return self._decode_failed(rows, mask, length, step_start, err)
+        self.mask = mask
         self.positions = [p + 1 for p in self.positions]
         samplers = [r.sampler for r in rows]
+        errors: dict[int, BaseException] = {}
         choices = choose_tokens(
             out.logits[:, -1, :].float(),
             samplers,  # type: ignore[arg-type]
             [r.history for r in rows],
             [len(r.prompt_ids) for r in rows],
+            errors,
         )
-        payloads = self._take(rows, choices)
+        payloads = self._take(rows, choices, errors)
         end = self._end_step(step_start, "decode", rows, [1] * len(rows))
         self._deliver(rows, choices, payloads)
         return end
 
-    def _take(self, rows: list[EngineRequest], choices: list[TokenChoice]) -> list[Any]:
-        """Record each row's new token (its callback runs here, inside the step) and mark the rows that end."""
+    def _decode_forward(self, cache: Any, mask: Any, tokens: list[int], positions: list[int]) -> Any:
+        import torch
+
+        return self.model(
+            input_ids=torch.tensor(tokens, device=self.device).unsqueeze(1),
+            attention_mask=mask,
+            position_ids=torch.tensor(positions, device=self.device).unsqueeze(1),
+            **{self._cache_kwarg: cache},
+            use_cache=True,
+        )
+
+    def _decode_failed(
+        self, rows: list[EngineRequest], mask: Any, length: int, step_start: int, err: BaseException
+    ) -> int:
+        """A decode step failed: cut the batch's cache back to before it, run each row alone on a copy of its
+        cache to find the rows that fail on their own, and drop those (they end with their error and pay this
+        step). The others decode again at the next step. If none fails alone, the batch as a whole cannot run:
+        its rows fail together."""
+        for layer in self.cache.layers:  # the layers the failed forward already extended
+            if layer.keys is not None and layer.keys.shape[-2] > length:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+        failed: list[tuple[EngineRequest, BaseException]] = []
+        if len(rows) > 1:
+            log.warning("a decode step of %d rows failed (%r): trying each row alone", len(rows), err)
+            for i, req in enumerate(rows):
+                try:
+                    self._decode_forward(
+                        self._row_cache(i), mask[i : i + 1], [self.next_tokens[i]], [self.positions[i]]
+                    )
+                except Exception as own:
+                    failed.append((req, own))
+        if not failed:
+            failed = [(req, err) for req in rows]
+        self.sync()
+        end = time.perf_counter_ns()
+        self._fail(failed, end - step_start, [1] * len(failed))
+        self._drop_rows({self.rows.index(req) for req, _ in failed})
+        return end
+
+    def _row_cache(self, i: int) -> Any:
+        """A cache of its own for row i of the batch (a copy of its keys and values, padding included)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model_config)
+        for layer, src in zip(cache.layers, self.cache.layers, strict=True):
+            layer.update(src.keys[i : i + 1], src.values[i : i + 1])
+        return cache
+
+    def _take(
+        self, rows: list[EngineRequest], choices: list[TokenChoice], errors: dict[int, BaseException]
+    ) -> list[Any]:
+        """Record each row's new token (its callback runs here, inside the step) and mark the rows that end: a row
+        whose token choice (`errors`, by index) or callback failed ends with its error, alone."""
         payloads = []
-        for req, choice in zip(rows, choices, strict=True):
+        for i, (req, choice) in enumerate(zip(rows, choices, strict=True)):
+            if i in errors:
+                self._fail_row(req, errors[i])
+                payloads.append(None)
+                continue
             req.generated.append(choice.token_id)
-            payload, reason = req.on_token(choice) if req.on_token is not None else (None, None)
+            try:
+                payload, reason = req.on_token(choice) if req.on_token is not None else (None, None)
+            except Exception as err:
+                self._fail_row(req, err)
+                payloads.append(None)
+                continue
             payloads.append(payload)
             if reason is None and choice.token_id in req.params.stop_token_ids:
                 reason = FINISH_EOS
@@ -463,7 +612,10 @@ class BatchingEngine(GenerationEngine):
         """Stop the step's clock and split its time across its rows by the tokens each processed."""
         self.sync()
         end = time.perf_counter_ns()
-        step_ns = end - step_start
+        self._account(kind, end - step_start, rows, tokens)
+        return end
+
+    def _account(self, kind: str, step_ns: int, rows: list[EngineRequest], tokens: list[int]) -> None:
         shares = split_batch_ns(step_ns, tokens)
         for req, share in zip(rows, shares, strict=True):
             req.compute_ns += share
@@ -471,14 +623,29 @@ class BatchingEngine(GenerationEngine):
             req.peak_batch = max(req.peak_batch, len(rows))
         self._busy_ns += step_ns
         self.steps.append(StepRecord(kind, step_ns, [r.request_id for r in rows], list(tokens), shares))
-        return end
+
+    def _fail(
+        self, failed: list[tuple[EngineRequest, BaseException]], step_ns: int, tokens: list[int]
+    ) -> None:
+        """End the requests that failed on their own; the failed attempts' time is theirs (a "failed" step)."""
+        self._account("failed", step_ns, [req for req, _ in failed], tokens)
+        for req, err in failed:
+            self._fail_row(req, err)
+            self._finish(req, FINISH_ERROR, err)
+
+    def _fail_row(self, req: EngineRequest, err: BaseException) -> None:
+        log.warning("generation %s failed on its own, the others go on: %r", req.request_id, err)
+        req.error = err
+        req.finished = True
+        req.finish_reason = FINISH_ERROR
 
     def _deliver(self, rows: list[EngineRequest], choices: list[TokenChoice], payloads: list[Any]) -> None:
         done = set()
         for req, choice, payload in zip(rows, choices, payloads, strict=True):
-            req.events.put(TokenEvent(choice, payload, req.compute_ns))
+            if req.error is None:
+                req.events.put(TokenEvent(choice, payload, req.compute_ns))
             if req.finished:
-                self._finish(req, req.finish_reason or FINISH_LENGTH)
+                self._finish(req, req.finish_reason or FINISH_LENGTH, req.error)
                 if req in self.rows:
                     done.add(self.rows.index(req))
         if done:

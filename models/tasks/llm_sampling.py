@@ -109,18 +109,34 @@ class RowSampler:
 
 
 def choose_tokens(
-    logits: Any, samplers: list[RowSampler], histories: list[list[int]], prompt_lens: list[int]
+    logits: Any,
+    samplers: list[RowSampler],
+    histories: list[list[int]],
+    prompt_lens: list[int],
+    errors: dict[int, BaseException] | None = None,
 ) -> list[TokenChoice]:
     """The next token of each row of `logits` [rows, vocab] (float32), each row with its own settings.
 
-    `histories[i]` is row i's prompt + generated ids (the first `prompt_lens[i]` are the prompt)."""
+    `histories[i]` is row i's prompt + generated ids (the first `prompt_lens[i]` are the prompt). With `errors`,
+    a row whose own processing fails (a logits hook, a grammar, its sampling) is recorded there by its index and
+    the other rows are chosen as usual (that row's choice is then meaningless); without it, the error is raised."""
     import torch
 
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = torch.argmax(logits, dim=-1)
+    vocab = logits.shape[-1]
     for i, sampler in enumerate(samplers):
         if sampler.params.needs_row_processing:
-            chosen[i] = _process_row(logits[i], sampler, histories[i], prompt_lens[i])
+            try:
+                token = _process_row(logits[i], sampler, histories[i], prompt_lens[i])
+                if not 0 <= token < vocab:
+                    raise ValueError(f"the token chosen, {token}, is outside the vocabulary (0..{vocab - 1})")
+            except Exception as err:
+                if errors is None:
+                    raise
+                errors[i] = err
+                continue
+            chosen[i] = token
     chosen_list = chosen.tolist()
     picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
     choices = [TokenChoice(int(t), float(lp)) for t, lp in zip(chosen_list, picked, strict=True)]

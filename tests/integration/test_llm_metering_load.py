@@ -3,15 +3,21 @@ IngressCore and routes (in process, no Ray), served by uvicorn on 127.0.0.1, dri
 `huggingface_hub.InferenceClient` from many threads at once, charges written to a real SQLite ledger.
 
 The replica's busy time is the engine's (`busy_ns`: its steps end to end). The compute billed to every request
-of the run adds up to it exactly for requests that finish (each step's time is split across
-the sequences in it), less the few steps a client that leaves mid-stream no longer sees (it is charged what it
-was streamed: the compute up to its last chunk)."""
+of the run adds up to it exactly (each step's time is split across the sequences in it): a client that leaves
+mid-stream is charged every step the engine ran for it until it dropped the sequence, the steps after the last
+chunk it read included. A request whose own processing fails fails alone, uncharged (a 5xx), and the others in
+its batch are charged their shares exactly."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import openai
 import pytest
 from fixtures.net import serve_in_thread
 from huggingface_hub import InferenceClient
@@ -100,9 +106,58 @@ def _leave_early(url: str, left: threading.Event) -> None:
     left.set()
 
 
-def test_billed_seconds_add_up_to_the_engine_busy_seconds(service):
+def _charges(database_url: str, wanted: int, timeout_s: float = 60.0) -> list:
+    """The LLM's charges in the ledger, once there are `wanted` of them (a left stream is settled once the engine
+    has dropped it, a step or two after its client left)."""
     from metering.ledger import Ledger
 
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ledger = Ledger(database_url)
+        try:
+            charges = [c for c in ledger.charges() if c.usage.model_id == LLM]
+        finally:
+            ledger.close()
+        if len(charges) >= wanted or time.monotonic() > deadline:
+            return charges
+        time.sleep(0.2)
+
+
+@contextmanager
+def _engine_held(engine, tokenizer) -> Iterator[None]:
+    """The engine held inside a step of a request of its own until the block ends: the requests that come
+    meanwhile wait together, then join in one group prefill and decode together."""
+    from models.tasks.llm_engine import EngineRequest, FinishEvent
+    from models.tasks.llm_sampling import SamplingParams
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold(choice):
+        held.set()
+        release.wait(timeout=60)
+        return None, None
+
+    ids = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    holder = EngineRequest(f"holder-{uuid.uuid4().hex[:6]}", ids, SamplingParams(max_new_tokens=2), hold)
+    engine.submit(holder)
+    assert held.wait(timeout=60)
+    try:
+        yield
+    finally:
+        release.set()
+    while not isinstance(holder.events.get(timeout=60), FinishEvent):
+        pass
+
+
+def _shares(steps) -> dict[str, int]:
+    share_of: dict[str, int] = {}
+    for step in steps:
+        for rid, share in zip(step.request_ids, step.shares_ns, strict=True):
+            share_of[rid] = share_of.get(rid, 0) + share
+    return share_of
+
+
+def test_billed_seconds_add_up_to_the_engine_busy_seconds(service):
     url, core, database_url = service
     engine = core.backend.executors[LLM].runner.engine
     busy_before, steps_before = engine.busy_ns, len(engine.steps)
@@ -119,35 +174,26 @@ def test_billed_seconds_add_up_to_the_engine_busy_seconds(service):
     assert all(t["tokens"] == t["events"] and t["text"] for t in tgis)  # one TGI event per token
     assert max(s.request_ids.__len__() for s in engine.steps) > 1  # they shared steps
     assert core.metering.flush(timeout_s=30)
-    busy_ns = engine.busy_ns - busy_before
-
-    ledger = Ledger(database_url)
-    try:
-        charges = [c for c in ledger.charges() if c.usage.model_id == LLM]
-    finally:
-        ledger.close()
+    charges = _charges(database_url, 16)
     assert len(charges) == 16  # every request, the one that left included
+    busy_ns = engine.busy_ns - busy_before
     billed_ns = sum(c.usage.compute_ns for c in charges)
-    assert billed_ns <= busy_ns
     # Each step's time, split across the requests in it, is exactly the engine's busy time ...
     steps = list(engine.steps)[steps_before:]
     assert sum(s.step_ns for s in steps) == busy_ns
-    share_of: dict[str, int] = {}
-    for step in steps:
-        for rid, share in zip(step.request_ids, step.shares_ns, strict=True):
-            share_of[rid] = share_of.get(rid, 0) + share
+    share_of = _shares(steps)
     assert sum(share_of.values()) == busy_ns
-    # ... each request that finished is billed its shares exactly, and the one that left what it was streamed:
-    # at most its shares (the steps between its last chunk and the engine seeing it leave are not billed; how
-    # many depends on the machine's load).
+    # ... and each request is billed its shares exactly: the one that left too, every step the engine ran for it
+    # until it dropped the sequence (the steps after the last chunk it read included), so nothing ran free.
     gone = [c for c in charges if c.usage.status == "client_disconnected"]
     assert len(gone) == 1 and gone[0].usage.compute_ns > 0
     for c in charges:
-        shares = share_of[c.usage.client_request_id or c.usage.request_id]
-        if c.usage.status == "ok":
-            assert c.usage.compute_ns == shares, c
-        else:
-            assert c.usage.compute_ns <= shares, c
+        assert c.usage.compute_ns == share_of[c.usage.client_request_id or c.usage.request_id], c
+    assert billed_ns == busy_ns
+    left_steps = [
+        s for s in steps if (gone[0].usage.client_request_id or gone[0].usage.request_id) in s.request_ids
+    ]
+    assert len(left_steps) < 60  # it was stopped long before its max_tokens
     finished = [c for c in charges if c.usage.status == "ok"]
     reported = sorted(
         [(c["usage"].prompt_tokens, c["usage"].completion_tokens) for c in chats]
@@ -166,3 +212,85 @@ def test_billed_seconds_add_up_to_the_engine_busy_seconds(service):
     )
     assert recorded == reported  # the charge records the prompt and generated tokens the client was told
     assert all(c.usage.extra["engine_steps"] >= c.usage.extra["generated_tokens"] for c in finished)
+
+
+def test_a_request_that_fails_on_its_own_fails_alone_uncharged_and_the_batch_goes_on(service, monkeypatch):
+    """One request's constrained decoding breaks mid-way while it shares the batch with streams: it gets a 500 and
+    no charge (5xx are not charged), the streams finish, each charged exactly its shares of the steps."""
+    from models.tasks import generation_extras
+
+    url, core, database_url = service
+    engine = core.backend.executors[LLM].runner.engine
+    tag = f"isolation-{uuid.uuid4().hex[:8]}-"
+    real_hooks = generation_extras.logits_hooks
+
+    def hooks(runner, request, prompt_len):
+        found = real_hooks(runner, request, prompt_len)
+        if request.request_id == tag + "poison":
+            calls = [0]
+
+            def breaks_fourth(history, row):
+                calls[0] += 1
+                if calls[0] == 4:
+                    raise RuntimeError("the grammar failed for this request")
+                return row
+
+            found.append(breaks_fourth)
+        return found
+
+    monkeypatch.setattr(generation_extras, "logits_hooks", hooks)
+    before = len(_charges(database_url, 0))
+    steps_before = len(engine.steps)
+
+    def poisoned() -> int:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            client.chat.completions.create(
+                model=LLM,
+                messages=[{"role": "user", "content": "Tell me a long story."}],
+                max_tokens=30,
+                extra_headers={"x-request-id": tag + "poison"},
+            )
+        except openai.InternalServerError as err:
+            return err.status_code
+        return 200
+
+    def streamed(i: int) -> dict:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        stream = client.chat.completions.create(
+            model=LLM,
+            messages=[{"role": "user", "content": f"Say something about the number {i}."}],
+            max_tokens=12,
+            stream=True,
+            extra_headers={"x-request-id": f"{tag}{i}"},
+        )
+        finish = None
+        for chunk in stream:
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
+        return {"finish": finish}
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        with _engine_held(engine, core.backend.executors[LLM].runner.tokenizer):  # they start together
+            bad = pool.submit(poisoned)
+            good = [pool.submit(streamed, i) for i in range(5)]
+            deadline = time.monotonic() + 60
+            while engine.occupancy()[1] < 6:  # all six wait in the engine
+                assert time.monotonic() < deadline, engine.occupancy()
+                time.sleep(0.01)
+        assert bad.result() == 500
+        assert all(f.result()["finish"] in ("stop", "length") for f in good)
+    assert core.metering.flush(timeout_s=30)
+    charges = [
+        c for c in _charges(database_url, before + 5) if (c.usage.client_request_id or "").startswith(tag)
+    ]
+    assert sorted(c.usage.client_request_id for c in charges) == sorted(f"{tag}{i}" for i in range(5))
+    assert all(c.usage.status == "ok" for c in charges)
+    steps = list(engine.steps)[steps_before:]
+    share_of = _shares(steps)
+    for c in charges:
+        assert c.usage.compute_ns == share_of[c.usage.client_request_id], c
+    assert share_of[tag + "poison"] > 0  # it ran, and failed: its shares are its own, not the others'
+    failing = [s for s in steps if tag + "poison" in s.request_ids][-1]  # the step it failed in
+    others = set(failing.request_ids) - {tag + "poison"}
+    assert others and others <= {f"{tag}{i}" for i in range(5)}  # streams were in it, and finished

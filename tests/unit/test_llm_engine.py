@@ -356,3 +356,162 @@ def test_sampling_params_from_request_parameters():
     p = sampling_params({"frequency_penalty": 0.5, "presence_penalty": -1, "repetition_penalty": 1.2}, 5, eos)
     assert (p.frequency_penalty, p.presence_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
     assert p.stop_token_ids == frozenset(eos) and p.max_new_tokens == 5
+
+
+# One request's failure is its own
+
+
+def _assert_steps_tile_busy_time(eng: BatchingEngine, reqs: list[EngineRequest]) -> None:
+    """Every step's time, failed ones included, is split across its requests, and adds up to the busy time."""
+    by_request = {r.request_id: 0 for r in reqs}
+    for step in eng.steps:
+        assert sum(step.shares_ns) == step.step_ns
+        for rid, share in zip(step.request_ids, step.shares_ns, strict=True):
+            by_request[rid] += share
+    assert sum(s.step_ns for s in eng.steps) == eng.busy_ns
+    assert by_request == {r.request_id: r.compute_ns for r in reqs}
+    assert sum(by_request.values()) == eng.busy_ns
+
+
+def _hold_engine(eng: BatchingEngine) -> tuple[EngineRequest, threading.Event]:
+    """A request whose first token holds the engine inside its step until released: what is submitted meanwhile
+    waits together, and joins in one group prefill."""
+    held, release = threading.Event(), threading.Event()
+
+    def on_token(choice):
+        held.set()
+        release.wait(timeout=60)
+        return None, None
+
+    holder = EngineRequest("holder", prompts(1, seed=30)[0], greedy(3), on_token=on_token)
+    eng.submit(holder)
+    assert held.wait(timeout=60)
+    return holder, release
+
+
+def test_a_hook_or_callback_that_fails_for_one_request_fails_only_it(engine, model):
+    eng = engine(max_batch_size=8)
+    good = prompts(3, seed=20)
+    calls = {"hook": 0}
+
+    def hook_fails_third_time(history, row):
+        calls["hook"] += 1
+        if calls["hook"] == 3:
+            raise RuntimeError("grammar failed for this request")
+        return row
+
+    def callback_fails_second_time(choice, seen=[]):  # noqa: B006 (its own count)
+        seen.append(choice)
+        if len(seen) == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad token text")
+        return None, None
+
+    bad_hook = EngineRequest(
+        "bad-hook", prompts(1, seed=21)[0], greedy(8, logits_hooks=[hook_fails_third_time])
+    )
+    bad_cb = EngineRequest("bad-cb", prompts(1, seed=22)[0], greedy(8), on_token=callback_fails_second_time)
+    goods = [EngineRequest(f"good-{i}", p, greedy(8)) for i, p in enumerate(good)]
+    holder, release = _hold_engine(eng)  # so that they all join in one group and decode together
+    reqs = [bad_hook, bad_cb, *goods]
+    for r in reqs:
+        eng.submit(r)
+    release.set()
+    results = {r.request_id: drain(r) for r in reqs}
+    tokens, finish = results["bad-hook"]
+    assert finish.reason == FINISH_ERROR and isinstance(finish.error, RuntimeError) and len(tokens) == 2
+    tokens, finish = results["bad-cb"]
+    assert finish.reason == FINISH_ERROR and isinstance(finish.error, UnicodeDecodeError) and len(tokens) == 1
+    for r, prompt in zip(goods, good, strict=True):
+        tokens, finish = results[r.request_id]
+        assert finish.reason == FINISH_LENGTH
+        assert [t.choice.token_id for t in tokens] == solo_generate(model, prompt, 8)
+    # they shared steps with the requests that failed, and those paid their shares up to their failure
+    failing = [s for s in eng.steps if "bad-hook" in s.request_ids][-1]  # the step it failed in
+    assert {"bad-hook", "good-0", "good-1", "good-2"} <= set(failing.request_ids)
+    assert all(r.compute_ns > 0 for r in reqs)
+    assert drain(holder)[1].reason == FINISH_LENGTH
+    _assert_steps_tile_busy_time(eng, [holder, *reqs])
+
+
+def test_a_prompt_that_breaks_a_group_prefill_fails_alone_and_the_group_goes_on(engine, model):
+    eng = engine(max_batch_size=8, prefill_group_min=2)
+    holder, release = _hold_engine(eng)
+    good = prompts(2, seed=23)
+    # an id past the embedding table: bad input that got past validation
+    bad = EngineRequest("bad-prompt", [5, 7, VOCAB + 3, 9], greedy(4))
+    goods = [EngineRequest(f"good-{i}", p, greedy(6)) for i, p in enumerate(good)]
+    for r in (goods[0], bad, goods[1]):
+        eng.submit(r)
+    release.set()
+    tokens, finish = drain(bad)
+    assert finish.reason == FINISH_ERROR and isinstance(finish.error, IndexError) and tokens == []
+    for r, prompt in zip(goods, good, strict=True):
+        tokens, finish = drain(r)
+        assert finish.reason == FINISH_LENGTH
+        assert [t.choice.token_id for t in tokens] == solo_generate(model, prompt, 6)
+    assert drain(holder)[1].reason == FINISH_LENGTH
+    failed = [s for s in eng.steps if s.kind == "failed"]
+    assert [s.request_ids for s in failed] == [["bad-prompt"]]  # the group's failed attempt and its own retry
+    assert bad.compute_ns == failed[0].step_ns > 0
+    solo_prefills = [s.request_ids for s in eng.steps if s.kind == "prefill"]
+    assert ["good-0"] in solo_prefills and ["good-1"] in solo_prefills  # retried alone, in order
+    _assert_steps_tile_busy_time(eng, [holder, bad, *goods])
+
+
+class _FailsOnToken(torch.nn.Module):
+    """The real model, whose forward fails for any row fed `poison`: a fault in one sequence's decode step."""
+
+    def __init__(self, model, poison: int) -> None:
+        import inspect
+
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+        def forward(*args, **kwargs):
+            if (kwargs["input_ids"] == poison).any():
+                raise RuntimeError("device-side assert for this row")
+            return model(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(model.forward)  # the engine reads the cache argument's name
+        self.forward = forward
+
+
+def test_a_row_that_breaks_a_decode_step_fails_alone_and_the_batch_goes_on(model):
+    good, bad_prompt, holder_prompt = prompts(3, seed=24), prompts(1, seed=25)[0], prompts(1, seed=30)[0]
+    wanted = {i: solo_generate(model, p, 7) for i, p in enumerate(good)}
+    seen = {t for ids in wanted.values() for t in ids} | {t for p in [*good, bad_prompt] for t in p}
+    seen |= set(holder_prompt) | set(solo_generate(model, holder_prompt, 3))  # _hold_engine's request
+    poison = next(t for t in range(1, VOCAB) if t not in seen)  # 0 pads the prompts of a group
+    eng = BatchingEngine(_FailsOnToken(model, poison), "cpu", EngineConfig(max_batch_size=8))
+    try:
+        calls = [0]
+
+        def force_poison_second(history, row):
+            calls[0] += 1
+            if calls[0] == 2:
+                row = torch.full_like(row, float("-inf"))
+                row[poison] = 0.0
+            return row
+
+        bad = EngineRequest("bad-row", bad_prompt, greedy(7, logits_hooks=[force_poison_second]))
+        goods = [EngineRequest(f"good-{i}", p, greedy(7)) for i, p in enumerate(good)]
+        holder, release = _hold_engine(eng)  # so that they all join in one group and decode together
+        for r in (goods[0], bad, *goods[1:]):
+            eng.submit(r)
+        release.set()
+        tokens, finish = drain(bad)
+        assert finish.reason == FINISH_ERROR and "device-side assert" in str(finish.error)
+        assert [t.choice.token_id for t in tokens][-1] == poison
+        for i, r in enumerate(goods):
+            tokens, finish = drain(r)
+            assert finish.reason == FINISH_LENGTH
+            # the cache was cut back to before the failed step: no trace of it in their tokens
+            assert [t.choice.token_id for t in tokens] == wanted[i]
+        failed = [s for s in eng.steps if s.kind == "failed"]
+        assert [s.request_ids for s in failed] == [["bad-row"]]
+        batch = [s for s in eng.steps if s.kind == "decode" and "bad-row" in s.request_ids]
+        assert batch and all(len(s.request_ids) > 1 for s in batch)  # it was in a batch when it failed
+        assert drain(holder)[1].reason == FINISH_LENGTH
+        _assert_steps_tile_busy_time(eng, [holder, bad, *goods])
+    finally:
+        eng.close()
