@@ -34,6 +34,9 @@ def s2z(hfi_service, tmp_path_factory: pytest.TempPathFactory):
     data = yaml.safe_load(packaged_catalog_path("default").read_text())
     (spec,) = [m for m in data["models"] if m["id"] == MODEL]
     spec.pop("replicas", None)
+    # A profile of its own that reserves little: the session's Ray counts logical CPUs for the shared service, and
+    # other modules' applications may hold the spare ones when this test runs.
+    spec["hardware_profile"] = "cpu-s2z"
     spec["autoscaling"] = {
         "min_replicas": 0,
         "max_replicas": 1,
@@ -43,7 +46,15 @@ def s2z(hfi_service, tmp_path_factory: pytest.TempPathFactory):
     }
     catalog = Path(tmp_path_factory.mktemp("s2z")) / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"models": [spec]}))
-    args = {**hfi_service.args, "catalog_file": str(catalog), "route_prefix": MOUNT}
+    profile = {
+        "name": "cpu-s2z",
+        "description": "cpu-basic's price, a tenth of a logical CPU reserved",
+        "cpus": 0.1,
+        "memory_gb": 2,
+        "torch_threads": 1,
+        "prices": [{"effective_from": "2025-01-01", "usd_per_hour": "0.033"}],
+    }
+    args = {**hfi_service.args, "catalog_file": str(catalog), "route_prefix": MOUNT, "profiles": [profile]}
     apps = applications(args)
     assert [a.route_prefix for a in apps] == [None, MOUNT], (
         "a model that scales to zero has no route of its own"
