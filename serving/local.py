@@ -171,7 +171,44 @@ def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None
         for app in applications(settings.replica_args())
     ]
     serve.run_many(targets)
-    return f"http://{settings.host}:{settings.port}"
+    url = f"http://{settings.host}:{settings.port}"
+    probe_models(url, settings)
+    return url
+
+
+def probe_models(url: str, settings: Settings, timeout_s: float = 30.0) -> None:
+    """Ask each model that has its own replicas for its health through the public port, so that "ready" means a
+    client's request gets through (HAProxy has its routes), and the first one does not pay for the path's first
+    connection. Not a request to the model: nothing runs, nothing is charged. A model that does not answer in time
+    is logged, not fatal."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    catalog, _ = settings.validated()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+    for spec in catalog.models:
+        if spec.pool is not None or spec.scales_to_zero:  # loaded on demand: nothing to probe yet
+            continue
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/models/{spec.id}/health", timeout=timeout_s) as response:
+                    response.read()
+                break
+            except urllib.error.HTTPError as err:
+                if err.code not in (502, 503, 504):  # the model's own process answered (401 in tokens mode)
+                    break
+                if time.monotonic() > deadline:  # the proxy has no replica for it yet
+                    log.warning("%s did not answer its health check through %s: %s", spec.id, url, err)
+                    break
+                time.sleep(0.1)
+            except (urllib.error.URLError, OSError) as err:
+                if time.monotonic() > deadline:
+                    log.warning("%s did not answer its health check through %s: %s", spec.id, url, err)
+                    break
+                time.sleep(0.1)
 
 
 def stop() -> None:
