@@ -25,7 +25,7 @@ from serving.batching import Batcher
 from serving.config import Settings
 from serving.inprocess import LocalBackend
 from serving.metrics_export import install_ray_metrics
-from serving.replicas import ColdStarts
+from serving.replicas import ColdStarts, ReplicaCounts
 from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
 from serving.warmup import warm_up
 
@@ -133,9 +133,13 @@ class RayBackend:
         app_names: dict[str, str] | None = None,
     ) -> None:
         self.handles = handles
-        # Models that scale to zero: a request finds out here whether a replica is up (serving/replicas.py).
+        # Serve's replica counts (read when asked, at most once a second): /health, and the models that scale to
+        # zero, for which a request finds out here whether a replica is up (serving/replicas.py).
+        self.replica_counts = ReplicaCounts()
         cold = [s for s in specs or [] if s.scales_to_zero and s.id in handles]
-        self.cold_starts = ColdStarts(cold, app_names or {}, self._first_info) if cold else None
+        self.cold_starts = (
+            ColdStarts(cold, app_names or {}, self._first_info, self.replica_counts) if cold else None
+        )
         self.stoppable: dict[str, bool] = {}  # from each model's info: run through run_progress
         self.batchers: dict[str, Batcher] = {}
         for spec in specs or []:
@@ -147,16 +151,16 @@ class RayBackend:
                     concurrency=calls_in_flight(spec),
                 )
 
-    async def info(self, model_id: str) -> dict[str, Any]:
-        info = await self.handles[model_id].info.remote()
+    async def info(self, model_id: str, *, outside_request: bool = False) -> dict[str, Any]:
+        """The model's info from a replica. `outside_request`: not cancelled with the request that asked (a start
+        of a model scaled to zero goes on for the next requests)."""
+        remote = self.handles[model_id].info.remote
+        info = await (detached(remote) if outside_request else remote())
         self.stoppable[model_id] = bool(info.get("stoppable"))
         return info
 
     async def _first_info(self, model_id: str) -> dict[str, Any]:
-        """A model's info, asked outside any request (it starts a replica of a model scaled to zero)."""
-        info = await detached(lambda: self.handles[model_id].info.remote())
-        self.stoppable[model_id] = bool(info.get("stoppable"))
-        return info
+        return await self.info(model_id, outside_request=True)
 
     async def run(self, model_id: str, request: TaskRequest) -> RunResult:
         """Run one request. A replica that dies before answering (nothing charged) gets the request retried once,

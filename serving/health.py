@@ -118,17 +118,16 @@ async def model_states(core: Any) -> dict[str, str]:
     """Each model's state: loaded (a replica can answer now), loading (a replica is starting), scaled_to_zero (none,
     and none wanted until a request comes), or, for a pooled model, its pool's: on_demand or loading.
 
-    From Serve's replica counts (read at most once a second, serving/replicas.py); outside Ray Serve (the in-process
-    server) every model is loaded."""
+    From Serve's replica counts (read at most once a second, serving/replicas.py); a backend without them (the
+    in-process server: every model loaded in this process) says loaded."""
     from serving.app import app_name
-    from serving.replicas import LOADED, ReplicaCounts, replica_state
-    from serving.runtime_status import in_serve
+    from serving.replicas import LOADED, replica_state
 
     catalog = core.catalog
-    if not in_serve():
+    counts_reader = getattr(core.backend, "replica_counts", None)  # a backend of Ray handles has them
+    if counts_reader is None:
         return {m.id: LOADED for m in catalog.models}
     cold = getattr(core.backend, "cold_starts", None)
-    counts_reader = cold.counts if cold is not None else _counts(core, ReplicaCounts)
     counts = await counts_reader.get()
     states: dict[str, str] = {}
     for spec in catalog.models:
@@ -139,10 +138,3 @@ async def model_states(core: Any) -> dict[str, str]:
             state = ON_DEMAND
         states[spec.id] = state
     return states
-
-
-def _counts(core: Any, make: Any) -> Any:
-    counts = getattr(core, "_health_counts", None)
-    if counts is None:
-        counts = core._health_counts = make()
-    return counts

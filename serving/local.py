@@ -197,14 +197,11 @@ def probe_models(url: str, settings: Settings, timeout_s: float = 30.0) -> None:
                 with urllib.request.urlopen(f"{base}/models/{spec.id}/health", timeout=timeout_s) as response:
                     response.read()
                 break
-            except urllib.error.HTTPError as err:
-                if err.code not in (502, 503, 504):  # the model's own process answered (401 in tokens mode)
-                    break
-                if time.monotonic() > deadline:  # the proxy has no replica for it yet
-                    log.warning("%s did not answer its health check through %s: %s", spec.id, url, err)
-                    break
-                time.sleep(0.1)
             except (urllib.error.URLError, OSError) as err:
+                # Any answer but the proxy's 502/503/504 (no replica for it yet) comes from the model's own
+                # process (401 in tokens mode): through.
+                if isinstance(err, urllib.error.HTTPError) and err.code not in (502, 503, 504):
+                    break
                 if time.monotonic() > deadline:
                     log.warning("%s did not answer its health check through %s: %s", spec.id, url, err)
                     break

@@ -181,9 +181,9 @@ class PoolBackend:
     def __init__(self, pool: ModelPool, remote: Any = None) -> None:
         self.pool = pool
         self.remote = remote
-        self.cold_starts = getattr(
-            remote, "cold_starts", None
-        )  # models that scale to zero, reached by handle
+        # Serve's counts, and the models that scale to zero (reached by handle): the remote RayBackend's.
+        self.replica_counts = getattr(remote, "replica_counts", None)
+        self.cold_starts = getattr(remote, "cold_starts", None)
 
     def _remote(self) -> Any:
         if self.remote is None:

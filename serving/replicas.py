@@ -92,6 +92,10 @@ class ReplicaCounts:
             log.warning("could not read Serve's replica counts: %s", err)
             return self._counts
 
+    def invalidate(self) -> None:
+        """Read again on the next `get` (a start just ended: the counts changed)."""
+        self._read_at = -float("inf")
+
     async def _refresh(self) -> dict[str, dict[str, int]]:
         try:
             self.reads += 1
@@ -112,7 +116,6 @@ class _Model:
     woke_at_s: float = 0.0
     measured_s: float | None = None
     held: int = 0
-    starts: int = 0
 
 
 class ColdStarts:
@@ -194,7 +197,6 @@ class ColdStarts:
         if model.waking is not None and not model.waking.done():
             return model.waking
         model.woke_at_s = self._clock_s()
-        model.starts += 1
         log.info("%s has no replica: starting one", model_id)
         model.waking = asyncio.get_running_loop().create_task(self._wake(model))
         model.waking.add_done_callback(_seen)
@@ -204,7 +206,7 @@ class ColdStarts:
         try:
             info = await asyncio.wait_for(self._call(model.spec.id), WAKE_TIMEOUT_S)
         finally:
-            self.counts._read_at = -float("inf")  # read the counts again on the next request
+            self.counts.invalidate()
         model.measured_s = round(self._clock_s() - model.woke_at_s, 1)
         log.info("%s is up after %.1f s", model.spec.id, model.measured_s)
         return info

@@ -94,7 +94,7 @@ def process_snapshot(actor: Any = None, cores: list[IngressCore] | None = None) 
     return {"tags": tags, "ongoing": ongoing, "window": window, "queued": queued, "spool": spool}
 
 
-def in_serve() -> bool:
+def _in_serve() -> bool:
     from serving.metrics_export import replica_tags
 
     try:
@@ -221,7 +221,7 @@ def collect_status(core: IngressCore) -> dict[str, Any]:
     settings = core.settings
     now = dt.datetime.now(dt.timezone.utc)
     window_s = metrics.RECENT.window_s
-    if in_serve():
+    if _in_serve():
         source = "ray-serve"
         replicas = serve_replicas()
         snaps = replica_snapshots()

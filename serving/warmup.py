@@ -132,10 +132,17 @@ def _mask(runner: Any) -> str:
     return str(getattr(tokenizer, "mask_token", None) or "[MASK]")
 
 
+def internal_context(model_id: str, kind: str) -> Any:
+    """The context of a request the replica makes itself (no client, never metered): ids `{kind}-{uuid}`."""
+    from serving.routes.base import RequestContext
+
+    request_id = f"{kind}-{uuid.uuid4()}"
+    return RequestContext(request_id=request_id, inference_id=request_id, model_id=model_id, started_at=None)
+
+
 def warm_up(executor: Any) -> float | None:
     """Run the warm-up request of `executor`'s model (its catalog task) on it; the seconds it took, or None when
     the task has none or the warm-up failed (logged)."""
-    from serving.routes.base import RequestContext
     from serving.routes.registry import ADAPTERS
 
     spec = executor.spec
@@ -144,8 +151,7 @@ def warm_up(executor: Any) -> float | None:
     if adapter is None or body is None:
         log.info("%s: no warm-up for task %s", spec.id, spec.task)
         return None
-    request_id = f"warmup-{uuid.uuid4()}"
-    ctx = RequestContext(request_id=request_id, inference_id=request_id, model_id=spec.id, started_at=None)
+    ctx = internal_context(spec.id, "warmup")
     started = time.perf_counter()
     try:
         parsed = adapter.parse(body, spec, ctx)
@@ -244,12 +250,10 @@ def _timed_steps(
 ) -> tuple[list[tuple[int, int]], int] | None:
     """One calibration run: (compute ns, the process's CPU ns) at each step's end, and the CPU ns at its start;
     None when no step ran (logged)."""
-    from serving.routes.base import RequestContext
     from serving.routes.registry import ADAPTERS
 
     spec = executor.spec
-    request_id = f"calibration-{uuid.uuid4()}"
-    ctx = RequestContext(request_id=request_id, inference_id=request_id, model_id=spec.id, started_at=None)
+    ctx = internal_context(spec.id, "calibration")
     marks: list[tuple[int, int]] = []
 
     def mark(elapsed_ns: int) -> None:

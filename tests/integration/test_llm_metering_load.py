@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import openai
 import pytest
+from fixtures.llm_checks import poison_logits
 from fixtures.net import serve_in_thread
 from huggingface_hub import InferenceClient
 from openai import OpenAI
@@ -217,28 +218,12 @@ def test_billed_seconds_add_up_to_the_engine_busy_seconds(service):
 def test_a_request_that_fails_on_its_own_fails_alone_uncharged_and_the_batch_goes_on(service, monkeypatch):
     """One request's constrained decoding breaks mid-way while it shares the batch with streams: it gets a 500 and
     no charge (5xx are not charged), the streams finish, each charged exactly its shares of the steps."""
-    from models.tasks import generation_extras
-
     url, core, database_url = service
     engine = core.backend.executors[LLM].runner.engine
     tag = f"isolation-{uuid.uuid4().hex[:8]}-"
-    real_hooks = generation_extras.logits_hooks
-
-    def hooks(runner, request, prompt_len):
-        found = real_hooks(runner, request, prompt_len)
-        if request.request_id == tag + "poison":
-            calls = [0]
-
-            def breaks_fourth(history, row):
-                calls[0] += 1
-                if calls[0] == 4:
-                    raise RuntimeError("the grammar failed for this request")
-                return row
-
-            found.append(breaks_fourth)
-        return found
-
-    monkeypatch.setattr(generation_extras, "logits_hooks", hooks)
+    poison_logits(
+        monkeypatch, tag + "poison", at_call=4
+    )  # its constrained decoding breaks at its fourth token
     before = len(_charges(database_url, 0))
     steps_before = len(engine.steps)
 

@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import threading
 
 import pytest
+from fixtures.llm_checks import generate_alone
 
 from models.types import Interrupted, RunResult, StreamChunk, TaskRequest
 
@@ -42,29 +43,6 @@ def chat(question: str, max_tokens: int = 8, **params) -> TaskRequest:
         {"max_tokens": max_tokens, **params},
         question,
     )
-
-
-def generate_alone(runner, request: TaskRequest, n: int) -> tuple[list[int], list[float]]:
-    """transformers' generate() for one request, with each step's gap between the two best logits."""
-    import torch
-
-    ids = torch.tensor([runner._prompt_ids(request)])
-    with torch.inference_mode():
-        out = runner.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=runner.tokenizer.eos_token_id,
-        )
-    tokens = out.sequences[0, ids.shape[1] :].tolist()
-    margins = []
-    for scores in out.scores:
-        top2 = torch.topk(scores[0].float(), 2).values
-        margins.append(float(top2[0] - top2[1]))
-    return tokens, margins
 
 
 def test_concurrent_greedy_chat_matches_generate_alone(llm):

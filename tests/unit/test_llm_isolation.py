@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
+from fixtures.llm_checks import generate_alone, poison_logits
 
 from models.errors import GenerationError
-from models.tasks import generation_extras
 from models.tasks.llm_engine import FINISH_LENGTH, EngineRequest, FinishEvent
 from models.tasks.llm_sampling import SamplingParams
 from models.types import Interrupted, RunResult, StreamChunk, TaskRequest
@@ -85,46 +85,12 @@ def wait_queued(engine, n: int, timeout_s: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def greedy_alone(runner, request: TaskRequest, n: int) -> tuple[list[int], list[float]]:
-    import torch
-
-    ids = torch.tensor([runner._prompt_ids(request)])
-    with torch.inference_mode():
-        out = runner.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=runner.tokenizer.eos_token_id,
-        )
-    margins = [float(s[0].float().topk(2).values.diff().abs()) for s in out.scores]
-    return out.sequences[0, ids.shape[1] :].tolist(), margins
-
-
 # 1. A request whose own processing fails fails alone
 
 
 def test_a_request_whose_logits_processor_fails_fails_alone_and_the_batch_goes_on(llm, monkeypatch):
     poison_id = f"poison-{uuid.uuid4().hex[:6]}"
-    real_hooks = generation_extras.logits_hooks
-
-    def hooks(runner, request, prompt_len):
-        found = real_hooks(runner, request, prompt_len)
-        if request.request_id == poison_id:  # its constrained decoding breaks at its third token
-            calls = [0]
-
-            def breaks_third(history, row):
-                calls[0] += 1
-                if calls[0] == 3:
-                    raise RuntimeError("the grammar failed for this request")
-                return row
-
-            found.append(breaks_third)
-        return found
-
-    monkeypatch.setattr(generation_extras, "logits_hooks", hooks)
+    poison_logits(monkeypatch, poison_id, at_call=3)  # its constrained decoding breaks at its third token
     engine = llm.runner.engine
     busy_before = engine.busy_ns
     requests = [chat(q, max_tokens=8, temperature=0) for q in QUESTIONS]
@@ -145,7 +111,7 @@ def test_a_request_whose_logits_processor_fails_fails_alone_and_the_batch_goes_o
     for req, result in zip(requests, results, strict=True):
         assert isinstance(result, RunResult), result
         got = [t["id"] for t in result.output["tokens"]]
-        want, margins = greedy_alone(llm.runner, req, 8)
+        want, margins = generate_alone(llm.runner, req, 8)
         if got != want[: len(got)]:
             first = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
             assert margins[first] < TIE_LOGIT_MARGIN, (req.request_id, first, got, want)
