@@ -170,3 +170,74 @@ def test_concurrency_runs_that_many_batches_at_once_and_no_more():
 def test_invalid_batcher_settings_are_refused():
     with pytest.raises(ValueError, match="concurrency"):
         Batcher(lambda items, waited: None, max_batch_size=2, wait_timeout_s=0.0, concurrency=0)
+
+
+def test_one_caller_at_a_time_stops_paying_the_wait_and_company_turns_it_back_on(monkeypatch):
+    """A closed loop of one client never brings company (its next request waits for this answer): after
+    FRUITLESS_WAITS lone waits, lone requests run at once; a probe a second later waits again; and callers that
+    arrive together turn the wait back on."""
+    import serving.batching as batching
+
+    monkeypatch.setattr(batching, "PROBE_INTERVAL_S", 0.5)
+
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=8, wait_timeout_s=0.1)
+        loop = asyncio.get_running_loop()
+
+        async def one(i):
+            started = loop.time()
+            assert await batcher.submit(i) == i * 10
+            return loop.time() - started
+
+        took = [await one(i) for i in range(6)]  # one client, one request after the other
+        await asyncio.sleep(0.6)  # past the probe interval: the next lone request waits once more
+        probe = await one(6)
+        after_probe = await one(7)
+        # two callers together: the second is queued when the batch forms, so the wait pays again
+        await asyncio.gather(batcher.submit(8), batcher.submit(9))
+        back_on = await one(10)
+        return calls, took, probe, after_probe, back_on
+
+    calls, took, probe, after_probe, back_on = run(main())
+    assert all(t >= 0.09 for t in took[: batching.FRUITLESS_WAITS]), took  # the first lone waits are paid
+    assert all(t < 0.05 for t in took[batching.FRUITLESS_WAITS :]), took  # then no more
+    assert probe >= 0.09 and after_probe < 0.05
+    assert [8, 9] in calls
+    assert back_on >= 0.09  # company seen: a lone request waits for it again
+
+
+def test_a_wait_that_finds_company_keeps_the_wait_on():
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=8, wait_timeout_s=0.1)
+        for i in range(5):  # each lone request is joined by a second one 20 ms later
+            a = asyncio.create_task(batcher.submit(2 * i))
+            await asyncio.sleep(0.02)
+            await asyncio.gather(a, batcher.submit(2 * i + 1))
+        return calls
+
+    assert run(main()) == [[2 * i, 2 * i + 1] for i in range(5)]
+
+
+def test_a_few_stragglers_wait_for_the_rest_of_a_recent_batch():
+    """After a batch of 9, two requests that find the model free wait (up to the timeout) for the rest of such a
+    batch instead of running as a batch of two: in a closed loop the others are on their way back."""
+
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=16, wait_timeout_s=0.2)
+        await asyncio.gather(*(batcher.submit(i) for i in range(9)))  # one batch of 9
+        two = [asyncio.create_task(batcher.submit(i)) for i in (10, 11)]
+        await asyncio.sleep(0.03)
+        six = [asyncio.create_task(batcher.submit(i)) for i in range(12, 18)]
+        await asyncio.gather(*two, *six)
+        # more than half of the recent batch is ready: it goes at once, no wait
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(batcher.submit(i) for i in range(20, 25)))
+        return calls, asyncio.get_running_loop().time() - started
+
+    calls, took = run(main())
+    assert calls[0] == list(range(9))
+    assert calls[1] == [10, 11, *range(12, 18)]
+    assert calls[2] == list(range(20, 25)) and took < 0.15
