@@ -70,6 +70,25 @@ def create_app(core: IngressCore) -> FastAPI:
     app.state.core = core
     app.state.metering = core.metering
     app.state.billing = core.billing
+
+    # The model routes first: each request's route is found by a scan of this list in order, by Starlette and again
+    # by Serve (its request metrics' route name), and on a model's own application they are the only ones used.
+    @app.post("/models/{path:path}")
+    async def model_post(path: str, request: Request) -> Response:
+        model_id, hint = split_model_path(path)
+        return await core.handle(request, model_id, hint)
+
+    @app.get("/models/{path:path}")
+    async def model_get(path: str) -> Response:
+        path = path.strip("/")
+        if path.endswith("/info"):
+            return json_response(await model_description(path.removesuffix("/info")))
+        if path.endswith("/health"):
+            spec = core.spec(path.removesuffix("/health"))
+            await core.model_info(spec)
+            return json_response({"status": "ok", "model": spec.id})
+        raise ModelNotFound(path)
+
     app.include_router(usage_routes.router)
     app.include_router(accounts_routes.router)
     app.include_router(billing_page.router)  # GET /billing: the billing page and its reads
@@ -117,22 +136,6 @@ def create_app(core: IngressCore) -> FastAPI:
     @app.post("/pipeline/{task}/{model_id:path}")
     async def legacy_pipeline(task: str, model_id: str, request: Request) -> Response:
         return await core.handle(request, model_id, task)
-
-    @app.post("/models/{path:path}")
-    async def model_post(path: str, request: Request) -> Response:
-        model_id, hint = split_model_path(path)
-        return await core.handle(request, model_id, hint)
-
-    @app.get("/models/{path:path}")
-    async def model_get(path: str) -> Response:
-        path = path.strip("/")
-        if path.endswith("/info"):
-            return json_response(await model_description(path.removesuffix("/info")))
-        if path.endswith("/health"):
-            spec = core.spec(path.removesuffix("/health"))
-            await core.model_info(spec)
-            return json_response({"status": "ok", "model": spec.id})
-        raise ModelNotFound(path)
 
     @app.get("/api/models/{model_id:path}")
     async def hub_model(model_id: str) -> Response:

@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -20,6 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from billing.ratelimit import RateLimiter
 from billing.service import Admission, BillingService, estimate_nanousd
+from core.ids import uuid4
 from metering import metrics
 from metering.records import (
     STATUS_CLIENT_DISCONNECTED,
@@ -189,7 +189,7 @@ class IngressCore:
         trace_id = _client_header(headers, "x-amzn-trace-id")
         client_id = None if GENERATED_ID_HEADER in headers else _client_header(headers, "x-request-id")
         client_id = client_id or trace_id
-        inference_id = str(uuid.uuid4())
+        inference_id = str(uuid4())
         ctx = RequestContext(
             request_id=client_id or inference_id,
             inference_id=inference_id,

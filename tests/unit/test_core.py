@@ -195,3 +195,23 @@ def test_service_errors_pickle_with_their_subclass_and_fields():
         back = pickle.loads(pickle.dumps(err))
         assert isinstance(back, ServiceError) and type(back) is type(err)
         assert (back.message, back.extra, back.status_code) == (err.message, err.extra, err.status_code)
+
+
+def test_uuid4_from_the_buffer_is_a_version_4_uuid_unique_and_fresh_in_a_forked_child():
+    import os
+    import uuid
+
+    from core.ids import uuid4
+
+    ids = [uuid4() for _ in range(2000)]  # several draws of the buffer
+    assert len(set(ids)) == len(ids)
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child must not hand out the ids its parent's buffer holds next
+        os.write(write, uuid4().bytes)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = uuid.UUID(bytes=os.read(read, 16))
+    os.close(read), os.close(write)
+    assert child not in {uuid4() for _ in range(300)}

@@ -272,3 +272,16 @@ def test_body_too_large_is_413(client, default_settings):
 def test_unknown_parameters_and_root_keys_are_ignored(client):
     r = client.post(CLS, json={"inputs": "x", "parameters": {"wat": 1}, "options": {"wait_for_model": True}})
     assert r.status_code == 200
+
+
+def test_response_json_is_compact_utf8_and_falls_back_for_what_orjson_refuses():
+    import json
+
+    from serving.routes.base import dumps, sse
+
+    values = [0.1, -3.382777867955156e-05, 1e16, 2.5]
+    assert json.loads(dumps(values)) == values  # every float keeps its value
+    assert dumps({"label": "été", "n": None}) == '{"label":"été","n":null}'.encode()
+    assert json.loads(dumps({1: "a"})) == {"1": "a"}  # a non-string key: through the json module
+    assert json.loads(dumps([2**70])) == [2**70]  # past 64 bits: the same
+    assert sse({"a": 1}) == b'data: {"a":1}\n\n' and sse("[DONE]") == b"data: [DONE]\n\n"
