@@ -38,6 +38,8 @@ class HttpEntry:
     `self.core`, and the charge spool is drained when Serve shuts the replica down."""
 
     core: Any  # serving.ingress.IngressCore, set by the subclass's __init__
+    # A model's or a pool's application is sent only `/models/...` paths: its app has the model routes alone.
+    model_routes_only = True
 
     def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
         core = getattr(self, "core", None)
@@ -47,7 +49,7 @@ class HttpEntry:
     def __serve_build_asgi_app__(self) -> Any:
         from serving.http import create_app
 
-        return create_app(self.core)
+        return create_app(self.core, model_routes_only=self.model_routes_only)
 
 
 @serve.deployment
@@ -239,6 +241,8 @@ class Ingress(HttpEntry):
     It takes the routes that no model application's prefix claims: those that name the model in the body
     (`/v1/chat/completions`, `/v1/completions`), `/pipeline/{task}/{id}`, `/hf-inference/...`, the listings, the
     account and billing APIs. Each model is found by its application's name (`app_names`: model id -> name)."""
+
+    model_routes_only = False
 
     def __init__(self, app_names: dict[str, str], settings: dict[str, Any]) -> None:
         from serving.ingress import IngressCore

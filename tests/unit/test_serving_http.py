@@ -285,3 +285,27 @@ def test_response_json_is_compact_utf8_and_falls_back_for_what_orjson_refuses():
     assert json.loads(dumps({1: "a"})) == {"1": "a"}  # a non-string key: through the json module
     assert json.loads(dumps([2**70])) == [2**70]  # past 64 bits: the same
     assert sse({"a": 1}) == b'data: {"a":1}\n\n' and sse("[DONE]") == b"data: [DONE]\n\n"
+
+
+def test_a_model_application_has_the_model_routes_and_serves_them(default_settings, inprocess_backend):
+    """A model's own application (model_routes_only) answers its model's routes and health, and has none of the
+    router's: Serve's per-request route-name scan then walks a handful of routes, not every router's."""
+    from ray.serve._private.thirdparty.get_asgi_route_name import get_asgi_route_name
+
+    core = IngressCore(default_settings, inprocess_backend)
+    app = create_app(core, model_routes_only=True)
+    paths = {getattr(r, "path", None) for r in app.routes}
+    assert {"/models/{path:path}", "/health"} <= paths
+    assert not paths & {"/billing", "/v1/models", "/v1/chat/completions", "/admin/status", "/billing/usage"}
+    assert all(
+        getattr(r, "path", None) for r in app.routes
+    )  # no included router (accounts, usage, billing...)
+    # what Serve asks for each request of the application at /models/local/tiny-sentiment: nothing matches
+    prefix = "/models/local/tiny-sentiment"
+    scope = {"type": "http", "path": prefix, "root_path": prefix, "method": "POST", "headers": []}
+    assert get_asgi_route_name(app, scope) is None
+    with TestClient(app) as c:
+        r = c.post(prefix, json={"inputs": "I love it"})
+        assert r.status_code == 200 and r.json()[0][0]["label"]  # one list of labels per input
+        assert c.get(prefix + "/health").json() == {"status": "ok", "model": "local/tiny-sentiment"}
+        assert c.get("/v1/models").status_code == 404
