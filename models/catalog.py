@@ -73,7 +73,9 @@ class Autoscaling(BaseModel):
 class Batching(BaseModel):
     """Dynamic batching of concurrent requests into one forward pass (serving/batching.py): the ingress sends a
     batched model's requests in batches of up to `max_batch_size`, and the replica merges what every ingress
-    sends; a request that would run alone waits up to `batch_wait_timeout_s` for company."""
+    sends. A request that would run alone waits up to `batch_wait_timeout_s` for company, and so do a few stragglers
+    (at most half the largest recent batch) for the rest of such a batch; once lone waits find no company (one
+    caller at a time), lone requests run at once, with one probe a second to see whether company comes back."""
 
     model_config = ConfigDict(extra="forbid")
 
