@@ -7,6 +7,10 @@ engine (`--engines batching,generate`: the batching engine, and transformers' ge
 the baseline), runs `hfi bench run --task chat --sweep 1,8,16` against each, and prints aggregate tok/s and TTFT
 p50 per level with the ratios to 1 client, all from the same run. It also reads the engine's busy seconds and
 the ledger's billed seconds for the batching arm (`--check-metering`). Nothing here asserts a time.
+
+What metering costs the engine: `--engines batching,batching-unmetered,batching,batching-unmetered --sweep 8`
+alternates the same engine with `metering.enabled` true and false (a fresh stack each arm) and prints the tok/s
+ratio of the metered arms to the unmetered ones per level.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +42,11 @@ def spec(engine: str, max_batch_size: int) -> dict:
     }
 
 
-def run_arm(args: argparse.Namespace, engine: str, work: Path) -> dict:
+UNMETERED = "-unmetered"
+
+
+def run_arm(args: argparse.Namespace, arm: str, work: Path) -> dict:
+    engine, metered = arm.removesuffix(UNMETERED), not arm.endswith(UNMETERED)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     sys.path.insert(0, str(ROOT / "tests"))
@@ -45,18 +54,22 @@ def run_arm(args: argparse.Namespace, engine: str, work: Path) -> dict:
 
     from serving import local
 
-    database_url = f"sqlite:///{work / f'ledger-{engine}.db'}"
+    database_url = f"sqlite:///{work / f'ledger-{arm}.db'}"
     settings = {
         "port": free_port(),
         "model_store": str(Path(args.model_store).expanduser()),
         "offline": True,
         "model_wait_timeout_s": 600,
         "models": [spec(engine, args.max_batch_size)],
-        "metering": {"database_url": database_url, "spool_dir": str(work / f"spool-{engine}")},
+        "metering": {
+            "enabled": metered,
+            "database_url": database_url,
+            "spool_dir": str(work / f"spool-{arm}"),
+        },
     }
     url = local.start(settings, ray_temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     try:
-        out = work / f"bench-{engine}.json"
+        out = Path(tempfile.mkstemp(prefix=f"bench-{arm}-", suffix=".json", dir=work)[1])
         cmd = [
             str(ROOT / ".venv" / "bin" / "hfi"),
             "bench",
@@ -79,9 +92,9 @@ def run_arm(args: argparse.Namespace, engine: str, work: Path) -> dict:
             "--no-plot",
             "--quiet",
         ]
-        if args.check_metering and engine == "batching":
+        if args.check_metering and arm == "batching":
             cmd += ["--ledger", database_url]
-        print(f"[{engine}] {' '.join(cmd)}", flush=True)
+        print(f"[{arm}] {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True)
         return json.loads(out.read_text())
     finally:
@@ -112,21 +125,39 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="save the per-arm bench JSON here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llm-bench-"))
-    results = {engine: run_arm(args, engine, work) for engine in args.engines.split(",")}
+    runs = [(arm, run_arm(args, arm, work)) for arm in args.engines.split(",")]
     if args.output:
-        args.output.write_text(json.dumps(results, indent=1))
+        args.output.write_text(json.dumps([{"arm": arm, "bench": doc} for arm, doc in runs], indent=1))
     print(f"\nSmolLM2-135M-Instruct, chat, {args.max_tokens} new tokens, streaming, closed loop (hfi bench)")
-    print(f"{'engine':10} {'clients':>7} {'tok/s':>8} {'x 1 client':>10} {'TTFT p50':>9}")
-    for engine, doc in results.items():
+    print(f"{'engine':20} {'clients':>7} {'tok/s':>8} {'x 1 client':>10} {'TTFT p50':>9}")
+    for arm, doc in runs:
         rows = summary(doc)
         base = rows[0][1] if rows and rows[0][0] == 1 else None
         for level, tps, ttft in rows:
             ratio = f"{tps / base:.2f}" if base else "-"
             ttft_s = f"{ttft:.2f} s" if ttft is not None else "-"
-            print(f"{engine:10} {level:>7} {tps:>8.1f} {ratio:>10} {ttft_s:>9}")
-    for engine, doc in results.items():
+            print(f"{arm:20} {level:>7} {tps:>8.1f} {ratio:>10} {ttft_s:>9}")
+    for arm, doc in runs:
         if doc.get("reconciliation"):
-            print(f"{engine}: ledger reconciliation: {json.dumps(doc['reconciliation'])[:600]}")
+            print(f"{arm}: ledger reconciliation: {json.dumps(doc['reconciliation'])[:600]}")
+    for level, on, off in metering_cost(runs):
+        print(
+            f"metering cost at {level} clients: {statistics.fmean(on):.1f} tok/s metered, "
+            f"{statistics.fmean(off):.1f} unmetered: {100 * (1 - statistics.fmean(on) / statistics.fmean(off)):.1f} %"
+            f" (arms: {', '.join(f'{x:.1f}' for x in on)} / {', '.join(f'{x:.1f}' for x in off)})"
+        )
+
+
+def metering_cost(runs: list[tuple[str, dict]]) -> list[tuple[int, list[float], list[float]]]:
+    """Per level: the tok/s of every metered and every unmetered arm of the same engine."""
+    by_level: dict[int, tuple[list[float], list[float]]] = {}
+    engines = {arm.removesuffix(UNMETERED) for arm, _ in runs if arm.endswith(UNMETERED)}
+    for arm, doc in runs:
+        if arm.removesuffix(UNMETERED) not in engines:
+            continue
+        for level, tps, _ in summary(doc):
+            by_level.setdefault(level, ([], []))[arm.endswith(UNMETERED)].append(tps)
+    return [(level, on, off) for level, (on, off) in sorted(by_level.items()) if on and off]
 
 
 if __name__ == "__main__":

@@ -81,3 +81,27 @@ def test_compare_pairs_rounds_and_summarize_reports_the_cost_with_its_interval()
         {"charges": 5, "expected": 3, "failed_requests": 1},
     ):
         assert mo.summarize(arms, [bad], "metering")[0]["ledger_one_charge_per_ok_response"] is False
+
+
+def test_llm_metering_cost_pairs_metered_and_unmetered_arms_of_the_same_engine_by_level():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_batching.py"
+    spec = importlib.util.spec_from_file_location("llm_batching", path)
+    llm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(llm)
+
+    def doc(*levels: tuple[int, float]) -> dict:
+        return {
+            "points": [
+                {"level": level, "summary": {"tokens_per_second": tps, "ttft_seconds": {"p50": 0.5}}}
+                for level, tps in levels
+            ]
+        }
+
+    runs = [
+        ("batching", doc((8, 30.0))),
+        ("batching-unmetered", doc((8, 32.0))),
+        ("generate", doc((8, 12.0))),  # no unmetered arm of its own: left out
+        ("batching", doc((8, 28.0))),
+        ("batching-unmetered", doc((8, 30.0))),
+    ]
+    assert llm.metering_cost(runs) == [(8, [30.0, 28.0], [32.0, 30.0])]
