@@ -45,7 +45,7 @@ def spec(engine: str, max_batch_size: int) -> dict:
 UNMETERED = "-unmetered"
 
 
-def run_arm(args: argparse.Namespace, arm: str, work: Path) -> dict:
+def run_arm(args: argparse.Namespace, arm: str, work: Path, index: int) -> dict:
     engine, metered = arm.removesuffix(UNMETERED), not arm.endswith(UNMETERED)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -69,7 +69,7 @@ def run_arm(args: argparse.Namespace, arm: str, work: Path) -> dict:
     }
     url = local.start(settings, ray_temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     try:
-        out = Path(tempfile.mkstemp(prefix=f"bench-{arm}-", suffix=".json", dir=work)[1])
+        out = work / f"bench-{index}-{arm}.json"
         cmd = [
             str(ROOT / ".venv" / "bin" / "hfi"),
             "bench",
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="save the per-arm bench JSON here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llm-bench-"))
-    runs = [(arm, run_arm(args, arm, work)) for arm in args.engines.split(",")]
+    runs = [(arm, run_arm(args, arm, work, i)) for i, arm in enumerate(args.engines.split(","))]
     if args.output:
         args.output.write_text(json.dumps([{"arm": arm, "bench": doc} for arm, doc in runs], indent=1))
     print(f"\nSmolLM2-135M-Instruct, chat, {args.max_tokens} new tokens, streaming, closed loop (hfi bench)")

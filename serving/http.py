@@ -70,7 +70,7 @@ def create_app(core: IngressCore, *, model_routes_only: bool = False) -> FastAPI
     proxy sends only paths under `/models/...`: the model routes and /health, nothing else. Besides being all it
     needs, it keeps Serve's per-request route-name scan short: Serve matches each request against this app's routes
     relative to the application's prefix, which no route matches, so it walks every route (and every included
-    router's) twice: 122 us a request here with the full list, 15 us with this one."""
+    router's) twice: 205 us a request here with the full list, 35 us with this one (measured in one run)."""
     app = FastAPI(title="hf-inference backend", docs_url="/docs", redoc_url=None)
     app.state.core = core
     app.state.metering = core.metering

@@ -179,8 +179,9 @@ def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None
 def probe_models(url: str, settings: Settings, timeout_s: float = 30.0) -> None:
     """Ask each model that has its own replicas for its health through the public port, so that "ready" means a
     client's request gets through (HAProxy has its routes), and the first one does not pay for the path's first
-    connection. Not a request to the model: nothing runs, nothing is charged. A model that does not answer in time
-    is logged, not fatal."""
+    connection. Not a request to the model: nothing runs, nothing is charged. A model that does not answer within
+    `timeout_s` of the probe's start (one deadline for all, so a start never waits `timeout_s` per model) is
+    logged, not fatal."""
     import time
     import urllib.error
     import urllib.request
@@ -188,16 +189,17 @@ def probe_models(url: str, settings: Settings, timeout_s: float = 30.0) -> None:
     catalog, _ = settings.validated()
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+    deadline = time.monotonic() + timeout_s
     for spec in catalog.models:
         if spec.pool is not None or spec.scales_to_zero:  # loaded on demand: nothing to probe yet
             continue
-        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{base}/models/{spec.id}/health", timeout=timeout_s) as response:
+                left = max(0.1, deadline - time.monotonic())
+                with urllib.request.urlopen(f"{base}/models/{spec.id}/health", timeout=left) as response:
                     response.read()
                 break
-            except (urllib.error.URLError, OSError) as err:
+            except OSError as err:  # urllib's URLError and HTTPError included
                 # Any answer but the proxy's 502/503/504 (no replica for it yet) comes from the model's own
                 # process (401 in tokens mode): through.
                 if isinstance(err, urllib.error.HTTPError) and err.code not in (502, 503, 504):
