@@ -201,7 +201,8 @@ class CpuMeter:
 
 def serve_processes(app: str, deployment: str) -> dict[str, list[Any]]:
     """The proxy (Serve's Python proxy, or HAProxy and its manager), the stack's router, the model replica the
-    arm calls (its own application: it takes the HTTP requests itself), the spools' sync processes, every other
+    arm calls (its own application: it takes the HTTP requests itself), the spools' sync processes, the node
+    drainer that delivers the metering-on stack's charges, every other
     Serve or Ray process of this run (idle replicas, the controller, raylet, GCS), and this process. `machine` adds
     everything else too."""
     import psutil
@@ -215,6 +216,7 @@ def serve_processes(app: str, deployment: str) -> dict[str, list[Any]]:
         "ingress": [],
         "model": [],
         "spool_sync": [],
+        "drainer": [],
         "other_ray": [],
         "client": [me],
     }
@@ -230,6 +232,10 @@ def serve_processes(app: str, deployment: str) -> dict[str, list[Any]]:
             groups["model"].append(proc)
         elif " -S -c " in cmd and "fdatasync" in cmd:  # metering/syncer.py's child
             groups["spool_sync"].append(proc)
+        elif (
+            "metering.node_drain" in cmd
+        ):  # the node drainer of the metering-on stack (metering/node_drain.py)
+            groups["drainer"].append(proc)
         elif "ray::" in cmd or "/ray/" in cmd:
             groups["other_ray"].append(proc)
     return groups

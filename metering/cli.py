@@ -179,9 +179,24 @@ def drain_spool(settings: MeteringSettings, timeout_s: float, *, poll_s: float =
     Files still locked belong to live processes. Those of this host (named after it: a pod's host name is the
     pod's) are waited for, as its processes are stopping; other hosts' (pods sharing a node's hostPath) are
     left to their owners. What cannot be delivered in time stays in the directory, whole, for the next
-    process there to adopt (at its start, or periodically: `metering.adopt_interval_s`)."""
+    process there to adopt (at its start, or periodically: `metering.adopt_interval_s`).
+
+    While a node drainer runs there (`--follow`, the chart's sidecar), it delivers them: this waits, up to
+    `timeout_s`, until it has (this host's files are gone), and does the work itself if the drainer stops."""
     from hardware_profiles.schema import ProfileCatalog
     from metering.service import MeteringService
+    from metering.spool import drainer_consumers
+
+    deadline = time.monotonic() + timeout_s
+    directory = settings.resolved_spool_dir()
+    while directory.is_dir() and drainer_consumers(directory) is not None:
+        mine = sorted(p.name for p in directory.glob(socket.gethostname() + "-*.jsonl"))
+        if not mine:
+            return DrainResult(0, 0, 0)
+        if time.monotonic() >= deadline:
+            return DrainResult(0, 0, 0, mine)
+        time.sleep(min(poll_s, 0.2))
+    timeout_s = max(0.0, deadline - time.monotonic())
 
     retry_max_s = min(settings.retry_max_s, 2.0)  # the database may come back within the grace period
     settings = settings.model_copy(
@@ -342,12 +357,34 @@ def _register_drain(metering: typer.Typer) -> None:
             help="the ledger (default: $HFI_DATABASE_URL, then the local SQLite ledger)",
         ),
         timeout_s: float = typer.Option(60.0, "--timeout-s", min=0, help="give up after this many seconds"),
+        follow: bool = typer.Option(
+            False,
+            "--follow",
+            help="run as the directory's node drainer until SIGTERM, then deliver what is left within --timeout-s",
+        ),
     ) -> None:
         """Deliver the spool files of stopped processes to the ledger (a pod's preStop hook, after `ray stop`).
 
         Files that a process of this host still holds are waited for, up to --timeout-s. Exit status 1 when
-        charges are left: they stay in the spool directory for the next process there."""
-        result = drain_spool(drain_settings(spool_dir, database_url), timeout_s)
+        charges are left: they stay in the spool directory for the next process there.
+
+        With --follow: the node drainer (a pod's sidecar). It delivers every spool file in the directory, those
+        of live serving processes too, which then leave their charges to it; on SIGTERM or Ctrl-C it delivers
+        what is left within --timeout-s and exits."""
+        settings = drain_settings(spool_dir, database_url)
+        if follow:
+            import signal
+            import threading
+
+            from metering import node_drain
+
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            if not node_drain.run(settings, stop, finish_timeout_s=timeout_s):
+                raise typer.Exit(1)
+            return
+        result = drain_spool(settings, timeout_s)
         typer.echo(result.summary())
         if not result.complete:
             raise typer.Exit(1)

@@ -33,8 +33,9 @@ class MeteringSettings(BaseModel):
     # charges, so that the event loop goes on serving meanwhile (metering/syncer.py). False, or if it fails: a
     # worker thread runs that fdatasync.
     spool_sync_process: bool = True
-    # The active spool file is truncated once fully delivered and at least this large.
-    spool_compact_bytes: int = Field(default=1024 * 1024, ge=0)
+    # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 700 bytes
+    # each); a closed file is deleted once delivered.
+    spool_rotate_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
     # How often the background threads look for new charges, and how many they move at once.
     drain_interval_s: float = Field(default=1.0, gt=0)
     drain_batch_size: int = Field(default=500, ge=1)

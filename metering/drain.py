@@ -208,6 +208,10 @@ class SpoolConsumer:
     def _run(self) -> None:
         backoff_s = self.retry_initial_s
         while not self._stop.is_set():
+            if self.spool.handed_off_now():  # a node drainer delivers this process's files: stand by
+                self.caught_up_at = time.monotonic()
+                self._sleep(self.interval_s)
+                continue
             self._adopt_when_due()
             try:
                 delivered = self.step()

@@ -4,6 +4,7 @@
 spool (fsync'd) before it returns. Background consumers then move spooled charges to the ledger (idempotent by
 request id) and to the event sinks (at-least-once with stable ids). If the database is down, charges wait in
 the spool; a crash leaves the spool for the next start to replay. See metering/spool.py and metering/drain.py.
+Where a node drainer runs (metering/node_drain.py), the consumers stand by and that process delivers instead.
 
 Cheap to construct (no database connection, no heavy import): the first connection and the migrations happen
 in the ledger consumer's thread. Thread-safe.
@@ -59,7 +60,10 @@ class MeteringService:
         profiles: ProfileCatalog,
         *,
         sinks: dict[str, EventSink] | None = None,
+        drainer: bool = False,
     ) -> None:
+        """`drainer`: the node drainer's service (metering/node_drain.py), which records nothing and delivers
+        every spool file in the directory, those of live processes too."""
         self.settings = settings
         self.profiles = profiles
         self._ledger: Ledger | None = None
@@ -77,9 +81,13 @@ class MeteringService:
             settings.resolved_spool_dir(),
             [LEDGER, *self.sinks],
             fsync=settings.spool_fsync,
-            compact_bytes=settings.spool_compact_bytes,
+            rotate_bytes=settings.spool_rotate_bytes,
             sync_process=settings.spool_sync_process,
+            writer=not drainer,
+            hand_off=not sinks,  # a sink given in code is this process's own: no drainer delivers to it
         )
+        # A drainer re-scans as often as it drains: a new serving process's file is taken up within that.
+        adopt_interval_s = settings.drain_interval_s if drainer else settings.adopt_interval_s
         self.consumers = [
             self._consumer(
                 LEDGER,
@@ -87,7 +95,7 @@ class MeteringService:
                 settings.drain_batch_size,
                 refused=is_data_error,
                 dead_letter=self._dead_letter_to_ledger,
-                adopt_interval_s=settings.adopt_interval_s,  # re-scans for orphaned files: one consumer does it
+                adopt_interval_s=adopt_interval_s,  # re-scans for orphaned files: one consumer does it
             )
         ]
         for name, sink in self.sinks.items():
@@ -178,8 +186,13 @@ class MeteringService:
             log.exception("metering: metrics update failed")
         if self.spool is None:
             return charge, None
-        with self._pending_lock:
-            self._pending[charge.request_id] = charge.cost_nanousd
+        if self.spool.handed_off:  # the node drainer delivers it; the look-up finds it in the ledger then
+            if self._pending:
+                with self._pending_lock:
+                    self._pending.clear()
+        else:
+            with self._pending_lock:
+                self._pending[charge.request_id] = charge.cost_nanousd
         return charge, charge.to_dict()
 
     def _spool_failed(self, data: dict[str, Any]) -> None:
@@ -245,9 +258,12 @@ class MeteringService:
         """Deliver everything spooled so far to the ledger and every sink now; False if that took too long."""
         if self.spool is None:
             return True
+        names = [c.name for c in self.consumers]
+        if self.spool.handed_off:
+            return self.spool.wait_delivered_by_drainer(names, timeout_s)
         for consumer in self.consumers:
             consumer.wake()
-        return self.spool.wait_drained([c.name for c in self.consumers], timeout_s)
+        return self.spool.wait_drained(names, timeout_s)
 
     # Reading
 
@@ -300,18 +316,32 @@ class MeteringService:
         return [{"requestId": rid, "costNanoUsd": int(found[rid])} for rid in ids if rid in found]
 
     def backlog(self) -> dict[str, Any]:
-        """This process's charges spooled and not yet in the ledger: how many, their bytes, and the drain lag
-        (seconds since the ledger consumer last had nothing left to deliver; 0 when nothing waits)."""
+        """This process's charges spooled and not yet in the ledger: how many, their bytes, the drain lag
+        (seconds since the ledger consumer last had nothing left to deliver; 0 when nothing waits), and whether
+        the node drainer delivers them (`node_drainer`; then the counts come from its saved progress)."""
         with self._pending_lock:
             pending = len(self._pending)
         if self.spool is None or self._closed:
-            return {"pending_charges": pending, "pending_bytes": 0, "drain_lag_s": 0.0}
+            return {"pending_charges": pending, "pending_bytes": 0, "drain_lag_s": 0.0, "node_drainer": False}
+        if self.spool.handed_off:  # the node drainer's progress on this process's files
+            records, size = self.spool.pending_on_disk(LEDGER)
+            return {
+                "pending_charges": records,
+                "pending_bytes": size,
+                "drain_lag_s": 0.0,
+                "node_drainer": True,
+            }
         pending_bytes = self.spool.pending(LEDGER)
         consumer = next((c for c in self.consumers if c.name == LEDGER), None)
         lag_s = 0.0
         if consumer is not None and (pending or pending_bytes):
             lag_s = max(0.0, time.monotonic() - consumer.caught_up_at)
-        return {"pending_charges": pending, "pending_bytes": pending_bytes, "drain_lag_s": round(lag_s, 3)}
+        return {
+            "pending_charges": pending,
+            "pending_bytes": pending_bytes,
+            "drain_lag_s": round(lag_s, 3),
+            "node_drainer": False,
+        }
 
     def check_provider_secret(self, presented: str | None) -> bool:
         """True when the billing endpoint's caller presented the provider secret (constant time)."""
@@ -328,7 +358,8 @@ class MeteringService:
             return
         self._closed = True
         if self.spool is not None:
-            if not self.flush(self.settings.close_timeout_s):
+            # Handed off: the node drainer takes the files over once they are let go, with no wait here.
+            if not self.spool.handed_off and not self.flush(self.settings.close_timeout_s):
                 log.warning("metering: closing with undelivered charges; the next start replays them")
             for consumer in self.consumers:
                 consumer.stop()

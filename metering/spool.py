@@ -9,9 +9,9 @@ the event id).
 - Start-up: files of other processes whose lock can be taken (their process is gone) are adopted and replayed
   first, from their saved offsets; once every consumer is past their end they are deleted. `adopt_orphans()`
   does the same later, for files whose process went away since (the ledger consumer calls it periodically).
-- Compaction: when every consumer has read the whole active file and it is at least `compact_bytes` long, its
-  records are overwritten with zeros and appending starts again at 0 (offsets saved first, so a crash in
-  between only replays: never skips).
+- Rotation: once the active file holds `rotate_bytes` of records, it is fdatasync'd and a new active file takes
+  its place; the old one is deleted once every consumer is past its end. A file is only ever appended to, never
+  rewritten, so another process can read it while it grows (the node drainer, below).
 - Preallocation: the active file is kept ahead of its records by `preallocate_bytes` of written zeros, so an
   append rewrites blocks already on disk and `fdatasync` flushes only them (no change of the file's length for
   the filesystem to journal: measured here about 40 % less time per append than fsync after an O_APPEND write).
@@ -19,6 +19,15 @@ the event id).
 - An event loop's appends are synced by a small child process (metering/syncer.py), so the loop never waits
   for the disk.
 - A torn last line (a crash mid-append, before record() returned) is skipped with a warning.
+
+The node drainer (metering/node_drain.py): one process per spool directory may take its drainer lock
+(`.drainer.lock`) and deliver every file there, the live ones too (read without their lock, up to their last
+complete line; their offsets kept in the same `.offsets.json` files). While it holds the lock, a writing process
+whose consumers the drainer also has hands its files over (`handed_off`): its consumers stand by, it lets go of
+each file it stops writing (rotated, or adopted), and the drainer deletes the file once delivered. The spool's
+CPU then stays out of the serving process (its GIL is the event loop's and the model's). When the lock is free
+again, the writer picks up its own files from the saved offsets and adopts the ones let go. A hand-over in
+either direction may deliver a batch twice, never skip one: every consumer is idempotent by request id.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ from metering.syncer import SyncProcess, settle
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
+DRAINER_LOCK = ".drainer.lock"  # held by the node drainer of the directory (metering/node_drain.py)
+DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
 _ORJSON_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
@@ -51,11 +62,13 @@ _ORJSON_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 class _Segment:
     path: Path
     fd: int  # held open (and flock'ed) for the life of the segment
-    active: bool
+    active: bool  # this process writes it
     size: int  # bytes of records; an active file is longer, zero-filled past this (Spool.preallocate_bytes)
     offsets: dict[str, int] = field(default_factory=dict)
     allocated: int = 0  # file length (active files: written zeros ahead of `size`)
-    generation: int = 0
+    live: bool = (
+        False  # another process writes it (a drainer's view): `size` grows, never this one's to delete
+    )
 
     @property
     def offsets_path(self) -> Path:
@@ -67,7 +80,6 @@ class Cursor:
     """Where a consumer will be once it commits the batch it read."""
 
     path: Path
-    generation: int
     offset: int
 
 
@@ -88,15 +100,27 @@ class Spool:
         consumers: list[str],
         *,
         fsync: bool = True,
-        compact_bytes: int = 1024 * 1024,
+        rotate_bytes: int = 32 * 1024 * 1024,
         preallocate_bytes: int = 1024 * 1024,
         sync_process: bool = True,
+        writer: bool = True,
+        hand_off: bool = True,
     ) -> None:
+        """`writer` False: a node drainer's spool, which writes nothing and reads every file in the directory,
+        the live ones too. `hand_off` False: a writer that drains its own files even while a drainer runs (its
+        consumers are not all the drainer's)."""
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.consumers = list(consumers)
         self.fsync = fsync
-        self.compact_bytes = compact_bytes
+        self.rotate_bytes = max(1, rotate_bytes)
+        self.writer = writer
+        self.hand_off = hand_off and writer
+        # True while a node drainer delivers this process's files (the module docstring); checked by the
+        # consumers' threads at most every DRAINER_CHECK_S.
+        self.handed_off = False
+        self._next_drainer_check = 0.0
+        self._warned_drainer = False
         self.preallocate_bytes = max(4096, preallocate_bytes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -113,9 +137,13 @@ class Spool:
         self.sync_process = sync_process
         self._syncer: SyncProcess | None = None
         self._syncer_failed = False
+        self._syncer_file = 0  # which active file the sync process syncs (one more at each rotation)
+        self._file_number = 0
         self._segments: list[_Segment] = self._adopt_orphans()
-        self._active = self._create_active()
-        self._segments.append(self._active)
+        self._active: _Segment | None = None
+        if writer:
+            self._active = self._create_active()
+            self._segments.append(self._active)
 
     # Set-up
 
@@ -141,7 +169,8 @@ class Spool:
             os.fsync(seg.fd)
 
     def _adopt_orphans(self, skip: frozenset[Path] = frozenset()) -> list[_Segment]:
-        """Take every spool file in the directory whose lock can be taken (its process is gone), but `skip`.
+        """Take every spool file in the directory whose lock can be taken (its process is gone), but `skip`;
+        a drainer also reads the files of live processes (`live` segments, not locked).
 
         The exclusive flock makes this safe between live processes: a file is adopted by at most one of them
         (flock locks belong to the open file, so even a second Spool in this process cannot take ours)."""
@@ -153,19 +182,25 @@ class Spool:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:
                 continue
+            live = False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                os.close(fd)  # a live process owns it
-                continue
-            if not path.exists():  # deleted by its adopter between our open and our lock
+                if self.writer:
+                    os.close(fd)  # a live process owns it
+                    continue
+                live = True
+            if not path.exists():  # deleted by its adopter (or its writer) between our open and our lock
                 os.close(fd)
                 continue
-            size = _records_end(fd)
-            seg = _Segment(path, fd, False, size)
+            size = _complete_end(fd, 0) if live else _records_end(fd)
+            seg = _Segment(path, fd, False, size, live=live)
             saved = _read_offsets(seg.offsets_path)
             seg.offsets = {c: saved.get(c, 0) if saved.get(c, 0) <= size else 0 for c in self.consumers}
-            log.info("metering spool: replaying %s (%d bytes) left by a previous process", path.name, size)
+            if not live:
+                log.info(
+                    "metering spool: replaying %s (%d bytes) left by a previous process", path.name, size
+                )
             adopted.append(seg)
         return adopted
 
@@ -176,24 +211,89 @@ class Spool:
 
         Called periodically by the ledger consumer (`metering.adopt_interval_s`), so that a spool orphaned on a
         shared directory (a node's hostPath, a ReadWriteMany claim) does not wait for a new process to start
-        there. A file already fully delivered is deleted at once."""
+        there. A file already fully delivered is deleted at once.
+
+        A drainer also takes up the files of live processes, and takes over (locks) each one whose process has
+        let it go: from then on its size is final, and it is deleted once delivered."""
         with self._lock:
             if self._closed:
                 return 0
             known = frozenset(s.path for s in self._segments)
+            live = [s for s in self._segments if s.live]
         found = self._adopt_orphans(known)  # outside the lock: reading a large orphan must not block appends
+        released = [s for s in live if _try_lock(s.fd)]
         with self._lock:
             if self._closed:  # close() ran meanwhile: let the files go (unlocked) for the next adopter
                 for seg in found:
                     os.close(seg.fd)
                 return 0
-            at = self._segments.index(self._active)
+            at = self._segments.index(self._active) if self._active is not None else len(self._segments)
             self._segments[at:at] = found  # before our own file: the older charges go first
-            for seg in found:
-                if all(seg.offsets[c] >= seg.size for c in self.consumers):
+            for seg in released:
+                if seg in self._segments:
+                    seg.live = False
+                    seg.size = max(seg.size, _records_end(seg.fd))  # final: its writer let it go
+            for seg in [*found, *released]:
+                if (
+                    seg in self._segments
+                    and not seg.live
+                    and all(seg.offsets[c] >= seg.size for c in self.consumers)
+                ):
                     self._remove(seg)
             self._changed.notify_all()
         return len(found)
+
+    # Handing over to a node drainer
+
+    def handed_off_now(self) -> bool:
+        """Whether a node drainer delivers this process's files now (the module docstring), checked at most every
+        DRAINER_CHECK_S; hands them over, or takes them back, when that changed. Called by the consumers."""
+        if not self.hand_off:
+            return False
+        now = time.monotonic()
+        if now < self._next_drainer_check:
+            return self.handed_off
+        self._next_drainer_check = now + DRAINER_CHECK_S
+        drainer = drainer_consumers(self.directory)
+        present = drainer is not None and set(self.consumers) <= set(drainer)
+        if drainer and not present and not self._warned_drainer:  # ([]: its lock file is being written)
+            self._warned_drainer = True
+            log.warning(
+                "metering spool: the node drainer of %s delivers to %s, this process to %s: it keeps draining its "
+                "own files",
+                self.directory,
+                sorted(drainer),
+                sorted(self.consumers),
+            )
+        take_back = False
+        with self._lock:
+            if self._closed or present == self.handed_off:
+                return self.handed_off
+            if present:
+                for seg in [s for s in self._segments if not s.active]:
+                    self._release(seg)
+                log.info("metering spool: a node drainer delivers %s from now on", self._active_name())
+            else:  # the drainer is gone: on from where it got to
+                for seg in self._segments:
+                    saved = _read_offsets(seg.offsets_path)
+                    for c in self.consumers:
+                        seg.offsets[c] = max(seg.offsets[c], min(saved.get(c, 0), seg.size))
+                take_back = True
+                log.info(
+                    "metering spool: no node drainer any more; %s drains its own files", self._active_name()
+                )
+            self.handed_off = present
+        if take_back:
+            self.adopt_orphans()  # what this process let go meanwhile and the drainer did not finish
+        return present
+
+    def _active_name(self) -> str:
+        return self._active.path.name if self._active is not None else str(self.directory)
+
+    def _release(self, seg: _Segment) -> None:
+        """Let go of a file this process no longer writes (its lock with it), for the drainer to take over."""
+        os.close(seg.fd)
+        self._segments.remove(seg)
 
     # Writing
 
@@ -252,6 +352,9 @@ class Spool:
     def _syncer_for(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
         """The sync process of `loop` (started on first use), or None: this loop syncs on its own."""
         syncer = self._syncer
+        if syncer is not None and self._syncer_file != self._file_number and syncer.loop is loop:
+            self._retire(syncer)  # it syncs a file rotated away since
+            syncer = None
         if syncer is not None:
             return syncer if syncer.alive and syncer.loop is loop else None
         if not self.sync_process or self._syncer_failed:
@@ -259,13 +362,25 @@ class Spool:
         with self._queue_cv:
             if self._syncer is None and not self._syncer_failed and not self._closed:
                 try:
-                    self._syncer = SyncProcess(self._active.fd, loop, self._syncer_lost)
+                    self._syncer = SyncProcess(self._active.fd, loop, self._syncer_lost)  # type: ignore[union-attr]
+                    self._syncer_file = self._file_number
                 except Exception:
                     log.exception("metering spool: could not start the sync process; syncing in this process")
                     metrics.observe_error("spool-sync-process")
                     self._syncer_failed = True
             syncer = self._syncer
         return syncer if syncer is not None and syncer.alive and syncer.loop is loop else None
+
+    def _retire(self, syncer: SyncProcess) -> None:
+        """End the sync process of a rotated file (on its loop). Its callers' lines are on disk already: the
+        rotation fdatasync'd that file before a new one took its place."""
+        with self._queue_cv:
+            if self._syncer is syncer:
+                self._syncer = None
+        pending = syncer.take_pending()
+        syncer.close()
+        for waiters in pending:
+            settle(waiters, None)
 
     def _syncer_lost(self, syncer: SyncProcess) -> None:
         """The sync process went away: sync what it had not confirmed here, and from now on without it."""
@@ -300,6 +415,8 @@ class Spool:
             if self._closed:
                 raise RuntimeError("spool is closed")
             seg = self._active
+            if seg is None:
+                raise RuntimeError("a node drainer's spool takes no records")
             if seg.size + len(data) > seg.allocated:
                 self._preallocate(seg, seg.allocated + max(self.preallocate_bytes, len(data)))
             try:
@@ -312,7 +429,26 @@ class Spool:
                 raise
             seg.size += len(data)
             self._write_seq += lines
-            return self._write_seq
+            seq = self._write_seq
+            if seg.size >= self.rotate_bytes:
+                self._rotate()
+            return seq
+
+    def _rotate(self) -> None:
+        """A new active file in place of the current one, which is fdatasync'd first (so every line written to
+        it is on disk, whichever sync its callers wait for) and never written again. Under the lock."""
+        old = self._active
+        assert old is not None
+        if self.fsync:
+            os.fdatasync(old.fd)
+        self._active = self._create_active()
+        self._segments.append(self._active)
+        self._file_number += 1
+        old.active = False
+        if self.handed_off:
+            self._release(old)  # the drainer takes it over, and deletes it once delivered
+        elif all(old.offsets[c] >= old.size for c in self.consumers):
+            self._remove(old)
 
     def _sync(self, seq: int) -> None:
         """fsync unless a concurrent caller's fsync already covered write `seq`."""
@@ -331,25 +467,25 @@ class Spool:
         with self._lock:
             for seg in self._segments:
                 start = seg.offsets[consumer]
+                if seg.live and start >= seg.size:  # another process's file: what it wrote since
+                    seg.size = _complete_end(seg.fd, seg.size)
                 if start >= seg.size:
                     continue
                 records, end = _read_lines(seg, start, max_records)
-                return Batch(records, Cursor(seg.path, seg.generation, end))
+                return Batch(records, Cursor(seg.path, end))
         return None
 
     def commit(self, consumer: str, cursor: Cursor) -> None:
-        """Record that `consumer` delivered everything up to `cursor`; deletes or compacts finished files."""
+        """Record that `consumer` delivered everything up to `cursor`; deletes a finished file that is no longer
+        written (rotated, or left by a process that is gone)."""
         with self._lock:
             seg = next((s for s in self._segments if s.path == cursor.path), None)
-            if seg is None or seg.generation != cursor.generation:
+            if seg is None:  # deleted, or let go to a node drainer, meanwhile
                 return
             seg.offsets[consumer] = max(seg.offsets[consumer], cursor.offset)
             _write_offsets(seg)
-            if all(seg.offsets[c] >= seg.size for c in self.consumers):
-                if not seg.active:
-                    self._remove(seg)
-                elif seg.size >= self.compact_bytes:
-                    self._compact(seg)
+            if not seg.active and not seg.live and all(seg.offsets[c] >= seg.size for c in self.consumers):
+                self._remove(seg)
             self._changed.notify_all()
 
     def _remove(self, seg: _Segment) -> None:
@@ -357,15 +493,6 @@ class Spool:
         seg.offsets_path.unlink(missing_ok=True)
         os.close(seg.fd)
         self._segments.remove(seg)
-
-    def _compact(self, seg: _Segment) -> None:
-        seg.offsets = dict.fromkeys(self.consumers, 0)
-        _write_offsets(seg)  # first: a crash before the truncation replays (never skips)
-        _write_all(seg.fd, bytes(seg.size), 0)  # zeros from the start: a crash part-way leaves no records
-        if self.fsync:
-            os.fdatasync(seg.fd)
-        seg.size = 0
-        seg.generation += 1
 
     def pending(self, consumer: str) -> int:
         """Bytes `consumer` has not delivered yet."""
@@ -376,6 +503,9 @@ class Spool:
         """Wait until every named consumer has delivered everything appended so far; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
+            for seg in self._segments:
+                if seg.live:
+                    seg.size = _complete_end(seg.fd, seg.size)
             targets = {id(s): s.size for s in self._segments}
             while True:
                 behind = [
@@ -391,6 +521,32 @@ class Spool:
                     return False
                 self._changed.wait(left)
 
+    def wait_delivered_by_drainer(self, consumers: list[str], timeout_s: float) -> bool:
+        """`wait_drained` while handed off: until the node drainer's saved offsets are past everything this
+        process wrote so far; False on timeout."""
+        with self._lock:
+            targets = [(s.offsets_path, s.size) for s in self._segments]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            saved = [(_read_offsets(path), size) for path, size in targets]
+            if all(offsets.get(c, 0) >= size for offsets, size in saved for c in consumers):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def pending_on_disk(self, consumer: str) -> tuple[int, int]:
+        """While handed off: the records and bytes of this process's files that the node drainer has not
+        delivered to `consumer` yet (from its saved offsets)."""
+        records = size = 0
+        with self._lock:
+            for seg in self._segments:
+                start = min(_read_offsets(seg.offsets_path).get(consumer, 0), seg.size)
+                if start < seg.size:
+                    size += seg.size - start
+                    records += os.pread(seg.fd, min(seg.size - start, 16 << 20), start).count(b"\n")
+        return records, size
+
     def files(self) -> list[Path]:
         """The spool files this process holds (adopted ones first)."""
         with self._lock:
@@ -398,6 +554,8 @@ class Spool:
 
     @property
     def active_path(self) -> Path:
+        if self._active is None:
+            raise RuntimeError("a node drainer's spool has no file of its own")
         return self._active.path
 
     def close(self) -> None:
@@ -419,11 +577,11 @@ class Spool:
         # Under the sync lock: a worker thread's fdatasync still to come finds everything synced here and never
         # touches a file this closes.
         with self._sync_lock, self._lock:
-            if self.fsync and self._synced_seq < self._write_seq:
+            if self.fsync and self._synced_seq < self._write_seq and self._active is not None:
                 os.fdatasync(self._active.fd)
                 self._synced_seq = self._write_seq
             for seg in list(self._segments):
-                if all(seg.offsets[c] >= seg.size for c in self.consumers):
+                if not seg.live and all(seg.offsets[c] >= seg.size for c in self.consumers):
                     self._remove(seg)
                 else:
                     os.close(seg.fd)
@@ -490,6 +648,65 @@ def _read_lines(seg: _Segment, start: int, max_records: int) -> tuple[list[dict[
         )
         end = seg.size
     return records, end
+
+
+def drainer_consumers(directory: Path) -> list[str] | None:
+    """The consumers of the node drainer that holds `directory`'s drainer lock, or None when none does."""
+    try:
+        fd = os.open(directory / DRAINER_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if _try_lock(fd, fcntl.LOCK_SH):  # free: no drainer (closing the file lets our shared lock go)
+            return None
+        data = os.pread(fd, 65536, 0)
+    finally:
+        os.close(fd)
+    try:
+        consumers = json.loads(data)["consumers"]
+    except (ValueError, KeyError, TypeError):  # written just now, or by another version: not known yet
+        return []
+    return [str(c) for c in consumers] if isinstance(consumers, list) else []
+
+
+def take_drainer_lock(directory: Path, consumers: list[str]) -> int | None:
+    """Become `directory`'s node drainer: its lock's descriptor (hold it open), or None when another process is.
+    The consumers are written into the lock file for the writers to compare with theirs."""
+    fd = os.open(directory / DRAINER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    if not _try_lock(fd):
+        os.close(fd)
+        return None
+    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "consumers": consumers}).encode()
+    os.ftruncate(fd, 0)
+    _write_all(fd, data, 0)
+    return fd
+
+
+def _try_lock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _complete_end(fd: int, start: int) -> int:
+    """Where the complete lines of a file another process is appending to end, from `start` (the end of a complete
+    line): after the last newline before its first zero byte (the preallocated tail) or its end."""
+    end = offset = start
+    chunk = 64 * 1024
+    while True:
+        data = os.pread(fd, chunk, offset)
+        if not data:
+            return end
+        zero = data.find(b"\0")
+        newline = data.rfind(b"\n", 0, len(data) if zero < 0 else zero)
+        if newline >= 0:
+            end = offset + newline + 1
+        if zero >= 0:
+            return end
+        offset += len(data)
+        chunk = min(chunk * 2, 4 << 20)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

@@ -143,10 +143,21 @@ def logical_cpus(settings: Settings) -> int:
     return max(os.cpu_count() or 1, math.ceil(need) + 1)
 
 
+# The node drainer of the local run's spool directory (metering/node_drain.py), a child process: the replicas
+# then only append their charges, and the drain's CPU stays out of their processes.
+_drainer: Any = None
+DRAINER_FINISH_S = 2.0  # at a stop, what the drainer delivers within this; the rest waits for the next start
+
+
 def start(args: dict[str, Any] | None = None, *, ray_temp_dir: str | None = None) -> str:
     """Start Ray and Serve locally and deploy the applications; return the base URL once they are ready."""
+    global _drainer
     settings = Settings.load(args or {})
     apply_serve_env(settings.haproxy)
+    if settings.metering.enabled and _drainer is None:
+        from metering import node_drain
+
+        _drainer = node_drain.spawn(settings.metering, finish_timeout_s=DRAINER_FINISH_S)
     import ray
     from ray import serve
 
@@ -211,10 +222,18 @@ def probe_models(url: str, settings: Settings, timeout_s: float = 30.0) -> None:
 
 
 def stop() -> None:
+    global _drainer
     import ray
     from ray import serve
 
     try:
         serve.shutdown()
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            if _drainer is not None:  # after the replicas: it takes over the files they let go
+                from metering import node_drain
+
+                drainer, _drainer = _drainer, None
+                node_drain.finish(drainer, DRAINER_FINISH_S + 3.0)

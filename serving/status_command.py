@@ -99,6 +99,11 @@ def render(status: dict[str, Any]) -> Any:
         + ("" if ledger.get("metering_enabled", True) else " (metering off)"),
     )
     summary.add_row("drain lag", f"{ledger['drain_lag_s']:.1f} s")
+    if ledger.get("node_drainer_processes"):
+        summary.add_row(
+            "delivered by",
+            f"the node drainer, for {ledger['node_drainer_processes']} of {status['processes']} processes",
+        )
     billing = status["billing"]
     summary.add_row(
         "billing mode",

@@ -5,6 +5,7 @@ replica's own process."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -90,3 +91,9 @@ def test_status_on_ray_serve(hfi_service):
     assert models[MODEL]["requests_last_minute"] >= 1 and models[MODEL]["p50_ms"] is not None
     assert doc["router"]["running"] >= 1
     assert doc["spend"]["month_requests"] >= 0 and "pending_charges" in doc["ledger"]
+    # `hfi serve` runs a node drainer beside the replicas: each serving process leaves delivery to it
+    deadline = time.monotonic() + 30
+    while doc["ledger"]["node_drainer_processes"] < doc["processes"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        doc = httpx.get(f"{hfi_service.url}/admin/status", headers=h(token), timeout=120).json()
+    assert doc["ledger"]["node_drainer_processes"] == doc["processes"], doc["ledger"]

@@ -542,7 +542,10 @@ def test_the_default_spool_is_a_per_release_node_directory_given_to_the_pod_user
             "path": "/var/lib/hfi-spool/prod/billing-hf-inference",
             "type": "DirectoryOrCreate",
         }, name
-        (init,) = spec["initContainers"]
+        # The directory is prepared first; the drainer sidecar (tests/unit/test_helm_drainer.py) comes after it.
+        init, drainer = spec["initContainers"]
+        assert (init["name"], drainer["name"]) == ("spool-dir", "spool-drainer")
+        assert "restartPolicy" not in init  # a plain init container: it runs to completion before the others
         assert init["volumeMounts"] == [{"name": "spool", "mountPath": "/var/lib/hfi/spool"}]
         assert init["command"][-1] == "chown 1000:100 '/var/lib/hfi/spool' && chmod 0770 '/var/lib/hfi/spool'"
         assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
@@ -562,11 +565,12 @@ def test_the_default_spool_is_a_per_release_node_directory_given_to_the_pod_user
         ),
     ],
 )
-def test_other_spool_volumes_have_no_init_container(helm, sets, volume_key):
+def test_other_spool_volumes_have_no_prepare_init_container(helm, sets, volume_key):
     result = helm.template(sets={**sets, "shutdown.terminationGracePeriodSeconds": "60"})
     assert result.returncode == 0, result.stderr
     for name, template in _pod_templates(result.one("RayService")).items():
-        assert "initContainers" not in template["spec"], name
+        # Only the drainer sidecar (spool.drainer), no spool-dir.
+        assert [c["name"] for c in template["spec"]["initContainers"]] == ["spool-drainer"], name
         assert volume_key in {v["name"]: v for v in template["spec"]["volumes"]}["spool"]
         assert template["spec"]["terminationGracePeriodSeconds"] == 60
         _, args = _drain_command(template["spec"]["containers"][0])

@@ -1,4 +1,4 @@
-"""The durable spool: append before return, per-consumer offsets, orphan replay, torn lines, compaction."""
+"""The durable spool: append before return, per-consumer offsets, orphan replay, torn lines, rotation."""
 
 from __future__ import annotations
 
@@ -124,29 +124,54 @@ def test_orphan_offsets_beyond_the_file_restart_from_zero(tmp_path: Path) -> Non
     spool.close()
 
 
-def test_compaction_clears_a_fully_delivered_file(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, ["ledger"], compact_bytes=100)
+def test_rotation_starts_a_new_file_and_deletes_the_old_one_once_delivered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger", "events"], rotate_bytes=100)
+    first = spool.active_path
     for i in range(20):
         spool.append({"request_id": f"id-{i:04d}"})
-    assert len(records_in(spool.active_path)) == 20
-    assert len(drain(spool, "ledger")) == 20
-    assert records_in(spool.active_path) == []  # zeroed from the start: nothing left to replay
+    assert spool.active_path != first
+    files = spool.files()
+    assert len(files) > 2  # rotated files stay until every consumer is past their end
+    assert [r["request_id"] for r in drain(spool, "ledger")] == [f"id-{i:04d}" for i in range(20)]
+    assert all(p.exists() for p in files)  # "events" has not read them yet
+    assert len(drain(spool, "events")) == 20
+    assert spool.files() == [spool.active_path]
+    assert sorted(tmp_path.glob("*.jsonl")) == [spool.active_path]
+    assert not list(tmp_path.glob("*.offsets.json")) or all(
+        p.name.startswith(spool.active_path.name) for p in tmp_path.glob("*.offsets.json")
+    )
     spool.append({"request_id": "after"})
-    assert records_in(spool.active_path) == ["after"]
     assert [r["request_id"] for r in drain(spool, "ledger")] == ["after"]
     spool.close()
 
 
-def test_a_stale_cursor_after_compaction_is_ignored(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, ["ledger", "events"], compact_bytes=1)
+def test_a_cursor_of_a_deleted_file_is_ignored(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger", "events"], rotate_bytes=1)  # every line its own file
     spool.append({"request_id": "a"})
     old = spool.read("events", 10)
     assert old is not None
     drain(spool, "ledger")
-    spool.commit("events", old.cursor)  # compacts: both consumers are done
+    spool.commit("events", old.cursor)  # both consumers are done: the file goes
+    assert not old.cursor.path.exists()
     spool.append({"request_id": "b"})
-    spool.commit("events", old.cursor)  # stale: must not skip "b"
+    spool.commit("events", old.cursor)  # again: nothing to find, nothing skipped
     assert [r["request_id"] for r in drain(spool, "events")] == ["b"]
+    spool.close()
+
+
+def test_async_appends_across_rotations_are_all_synced_and_kept(tmp_path: Path) -> None:
+    """Each rotation fdatasyncs the old file and retires the sync process of it; callers waiting on that process
+    are settled, and the next one syncs the new file."""
+    spool = Spool(tmp_path, ["ledger"], rotate_bytes=300)
+
+    async def main() -> None:
+        for wave in range(6):
+            await asyncio.gather(*(spool.append_async({"request_id": f"w{wave}-{i}"}) for i in range(8)))
+
+    asyncio.run(main())
+    assert spool._syncer_failed is False  # retired on purpose at each rotation, never lost
+    got = [r["request_id"] for r in drain(spool, "ledger")]
+    assert got == [f"w{w}-{i}" for w in range(6) for i in range(8)]
     spool.close()
 
 

@@ -326,13 +326,16 @@ imagePullSecrets:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-# The preStop hook (hfi.preStop) stops Ray and drains the spool within this.
+# The preStop hook (hfi.preStop) stops Ray and drains the spool within this; the drainer sidecar
+# (hfi.spoolDrainer) stops after it, in the margin it leaves.
 terminationGracePeriodSeconds: {{ .Values.shutdown.terminationGracePeriodSeconds }}
-{{- if and (eq .Values.spool.volume.type "hostPath") .Values.spool.volume.prepareHostPath }}
+{{- $prepareSpool := and (eq .Values.spool.volume.type "hostPath") .Values.spool.volume.prepareHostPath }}
+{{- if or $prepareSpool .Values.spool.drainer.enabled }}
+initContainers:
+{{- if $prepareSpool }}
 {{- $user := (.Values.podSecurityContext | default dict).runAsUser | default 1000 }}
 {{- $group := (.Values.podSecurityContext | default dict).runAsGroup | default 100 }}
-# The node directory is created by the kubelet, owned by root: hand it to the pod's user (and nobody else).
-initContainers:
+  # The node directory is created by the kubelet, owned by root: hand it to the pod's user (and nobody else).
   - name: spool-dir
     image: {{ include "hfi.image" . | quote }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -348,6 +351,10 @@ initContainers:
       limits: {memory: 64Mi}
     volumeMounts:
       - {name: spool, mountPath: {{ .Values.spool.mountPath | quote }}}
+{{- end }}
+{{- if .Values.spool.drainer.enabled }}
+  {{- include "hfi.spoolDrainer" . | nindent 2 }}
+{{- end }}
 {{- end }}
 volumes:
   {{- include "hfi.volumes" . | nindent 2 }}
@@ -376,4 +383,33 @@ exec:
     - /bin/sh
     - -c
     - {{ printf "ray stop --grace-period %d; exec hfi metering drain --spool-dir %s --timeout-s %d" (int $s.rayStopGracePeriodSeconds) (.Values.spool.mountPath | squote) $drain | quote }}
+{{- end -}}
+
+{{/*
+The node drainer (spool.drainer): a native sidecar, an init container with restartPolicy Always, after the spool's
+own init container. It starts before the Ray container and is stopped only after it, so it outlives the preStop
+hook, whose `hfi metering drain` waits for it to deliver this pod's files. While it runs it holds the spool
+directory's drainer lock: the serving processes only append to their spool files and leave the ledger writes to it.
+At its SIGTERM (the Ray container gone) it delivers what is left for 10 s: the preStop hook ends at the latest 15 s
+before the grace period does, and the rest waits in the spool (for another pod's drainer on the same volume, or the
+next one here). Kubernetes >= 1.29.
+*/}}
+{{- define "hfi.spoolDrainer" -}}
+- name: spool-drainer
+  image: {{ include "hfi.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  restartPolicy: Always
+  command: ["hfi", "metering", "drain", "--follow", "--timeout-s", "10"]
+  env:
+    {{- include "hfi.env" . | trim | nindent 4 }}
+  {{- with .Values.spool.drainer.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - {name: spool, mountPath: {{ .Values.spool.mountPath | quote }}}
+  {{- with .Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end -}}

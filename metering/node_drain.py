@@ -1,0 +1,147 @@
+"""The node drainer: one process per spool directory that delivers every serving process's charges to the ledger
+and the usage-event sinks, so that the serving processes do not.
+
+Each serving process spools its charges (metering/spool.py). Delivering them (reading, decoding, the database
+writes, the events) costs CPU, and in a replica that CPU shares one GIL with the event loop and the model: measured
+with benchmarks/metering_overhead.py, the in-process drain was about half of what metering cost a small model's
+throughput. The drainer takes the spool directory's drainer lock and delivers every file there, the live ones
+too; while it holds the lock, the serving processes only append (and fsync), and leave the rest to it. When it
+stops or dies, the lock is free and they drain their own files again: nothing depends on it being there.
+
+- `hfi serve` runs one as its child (`spawn`, `finish`): it starts before the replicas and, at a stop, delivers
+  what the replicas left for up to a few seconds; the rest waits in the spool for the next start.
+- On a cluster, `hfi metering drain --follow` runs it (the Helm chart's sidecar on every pod, beside Ray).
+
+Standby: a second drainer for the same directory waits until the lock is free, then takes over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from metering.config import MeteringSettings
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDBY_POLL_S = 0.5
+
+
+def consumer_names(settings: MeteringSettings) -> list[str]:
+    """The spool consumers of the service's configured destinations (as MeteringService names them)."""
+    from metering.service import LEDGER
+
+    names = [LEDGER]
+    if settings.events_file:
+        names.append("events-file")
+    if settings.collector_url:
+        names.append("events-http")
+    return names
+
+
+def run(settings: MeteringSettings, stop: threading.Event, *, finish_timeout_s: float = 5.0) -> bool:
+    """Be the node drainer of the settings' spool directory until `stop` is set (waiting first while another
+    process is), then deliver what is left for up to `finish_timeout_s`. True when nothing was left undelivered."""
+    from hardware_profiles import ProfileCatalog
+    from metering.service import MeteringService
+    from metering.spool import take_drainer_lock
+
+    directory = settings.resolved_spool_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    consumers = consumer_names(settings)
+    lock = take_drainer_lock(directory, consumers)
+    if lock is None:
+        log.info("metering: another process drains %s; standing by", directory)
+    while lock is None:
+        if stop.wait(STANDBY_POLL_S):
+            return True
+        lock = take_drainer_lock(directory, consumers)
+    log.info("metering: draining every spool file in %s", directory)
+    settings = settings.model_copy(update={"enabled": True, "close_timeout_s": 0.0})
+    try:
+        svc = MeteringService(settings, ProfileCatalog(profiles={}), drainer=True)
+        try:
+            stop.wait()
+            svc.spool.adopt_orphans()  # type: ignore[union-attr]  # the files let go since the last re-scan
+            delivered = svc.flush(finish_timeout_s)
+            if not delivered:
+                log.warning(
+                    "metering: the drainer stops with charges undelivered; they wait in %s", directory
+                )
+            return delivered
+        finally:
+            svc.close()
+    finally:
+        os.close(lock)  # the writers drain their own files again
+
+
+def spawn(settings: MeteringSettings, *, finish_timeout_s: float = 2.0) -> subprocess.Popen[bytes]:
+    """Start a drainer child process for `settings`; it runs until its standard input closes (`finish`, or this
+    process's end), in its own session so that a Ctrl-C meant for this process does not end it first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metering.node_drain"],
+        stdin=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    message = {"settings": settings.model_dump(mode="json"), "finish_timeout_s": finish_timeout_s}
+    assert proc.stdin is not None
+    proc.stdin.write(
+        json.dumps(message).encode() + b"\n"
+    )  # secrets go through the pipe, never the command line
+    proc.stdin.flush()
+    return proc
+
+
+def finish(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """Tell a spawned drainer to deliver what is left and stop; kill it if it takes longer than `timeout_s`."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "metering: the drainer did not stop within %.1f s; killed (its charges wait in the spool)",
+            timeout_s,
+        )
+        proc.kill()
+        proc.wait()
+
+
+def _main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    line = sys.stdin.buffer.readline()
+    try:
+        message: dict[str, Any] = json.loads(line)
+        settings = MeteringSettings.model_validate(message["settings"])
+        finish_timeout_s = float(message.get("finish_timeout_s", 2.0))
+    except (ValueError, KeyError, TypeError) as err:
+        log.error("metering drainer: no settings on standard input (%s)", err)
+        return 2
+    stop = threading.Event()
+
+    def watch_stdin() -> None:  # end of file: the parent finished, or is gone
+        while sys.stdin.buffer.read(65536):
+            pass
+        stop.set()
+
+    threading.Thread(target=watch_stdin, name="drainer-stdin", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return 0 if run(settings, stop, finish_timeout_s=finish_timeout_s) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
