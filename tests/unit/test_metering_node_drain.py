@@ -240,3 +240,38 @@ def test_a_spawned_drainer_delivers_and_stops_when_told(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert time.monotonic() - started < 8
     assert drainer_consumers(settings.resolved_spool_dir()) is None
+
+
+def test_a_killed_drainer_loses_nothing_the_writers_take_back_and_adopt(tmp_path: Path) -> None:
+    """SIGKILL the drainer (a real child process) while it delivers files that writers rotate and let go: the
+    writers take their files back from its saved offsets, adopt the ones it held, and every charge lands once."""
+    import signal
+
+    settings = settings_for(tmp_path, spool_rotate_bytes=4096, drain_interval_s=0.05, adopt_interval_s=0.2)
+    proc = node_drain.spawn(settings, finish_timeout_s=2)
+    writers: list[MeteringService] = []
+    try:
+        spool_dir = settings.resolved_spool_dir()
+        assert wait_until(lambda: spool_dir.is_dir() and drainer_consumers(spool_dir) == ["ledger"], 30)
+        writers = [MeteringService(settings, load_profiles()) for _ in range(2)]
+        assert wait_until(lambda: all(w.spool.handed_off_now() for w in writers), 10)
+        rids = []
+        for i in range(300):  # about 700 bytes a charge: each writer rotates many times, letting files go
+            w = writers[i % 2]
+            rids.append(w.record(usage(str(uuid.uuid4()))).request_id)
+            if i == 150:
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert wait_until(lambda: not any(w.spool.handed_off_now() for w in writers), 10)
+        for w in writers:
+            assert w.flush(20)
+        assert wait_until(
+            lambda: ledger_ids(settings) == sorted(rids), 20
+        )  # adopted files: within adopt_interval_s
+    finally:
+        if proc.poll() is None:
+            node_drain.finish(proc, 5)
+        for w in writers:
+            w.close()
+    assert ledger_ids(settings) == sorted(rids)
+    assert sorted(p.name for p in settings.resolved_spool_dir().glob("*.jsonl")) == []
