@@ -177,7 +177,9 @@ def run(catalog: str | None, rounds: int, timeout_s: float, warmup: bool = True)
         "all_processes_gone_s": round(gone, 2),
         "left": sorted(alive(pids)),
         "controller_warning": "failed to shut down" in text,
-        "spool_files_left": sorted(p.name for p in spool.glob("*") if p.is_file() and p.stat().st_size > 0)
+        "spool_files_left": sorted(
+            p.name for p in spool.glob("*.jsonl") if p.is_file() and p.stat().st_size > 0
+        )
         if spool.exists()
         else [],
     }

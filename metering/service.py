@@ -195,6 +195,11 @@ class MeteringService:
                 self._pending[charge.request_id] = charge.cost_nanousd
         return charge, charge.to_dict()
 
+    def start_sync_process(self) -> None:
+        """Start the spool's sync process now, not at the first charge (a serving replica, before its traffic)."""
+        if self.spool is not None:
+            self.spool.start_sync_process()
+
     def _spool_failed(self, data: dict[str, Any]) -> None:
         metrics.observe_error("spool")
         log.exception("metering: could not spool charge, recover it from this line: %s", data)

@@ -350,8 +350,12 @@ class Spool:
         synced.add_done_callback(lambda f: settle(waiters, None if f.cancelled() else f.exception()))
 
     def _syncer_for(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
-        """The sync process of `loop` (started on first use), or None: this loop syncs on its own."""
+        """The sync process of `loop` (started on first use, or by `start_sync_process`), or None: this loop syncs
+        on its own."""
         syncer = self._syncer
+        if syncer is not None and syncer.loop is None:
+            with self._queue_cv:  # started ahead: the first loop that appends takes it
+                syncer.attach(loop)
         if syncer is not None and self._syncer_file != self._file_number and syncer.loop is loop:
             self._retire(syncer)  # it syncs a file rotated away since
             syncer = None
@@ -370,6 +374,21 @@ class Spool:
                     self._syncer_failed = True
             syncer = self._syncer
         return syncer if syncer is not None and syncer.alive and syncer.loop is loop else None
+
+    def start_sync_process(self) -> None:
+        """Start the sync process now rather than at the first `append_async` (a child's start takes ~10 ms, which
+        the first request would otherwise wait for); the first event loop that appends takes it."""
+        if not (self.writer and self.fsync and self.sync_process) or self._syncer_failed:
+            return
+        with self._queue_cv:
+            if self._syncer is None and not self._closed:
+                try:
+                    self._syncer = SyncProcess(self._active.fd, None, self._syncer_lost)  # type: ignore[union-attr]
+                    self._syncer_file = self._file_number
+                except Exception:
+                    log.exception("metering spool: could not start the sync process; syncing in this process")
+                    metrics.observe_error("spool-sync-process")
+                    self._syncer_failed = True
 
     def _retire(self, syncer: SyncProcess) -> None:
         """End the sync process of a rotated file (on its loop). Its callers' lines are on disk already: the

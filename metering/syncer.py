@@ -52,8 +52,10 @@ class SyncProcess:
     """
 
     def __init__(
-        self, fd: int, loop: asyncio.AbstractEventLoop, fallback: Callable[[SyncProcess], None]
+        self, fd: int, loop: asyncio.AbstractEventLoop | None, fallback: Callable[[SyncProcess], None]
     ) -> None:
+        """`loop` None: started ahead of use (the child's start is then not paid by a request); `attach` it to the
+        loop of its callers before the first `request`."""
         self.loop = loop
         self._fallback = fallback
         self._pending: deque[tuple[int, Waiters]] = deque()
@@ -77,7 +79,14 @@ class SyncProcess:
             os.close(read_requests)
             os.close(write_acks)
         self.alive = True
-        loop.add_reader(self._acks, self._on_acks)
+        if loop is not None:
+            loop.add_reader(self._acks, self._on_acks)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the callers of `loop` (once, on that loop's thread) when it was started without one."""
+        if self.loop is None:
+            self.loop = loop
+            loop.add_reader(self._acks, self._on_acks)
 
     def request(self, seq: int, waiters: Waiters) -> None:
         """Sync everything written up to write number `seq`, then settle `waiters` (call on the loop)."""
@@ -124,6 +133,8 @@ class SyncProcess:
         return pending
 
     def _stop_reading(self) -> None:
+        if self.loop is None:
+            return
         try:
             self.loop.remove_reader(self._acks)
         except (RuntimeError, ValueError, OSError):  # the loop is closed already
@@ -138,7 +149,7 @@ class SyncProcess:
         except subprocess.TimeoutExpired:  # pragma: no cover - a child stuck in fdatasync
             self.process.kill()
             self.process.wait()
-        if not self.loop.is_closed() and not _on_loop_thread(self.loop):
+        if self.loop is not None and not self.loop.is_closed() and not _on_loop_thread(self.loop):
             try:  # the reader belongs to the loop's thread
                 self.loop.call_soon_threadsafe(self._release_acks)
                 return

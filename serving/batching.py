@@ -10,7 +10,10 @@ The wait for company is adaptive: after `FRUITLESS_WAITS` lone waits in a row th
 client at a time: its next request comes only after this answer, so every wait is pure latency), a lone request
 runs at once, and only one lone request per `PROBE_INTERVAL_S` waits again to find out whether company now comes.
 Any sign of concurrent callers (a wait that gathered company, or more than one request queued when a batch
-forms) turns the wait back on at once. Measured on the one-client latency of a batched model (benchmarks/peers.py:
+forms) turns the wait back on at once. A batcher starts in the no-wait state, and returns to it after an idle
+spell of `PROBE_INTERVAL_S` (the first request after a start or a pause has nobody on the way: `benchmarks/
+cold_start.py` measured the first request after the ready line at 3-7x the p50 when it waited), with the next
+probe an interval later. Measured on the one-client latency of a batched model (benchmarks/peers.py:
 local/tiny-sentiment over HTTP): the 10 ms wait was most of the gap to the in-process latency.
 
 A few stragglers (at most half the largest of the last 8 batches) that find the model free wait too, up to the same
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,8 +68,11 @@ class Batcher:
         self._workers: list[asyncio.Task] = []
         self._gathering = asyncio.Lock()  # one worker forms a batch at a time (binds to a loop on first use)
         self.batch_sizes: list[int] = []  # what ran, for tests and diagnostics (bounded below)
-        self._fruitless = 0  # lone waits in a row that ended alone
+        # Lone waits in a row that ended alone. It starts as if waiting did not pay, and goes back to that after an
+        # idle spell: the first requests then run at once (until callers arrive together, or a probe finds company).
+        self._fruitless = FRUITLESS_WAITS
         self._probe_at = 0.0  # loop time after which a lone request waits again (once fruitless)
+        self._last_arrival = -math.inf  # loop time of the last request that may wait
 
     @property
     def queued(self) -> int:
@@ -95,6 +102,12 @@ class Batcher:
             # In a context of their own: a worker serves every caller, so it must not carry the request context
             # of the caller that happened to start it (Serve cancels a request's handle calls with it).
             self._workers.append(loop.create_task(self._work(), context=contextvars.Context()))
+        if may_wait:
+            arrival = loop.time()
+            if arrival - self._last_arrival >= PROBE_INTERVAL_S:  # after an idle spell nobody is on the way
+                self._fruitless = max(self._fruitless, FRUITLESS_WAITS)
+                self._probe_at = arrival + PROBE_INTERVAL_S
+            self._last_arrival = arrival
         now = time.perf_counter_ns()
         futures = []
         for item in items:

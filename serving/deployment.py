@@ -79,6 +79,7 @@ class ModelDeployment(HttpEntry):
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
         self.core = IngressCore(loaded, self.local, set_request_id_header=False)
+        self.core.metering.start_sync_process()  # its start is not the first request's wait
 
     async def info(self) -> dict[str, Any]:
         return await self.local.info(self.spec.id)
@@ -257,3 +258,4 @@ class Ingress(HttpEntry):
         handles = model_handles(catalog, app_names)
         backend = RayBackend(handles, as_deployed(catalog), app_names)
         self.core = IngressCore(loaded, backend, set_request_id_header=False)
+        self.core.metering.start_sync_process()  # its start is not the first request's wait

@@ -57,6 +57,7 @@ class PoolDeployment(HttpEntry):
         remote = RayBackend(model_handles(catalog, app_names, skip=set(self.pool.specs)), others, app_names)
         self.backend = PoolBackend(self.pool, remote)
         self.core = IngressCore(loaded, self.backend, set_request_id_header=False)
+        self.core.metering.start_sync_process()  # its start is not the first request's wait
 
     async def pool_status(self) -> dict[str, Any]:
         return self.pool.status()

@@ -530,3 +530,29 @@ def test_close_from_another_thread_while_the_loop_runs(tmp_path: Path) -> None:
     again = Spool(tmp_path, ["ledger"], sync_process=False)  # the next process replays what was promised
     assert [r["request_id"] for r in drain(again, "ledger")] == ["a"]
     again.close()
+
+
+def test_a_sync_process_started_ahead_serves_the_first_loop_that_appends(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"])
+    spool.start_sync_process()
+    syncer = spool._syncer
+    assert syncer is not None and syncer.loop is None and syncer.alive
+
+    async def main() -> None:
+        await asyncio.gather(*(spool.append_async({"request_id": f"r{i}"}) for i in range(5)))
+        assert spool._syncer is syncer and syncer.loop is asyncio.get_running_loop()
+
+    asyncio.run(main())
+    assert records_in(spool.active_path) == [f"r{i}" for i in range(5)]
+    spool.close()
+    assert syncer.process.poll() is not None  # ended with the spool
+
+
+def test_a_sync_process_started_ahead_and_never_used_ends_with_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"])
+    spool.start_sync_process()
+    syncer = spool._syncer
+    assert syncer is not None
+    spool.append({"request_id": "a"})  # a thread's append syncs on its own
+    spool.close()
+    assert syncer.process.poll() is not None

@@ -53,13 +53,14 @@ def test_a_lone_request_waits_briefly_for_company():
     async def main():
         calls: list[list[int]] = []
         batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=8, wait_timeout_s=0.2)
+        await asyncio.gather(batcher.submit(0), batcher.submit(0))  # callers seen together: waits pay
         a = asyncio.create_task(batcher.submit(1))
         await asyncio.sleep(0.02)
         b = asyncio.create_task(batcher.submit(2))
         return calls, await asyncio.gather(a, b)
 
     calls, results = run(main())
-    assert results == [10, 20] and calls == [[1, 2]]
+    assert results == [10, 20] and calls == [[0, 0], [1, 2]]
 
 
 def test_an_error_reaches_only_its_caller():
@@ -172,10 +173,10 @@ def test_invalid_batcher_settings_are_refused():
         Batcher(lambda items, waited: None, max_batch_size=2, wait_timeout_s=0.0, concurrency=0)
 
 
-def test_one_caller_at_a_time_stops_paying_the_wait_and_company_turns_it_back_on(monkeypatch):
-    """A closed loop of one client never brings company (its next request waits for this answer): after
-    FRUITLESS_WAITS lone waits, lone requests run at once; a probe a second later waits again; and callers that
-    arrive together turn the wait back on."""
+def test_one_caller_at_a_time_pays_no_wait_but_a_probe_and_company_turns_it_back_on(monkeypatch):
+    """A closed loop of one client never brings company (its next request waits for this answer). From a start,
+    lone requests run at once; while the traffic goes on, one lone request per PROBE_INTERVAL_S waits to see
+    whether company comes; callers that arrive together turn the wait back on; an idle spell turns it off again."""
     import serving.batching as batching
 
     monkeypatch.setattr(batching, "PROBE_INTERVAL_S", 0.5)
@@ -190,34 +191,40 @@ def test_one_caller_at_a_time_stops_paying_the_wait_and_company_turns_it_back_on
             assert await batcher.submit(i) == i * 10
             return loop.time() - started
 
-        took = [await one(i) for i in range(6)]  # one client, one request after the other
-        await asyncio.sleep(0.6)  # past the probe interval: the next lone request waits once more
-        probe = await one(6)
-        after_probe = await one(7)
+        took = []
+        started = loop.time()
+        while loop.time() - started < 1.2:  # one client, one request after the other, for 1.2 s
+            took.append(await one(1))
+            await asyncio.sleep(0.01)
         # two callers together: the second is queued when the batch forms, so the wait pays again
         await asyncio.gather(batcher.submit(8), batcher.submit(9))
         back_on = await one(10)
-        return calls, took, probe, after_probe, back_on
+        await asyncio.sleep(0.6)  # an idle spell: the first request after it has nobody on the way
+        after_idle = await one(11)
+        return calls, took, back_on, after_idle
 
-    calls, took, probe, after_probe, back_on = run(main())
-    assert all(t >= 0.09 for t in took[: batching.FRUITLESS_WAITS]), took  # the first lone waits are paid
-    assert all(t < 0.05 for t in took[batching.FRUITLESS_WAITS :]), took  # then no more
-    assert probe >= 0.09 and after_probe < 0.05
+    calls, took, back_on, after_idle = run(main())
+    waited = [t for t in took if t >= 0.09]
+    assert all(t < 0.05 for t in took[:5]), took  # from the start: no wait
+    assert 1 <= len(waited) <= 2, took  # a probe each 0.5 s of traffic (after the first 0.5 s)
+    assert len(took) - len(waited) >= 20
     assert [8, 9] in calls
     assert back_on >= 0.09  # company seen: a lone request waits for it again
+    assert after_idle < 0.05
 
 
 def test_a_wait_that_finds_company_keeps_the_wait_on():
     async def main():
         calls: list[list[int]] = []
         batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=8, wait_timeout_s=0.1)
+        await asyncio.gather(batcher.submit(100), batcher.submit(101))  # callers seen together: waits pay
         for i in range(5):  # each lone request is joined by a second one 20 ms later
             a = asyncio.create_task(batcher.submit(2 * i))
             await asyncio.sleep(0.02)
             await asyncio.gather(a, batcher.submit(2 * i + 1))
         return calls
 
-    assert run(main()) == [[2 * i, 2 * i + 1] for i in range(5)]
+    assert run(main()) == [[100, 101]] + [[2 * i, 2 * i + 1] for i in range(5)]
 
 
 def test_a_few_stragglers_wait_for_the_rest_of_a_recent_batch():
