@@ -8,9 +8,9 @@ them. It is safe to call from every process at every start:
   request thread while metering's runs in its drain thread;
 - across processes on PostgreSQL, the schema's advisory lock, taken in the migration's transaction: several
   replicas starting at once migrate one after another, and the later ones find nothing left to do;
-- on SQLite, the transaction takes the write lock up front where the engine's role issues BEGIN itself
-  (core.db); where the driver begins, a process can lose the race to create the tables: with `race_attempts` > 1
-  it fails once, tries again and finds them there.
+- on SQLite, the migration is one transaction that takes the write lock up front (BEGIN IMMEDIATE, whichever
+  engine role issues BEGIN): several processes migrate one after another, and a migrator killed part-way leaves
+  nothing behind (SQLite's DDL is transactional). `race_attempts` > 1 still tries again after a lost race.
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ def upgrade(engine: Engine, migrations: Migrations, revision: str = "head") -> N
                 with conn.begin():
                     if conn.dialect.name == "postgresql":
                         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": migrations.pg_lock_key})
+                    elif (
+                        conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction
+                    ):
+                        # Where the driver begins, it does so before DML only: the CREATE TABLEs would each commit
+                        # on their own, and a migrator killed between them would leave tables without the version
+                        # stamp, which every later start then fails on ("already exists"). One transaction, the
+                        # write lock taken up front: all or nothing, and concurrent migrators wait for each other.
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, revision)
             return

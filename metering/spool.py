@@ -363,6 +363,17 @@ class Spool:
             return syncer if syncer.alive and syncer.loop is loop else None
         if not self.sync_process or self._syncer_failed:
             return None
+        syncer = self._start_syncer(loop)
+        return syncer if syncer is not None and syncer.alive and syncer.loop is loop else None
+
+    def start_sync_process(self) -> None:
+        """Start the sync process now rather than at the first `append_async` (a child's start takes ~10 ms, which
+        the first request would otherwise wait for); the first event loop that appends takes it."""
+        if self.writer and self.fsync and self.sync_process and not self._syncer_failed:
+            self._start_syncer(None)
+
+    def _start_syncer(self, loop: asyncio.AbstractEventLoop | None) -> SyncProcess | None:
+        """The sync process, started now for `loop` (None: the first loop that appends) unless there is one."""
         with self._queue_cv:
             if self._syncer is None and not self._syncer_failed and not self._closed:
                 try:
@@ -372,23 +383,7 @@ class Spool:
                     log.exception("metering spool: could not start the sync process; syncing in this process")
                     metrics.observe_error("spool-sync-process")
                     self._syncer_failed = True
-            syncer = self._syncer
-        return syncer if syncer is not None and syncer.alive and syncer.loop is loop else None
-
-    def start_sync_process(self) -> None:
-        """Start the sync process now rather than at the first `append_async` (a child's start takes ~10 ms, which
-        the first request would otherwise wait for); the first event loop that appends takes it."""
-        if not (self.writer and self.fsync and self.sync_process) or self._syncer_failed:
-            return
-        with self._queue_cv:
-            if self._syncer is None and not self._closed:
-                try:
-                    self._syncer = SyncProcess(self._active.fd, None, self._syncer_lost)  # type: ignore[union-attr]
-                    self._syncer_file = self._file_number
-                except Exception:
-                    log.exception("metering spool: could not start the sync process; syncing in this process")
-                    metrics.observe_error("spool-sync-process")
-                    self._syncer_failed = True
+            return self._syncer
 
     def _retire(self, syncer: SyncProcess) -> None:
         """End the sync process of a rotated file (on its loop). Its callers' lines are on disk already: the

@@ -101,6 +101,34 @@ def test_billing_write_transactions_take_the_sqlite_write_lock_up_front(tmp_path
         engine.dispose()
 
 
+@pytest.mark.parametrize("role", [LEDGER, BILLING], ids=lambda r: r.name)
+def test_a_migration_that_dies_part_way_leaves_nothing_behind_on_sqlite(tmp_path, monkeypatch, role):
+    """A migrator killed between two CREATEs (here: an error after the table, before its indexes) must not
+    leave a table without the version stamp: every later start would fail on it ("already exists")."""
+    from alembic.operations import Operations
+
+    from metering.ledger import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    engine = make_engine(url, role)
+    try:
+        created = Operations.create_index
+
+        def die(*args, **kwargs):
+            raise RuntimeError("killed part-way")
+
+        monkeypatch.setattr(Operations, "create_index", die)
+        with pytest.raises(RuntimeError, match="part-way"):
+            upgrade(engine, MIGRATIONS)
+        assert "metering_charges" not in inspect(engine).get_table_names()
+        monkeypatch.setattr(Operations, "create_index", created)
+        upgrade(engine, MIGRATIONS)  # the next start migrates from scratch
+        assert "metering_charges" in inspect(engine).get_table_names()
+        assert current_revision(engine, MIGRATIONS) is not None
+    finally:
+        engine.dispose()
+
+
 def test_one_runner_migrates_both_schemas_into_one_database(tmp_path):
     from billing.schema import MIGRATIONS as BILLING_MIGRATIONS
     from metering.ledger import MIGRATIONS as METERING_MIGRATIONS

@@ -20,19 +20,12 @@ from metering.drain import wait_until
 from metering.records import UsageRecord
 from metering.service import MeteringService
 from metering.spool import DRAINER_LOCK, Spool, drainer_consumers, take_drainer_lock
-from tests.unit.test_metering_service import T0
+from tests.unit.test_metering_service import T0, make_settings
+from tests.unit.test_metering_spool import drain
 
 
 def ids(records: list[dict]) -> list[str]:
     return [r["request_id"] for r in records]
-
-
-def drain(spool: Spool, consumer: str, batch: int = 100) -> list[dict]:
-    out = []
-    while (b := spool.read(consumer, batch)) is not None:
-        out.extend(b.records)
-        spool.commit(consumer, b.cursor)
-    return out
 
 
 def check_now(spool: Spool) -> bool:
@@ -117,17 +110,6 @@ def test_no_lock_file_means_no_drainer(tmp_path: Path) -> None:
     assert drainer_consumers(tmp_path) is None  # the file stays; its lock went with the process
 
 
-def settings_for(tmp_path: Path, **kw) -> MeteringSettings:
-    values = dict(
-        database_url=f"sqlite:///{tmp_path}/db/ledger.db",
-        spool_dir=str(tmp_path / "spool"),
-        drain_interval_s=0.02,
-        retry_initial_s=0.01,
-        retry_max_s=0.05,
-    )
-    return MeteringSettings(**{**values, **kw})
-
-
 def usage(rid: str) -> UsageRecord:
     return UsageRecord(
         request_id=rid,
@@ -150,7 +132,7 @@ def ledger_ids(settings: MeteringSettings) -> list[str]:
 
 
 def test_services_leave_delivery_to_the_node_drainer_and_resume_when_it_stops(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path)
+    settings = make_settings(tmp_path)
     writers = [MeteringService(settings, load_profiles()) for _ in range(2)]
     before = [w.record(usage(f"before-{i}")).request_id for i, w in enumerate(writers)]
     for w in writers:
@@ -186,7 +168,7 @@ def test_services_leave_delivery_to_the_node_drainer_and_resume_when_it_stops(tm
 
 
 def test_the_drainer_takes_over_the_files_of_closed_writers(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, drain_interval_s=0.05)
+    settings = make_settings(tmp_path, drain_interval_s=0.05)
     stop = threading.Event()
     thread = threading.Thread(target=node_drain.run, args=(settings, stop), kwargs={"finish_timeout_s": 5})
     thread.start()
@@ -204,7 +186,7 @@ def test_the_drainer_takes_over_the_files_of_closed_writers(tmp_path: Path) -> N
 
 
 def test_one_shot_drain_waits_for_a_running_drainer(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path)
+    settings = make_settings(tmp_path)
     spool_dir = settings.resolved_spool_dir()
     spool_dir.mkdir(parents=True)
     lock = take_drainer_lock(spool_dir, ["ledger"])
@@ -223,7 +205,7 @@ def test_one_shot_drain_waits_for_a_running_drainer(tmp_path: Path) -> None:
 
 
 def test_a_spawned_drainer_delivers_and_stops_when_told(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path)
+    settings = make_settings(tmp_path)
     proc = node_drain.spawn(settings, finish_timeout_s=2)
     try:
         spool_dir = settings.resolved_spool_dir()
@@ -247,7 +229,7 @@ def test_a_killed_drainer_loses_nothing_the_writers_take_back_and_adopt(tmp_path
     writers take their files back from its saved offsets, adopt the ones it held, and every charge lands once."""
     import signal
 
-    settings = settings_for(tmp_path, spool_rotate_bytes=4096, drain_interval_s=0.05, adopt_interval_s=0.2)
+    settings = make_settings(tmp_path, spool_rotate_bytes=4096, drain_interval_s=0.05, adopt_interval_s=0.2)
     proc = node_drain.spawn(settings, finish_timeout_s=2)
     writers: list[MeteringService] = []
     try:
