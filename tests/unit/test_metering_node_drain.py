@@ -257,3 +257,32 @@ def test_a_killed_drainer_loses_nothing_the_writers_take_back_and_adopt(tmp_path
             w.close()
     assert ledger_ids(settings) == sorted(rids)
     assert sorted(p.name for p in settings.resolved_spool_dir().glob("*.jsonl")) == []
+
+
+def test_the_follow_command_drains_until_sigterm_then_exits(tmp_path: Path) -> None:
+    """`hfi metering drain --follow`, the chart's sidecar: it takes the lock, delivers a writer's charges, and
+    exits 0 on SIGTERM (the kubelet's stop) within its --timeout-s."""
+    import signal
+    import subprocess
+    import sys
+
+    settings = make_settings(tmp_path)
+    spool_dir = settings.resolved_spool_dir()
+    env = {**os.environ, "HFI_SPOOL_DIR": str(spool_dir), "HFI_DATABASE_URL": settings.database_url}
+    hfi = Path(sys.executable).parent / "hfi"
+    proc = subprocess.Popen([str(hfi), "metering", "drain", "--follow", "--timeout-s", "5"], env=env)
+    try:
+        assert wait_until(lambda: spool_dir.is_dir() and drainer_consumers(spool_dir) == ["ledger"], 60)
+        writer = MeteringService(settings.model_copy(update={"drain_interval_s": 1.0}), load_profiles())
+        assert wait_until(lambda: writer.spool.handed_off_now(), 10)
+        rids = [writer.record(usage(str(uuid.uuid4()))).request_id for _ in range(5)]
+        assert writer.flush(30)  # the sidecar delivered them (at its default 1 s interval)
+        assert ledger_ids(settings) == sorted(rids)
+        writer.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert drainer_consumers(spool_dir) is None
