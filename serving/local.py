@@ -86,7 +86,7 @@ def apply_serve_env(haproxy: bool = True) -> bool:
             os.environ.setdefault(key, value)
         # HAProxy's own stats and metrics listeners and the fallback proxy have fixed default ports (8404, 9101,
         # 8500): on one machine a second service (a test run beside `hfi serve`) would fail to start, so a local
-        # run takes free ones.
+        # run takes free ones (outside the ephemeral range: _free_port).
         for key in (
             "RAY_SERVE_HAPROXY_STATS_PORT",
             "RAY_SERVE_HAPROXY_METRICS_PORT",
@@ -120,11 +120,22 @@ def replica_port_range(pid: int | None = None, first: int = 20000, width: int = 
     }
 
 
-def _free_port() -> int:
+def _free_port(low: int = 10000, high: int = 20000) -> int:
+    """A port free now for a listener on every address, below the replica ranges and Linux's ephemeral ports: a
+    port the kernel hands out (bind to 0) is an ephemeral one, which any outgoing connection may take before the
+    listener binds it (seen: HAProxy's stats listener failing to start with "Address already in use")."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    for port in random.sample(range(low, high), min(200, high - low)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # nothing free there: let the kernel choose
+        sock.bind(("0.0.0.0", 0))
         return int(sock.getsockname()[1])
 
 

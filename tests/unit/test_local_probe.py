@@ -3,8 +3,11 @@ public port (any HTTP answer counts, a 401 in tokens mode too); models loaded on
 
 from __future__ import annotations
 
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from serving.config import Settings
 from serving.local import probe_models
@@ -48,3 +51,32 @@ def test_each_model_with_replicas_is_asked_until_it_answers(tmp_path):
     assert not any("local/cold" in path for path in asked), (
         "a model scaled to zero is not started by the probe"
     )
+
+
+def test_haproxy_listener_ports_are_free_and_below_the_ephemeral_range():
+    """A kernel-chosen port (bind to 0) is an ephemeral one that an outgoing connection can take before HAProxy
+    binds it: the local run picks its listener ports from 10000-19999, free when chosen, and skips a taken one."""
+    import socket
+
+    from serving import local
+
+    keys = (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    )
+    saved = dict(os.environ)
+    try:
+        for key in keys:
+            os.environ.pop(key, None)
+        if not local.apply_serve_env():
+            pytest.skip("HAProxy does not ship for this platform")
+        for key in keys:
+            assert 10000 <= int(os.environ[key]) < 20000, key
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        port = taken.getsockname()[1]
+        assert local._free_port(port, port + 1) != port  # the only candidate is taken: the kernel chooses
