@@ -323,17 +323,18 @@ class MeteringService:
     def backlog(self) -> dict[str, Any]:
         """This process's charges spooled and not yet in the ledger: how many, their bytes, the drain lag
         (seconds since the ledger consumer last had nothing left to deliver; 0 when nothing waits), and whether
-        the node drainer delivers them (`node_drainer`; then the counts come from its saved progress)."""
+        the node drainer delivers them (`node_drainer`; then the counts come from its saved progress, and the lag
+        is how long the oldest undelivered charge has waited since its request started)."""
         with self._pending_lock:
             pending = len(self._pending)
         if self.spool is None or self._closed:
             return {"pending_charges": pending, "pending_bytes": 0, "drain_lag_s": 0.0, "node_drainer": False}
         if self.spool.handed_off:  # the node drainer's progress on this process's files
-            records, size = self.spool.pending_on_disk(LEDGER)
+            records, size, waited_s = self.spool.pending_on_disk(LEDGER)
             return {
                 "pending_charges": records,
                 "pending_bytes": size,
-                "drain_lag_s": 0.0,
+                "drain_lag_s": round(waited_s, 3),
                 "node_drainer": True,
             }
         pending_bytes = self.spool.pending(LEDGER)

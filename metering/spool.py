@@ -33,6 +33,7 @@ either direction may deliver a batch twice, never skip one: every consumer is id
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import fcntl
 import json
 import logging
@@ -549,17 +550,24 @@ class Spool:
                 return False
             time.sleep(0.02)
 
-    def pending_on_disk(self, consumer: str) -> tuple[int, int]:
+    def pending_on_disk(self, consumer: str) -> tuple[int, int, float]:
         """While handed off: the records and bytes of this process's files that the node drainer has not
-        delivered to `consumer` yet (from its saved offsets)."""
+        delivered to `consumer` yet (from its saved offsets), and how long the oldest of them has waited (seconds
+        since its request started; 0 when none waits): a drainer that is stuck, or gone, shows here."""
         records = size = 0
+        oldest: dt.datetime | None = None
         with self._lock:
             for seg in self._segments:
                 start = min(_read_offsets(seg.offsets_path).get(consumer, 0), seg.size)
                 if start < seg.size:
                     size += seg.size - start
-                    records += os.pread(seg.fd, min(seg.size - start, 16 << 20), start).count(b"\n")
-        return records, size
+                    data = os.pread(seg.fd, min(seg.size - start, 16 << 20), start)
+                    records += data.count(b"\n")
+                    first = _started_at(data.split(b"\n", 1)[0])
+                    if first is not None and (oldest is None or first < oldest):
+                        oldest = first
+        waited = 0.0 if oldest is None else (dt.datetime.now(dt.timezone.utc) - oldest).total_seconds()
+        return records, size, max(0.0, waited)
 
     def files(self) -> list[Path]:
         """The spool files this process holds (adopted ones first)."""
@@ -662,6 +670,16 @@ def _read_lines(seg: _Segment, start: int, max_records: int) -> tuple[list[dict[
         )
         end = seg.size
     return records, end
+
+
+def _started_at(line: bytes) -> dt.datetime | None:
+    """The `started_at` of a spooled charge's line (aware UTC), or None when the line has none that reads."""
+    try:
+        value = decode_line(line).get("started_at")
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
 
 
 def drainer_consumers(directory: Path) -> list[str] | None:

@@ -286,3 +286,51 @@ def test_the_follow_command_drains_until_sigterm_then_exits(tmp_path: Path) -> N
             proc.kill()
             proc.wait()
     assert drainer_consumers(spool_dir) is None
+
+
+def test_a_handed_off_backlog_counts_what_the_drainer_has_not_delivered_and_how_long_it_waited(
+    tmp_path: Path,
+) -> None:
+    """`hfi status` while a node drainer delivers: the charges past its saved offsets, and the drain lag as the
+    wait of the oldest of them, so a drainer that is stuck (the database down) or gone shows."""
+    import datetime as dt
+    import json
+
+    settings = make_settings(tmp_path)
+    spool_dir = settings.resolved_spool_dir()
+    spool_dir.mkdir(parents=True)
+    lock = take_drainer_lock(spool_dir, ["ledger"])  # a drainer that delivers nothing
+    assert lock is not None
+    writer = MeteringService(settings, load_profiles())
+    try:
+        assert wait_until(lambda: writer.spool.handed_off_now(), 10)
+        assert writer.backlog() == {
+            "pending_charges": 0,
+            "pending_bytes": 0,
+            "drain_lag_s": 0.0,
+            "node_drainer": True,
+        }
+        started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+        for i in range(3):
+            writer.record(
+                UsageRecord(
+                    request_id=str(uuid.uuid4()),
+                    started_at=started + dt.timedelta(seconds=i),
+                    model_id="org/m",
+                    revision="abc",
+                    task="feature-extraction",
+                    hardware_profile="nvidia-h100",
+                    compute_ns=1_000_000,
+                )
+            )
+        backlog = writer.backlog()
+        assert backlog["pending_charges"] == 3 and backlog["pending_bytes"] > 0
+        assert 5.0 <= backlog["drain_lag_s"] < 60
+        # the drainer saves its progress past them: nothing waits
+        active = writer.spool.active_path
+        size = writer.spool._active.size
+        active.with_name(active.name + ".offsets.json").write_text(json.dumps({"ledger": size}))
+        assert writer.backlog()["pending_charges"] == 0 and writer.backlog()["drain_lag_s"] == 0.0
+    finally:
+        writer.close()
+        os.close(lock)
