@@ -18,6 +18,8 @@ from core.settings import ENV_VARS
 from core.utc import as_utc
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import typer
 
     from metering.config import MeteringSettings
@@ -190,7 +192,7 @@ def drain_spool(settings: MeteringSettings, timeout_s: float, *, poll_s: float =
     deadline = time.monotonic() + timeout_s
     directory = settings.resolved_spool_dir()
     while directory.is_dir() and drainer_consumers(directory) is not None:
-        mine = sorted(p.name for p in directory.glob(socket.gethostname() + "-*.jsonl"))
+        mine = [p.name for p in _this_host_files(directory)]
         if not mine:
             return DrainResult(0, 0, 0)
         if time.monotonic() >= deadline:
@@ -232,8 +234,12 @@ def drain_spool(settings: MeteringSettings, timeout_s: float, *, poll_s: float =
 def _held_by_this_host(spool: Spool) -> list[str]:
     """This host's spool files that another process still holds (spool files are named `<host>-<pid>-...`)."""
     ours = set(spool.files())
-    prefix = socket.gethostname() + "-"
-    return sorted(p.name for p in spool.directory.glob(prefix + "*.jsonl") if p not in ours)
+    return [p.name for p in _this_host_files(spool.directory) if p not in ours]
+
+
+def _this_host_files(directory: Path) -> list[Path]:
+    """The spool files of this host's processes in `directory` (they are named `<host>-<pid>-...`), sorted."""
+    return sorted(directory.glob(socket.gethostname() + "-*.jsonl"))
 
 
 def register(app: typer.Typer) -> None:
@@ -374,13 +380,10 @@ def _register_drain(metering: typer.Typer) -> None:
         settings = drain_settings(spool_dir, database_url)
         if follow:
             import signal
-            import threading
 
             from metering import node_drain
 
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            stop = node_drain.stop_on(signal.SIGTERM, signal.SIGINT)
             if not node_drain.run(settings, stop, finish_timeout_s=timeout_s):
                 raise typer.Exit(1)
             return

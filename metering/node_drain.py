@@ -35,28 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDBY_POLL_S = 0.5
 
 
-def consumer_names(settings: MeteringSettings) -> list[str]:
-    """The spool consumers of the service's configured destinations (as MeteringService names them)."""
-    from metering.service import LEDGER
-
-    names = [LEDGER]
-    if settings.events_file:
-        names.append("events-file")
-    if settings.collector_url:
-        names.append("events-http")
-    return names
-
-
 def run(settings: MeteringSettings, stop: threading.Event, *, finish_timeout_s: float = 5.0) -> bool:
     """Be the node drainer of the settings' spool directory until `stop` is set (waiting first while another
     process is), then deliver what is left for up to `finish_timeout_s`. True when nothing was left undelivered."""
     from hardware_profiles import ProfileCatalog
-    from metering.service import MeteringService
+    from metering.service import MeteringService, configured_consumers
     from metering.spool import take_drainer_lock
 
     directory = settings.resolved_spool_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    consumers = consumer_names(settings)
+    consumers = configured_consumers(settings)
     lock = take_drainer_lock(directory, consumers)
     if lock is None:
         log.info("metering: another process drains %s; standing by", directory)
@@ -81,6 +69,14 @@ def run(settings: MeteringSettings, stop: threading.Event, *, finish_timeout_s: 
             svc.close()
     finally:
         os.close(lock)  # the writers drain their own files again
+
+
+def stop_on(*signals: int) -> threading.Event:
+    """An event that any of `signals` sets (handlers installed now: call on the main thread)."""
+    stop = threading.Event()
+    for number in signals:
+        signal.signal(number, lambda *_: stop.set())
+    return stop
 
 
 def spawn(settings: MeteringSettings, *, finish_timeout_s: float = 2.0) -> subprocess.Popen[bytes]:
@@ -131,7 +127,7 @@ def _main() -> int:
     except (ValueError, KeyError, TypeError) as err:
         log.error("metering drainer: no settings on standard input (%s)", err)
         return 2
-    stop = threading.Event()
+    stop = stop_on(signal.SIGTERM)
 
     def watch_stdin() -> None:  # end of file: the parent finished, or is gone
         while sys.stdin.buffer.read(65536):
@@ -139,7 +135,6 @@ def _main() -> int:
         stop.set()
 
     threading.Thread(target=watch_stdin, name="drainer-stdin", daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     return 0 if run(settings, stop, finish_timeout_s=finish_timeout_s) else 1
 
 

@@ -45,6 +45,17 @@ from metering.spool import Spool
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger"
+EVENTS_FILE = "events-file"
+EVENTS_HTTP = "events-http"
+
+
+def configured_consumers(settings: MeteringSettings) -> list[str]:
+    """The spool consumers of the settings' destinations: the ledger, then the configured event sinks."""
+    return [LEDGER] + [
+        name
+        for name, on in ((EVENTS_FILE, settings.events_file), (EVENTS_HTTP, settings.collector_url))
+        if on
+    ]
 
 
 class MeteringService:
@@ -115,9 +126,9 @@ class MeteringService:
         s = self.settings
         sinks: dict[str, EventSink] = {}
         if s.events_file:
-            sinks["events-file"] = JsonLinesSink(s.events_file)
+            sinks[EVENTS_FILE] = JsonLinesSink(s.events_file)
         if s.collector_url:
-            sinks["events-http"] = HttpCollectorSink(
+            sinks[EVENTS_HTTP] = HttpCollectorSink(
                 s.collector_url, token=s.collector_token, timeout_s=s.collector_timeout_s
             )
         for name, sink in (extra or {}).items():
@@ -327,26 +338,21 @@ class MeteringService:
         is how long the oldest undelivered charge has waited since its request started)."""
         with self._pending_lock:
             pending = len(self._pending)
-        if self.spool is None or self._closed:
-            return {"pending_charges": pending, "pending_bytes": 0, "drain_lag_s": 0.0, "node_drainer": False}
-        if self.spool.handed_off:  # the node drainer's progress on this process's files
-            records, size, waited_s = self.spool.pending_on_disk(LEDGER)
-            return {
-                "pending_charges": records,
-                "pending_bytes": size,
-                "drain_lag_s": round(waited_s, 3),
-                "node_drainer": True,
-            }
-        pending_bytes = self.spool.pending(LEDGER)
-        consumer = next((c for c in self.consumers if c.name == LEDGER), None)
-        lag_s = 0.0
-        if consumer is not None and (pending or pending_bytes):
-            lag_s = max(0.0, time.monotonic() - consumer.caught_up_at)
+        pending_bytes, lag_s, handed_off = 0, 0.0, False
+        if self.spool is not None and not self._closed:
+            handed_off = self.spool.handed_off
+            if handed_off:  # the node drainer's progress on this process's files
+                pending, pending_bytes, lag_s = self.spool.pending_on_disk(LEDGER)
+            else:
+                pending_bytes = self.spool.pending(LEDGER)
+                consumer = next((c for c in self.consumers if c.name == LEDGER), None)
+                if consumer is not None and (pending or pending_bytes):
+                    lag_s = max(0.0, time.monotonic() - consumer.caught_up_at)
         return {
             "pending_charges": pending,
             "pending_bytes": pending_bytes,
             "drain_lag_s": round(lag_s, 3),
-            "node_drainer": False,
+            "node_drainer": handed_off,
         }
 
     def check_provider_secret(self, presented: str | None) -> bool:

@@ -67,9 +67,8 @@ class _Segment:
     size: int  # bytes of records; an active file is longer, zero-filled past this (Spool.preallocate_bytes)
     offsets: dict[str, int] = field(default_factory=dict)
     allocated: int = 0  # file length (active files: written zeros ahead of `size`)
-    live: bool = (
-        False  # another process writes it (a drainer's view): `size` grows, never this one's to delete
-    )
+    # Another process writes it (a drainer's view): `size` grows, and it is never this process's to delete.
+    live: bool = False
 
     @property
     def offsets_path(self) -> Path:
@@ -183,18 +182,15 @@ class Spool:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:
                 continue
-            live = False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                if self.writer:
-                    os.close(fd)  # a live process owns it
-                    continue
-                live = True
+            live = not _try_lock(fd)  # a live process owns it
+            if live and self.writer:
+                os.close(fd)
+                continue
             if not path.exists():  # deleted by its adopter (or its writer) between our open and our lock
                 os.close(fd)
                 continue
-            size = _complete_end(fd, 0) if live else _records_end(fd)
+            records_end, complete_end = _scan(fd)
+            size = complete_end if live else records_end
             seg = _Segment(path, fd, False, size, live=live)
             saved = _read_offsets(seg.offsets_path)
             seg.offsets = {c: saved.get(c, 0) if saved.get(c, 0) <= size else 0 for c in self.consumers}
@@ -233,7 +229,7 @@ class Spool:
             for seg in released:
                 if seg in self._segments:
                     seg.live = False
-                    seg.size = max(seg.size, _records_end(seg.fd))  # final: its writer let it go
+                    seg.size = max(seg.size, _scan(seg.fd)[0])  # final: its writer let it go
             for seg in [*found, *released]:
                 if (
                     seg in self._segments
@@ -483,7 +479,7 @@ class Spool:
             for seg in self._segments:
                 start = seg.offsets[consumer]
                 if seg.live and start >= seg.size:  # another process's file: what it wrote since
-                    seg.size = _complete_end(seg.fd, seg.size)
+                    seg.size = _scan(seg.fd, seg.size)[1]
                 if start >= seg.size:
                     continue
                 records, end = _read_lines(seg, start, max_records)
@@ -520,7 +516,7 @@ class Spool:
         with self._lock:
             for seg in self._segments:
                 if seg.live:
-                    seg.size = _complete_end(seg.fd, seg.size)
+                    seg.size = _scan(seg.fd, seg.size)[1]
             targets = {id(s): s.size for s in self._segments}
             while True:
                 behind = [
@@ -554,18 +550,27 @@ class Spool:
         """While handed off: the records and bytes of this process's files that the node drainer has not
         delivered to `consumer` yet (from its saved offsets), and how long the oldest of them has waited (seconds
         since its request started; 0 when none waits): a drainer that is stuck, or gone, shows here."""
+        with self._lock:  # the reads below happen outside it: appends never wait for a status read
+            files = [(s.path, s.offsets_path, s.size) for s in self._segments]
         records = size = 0
         oldest: dt.datetime | None = None
-        with self._lock:
-            for seg in self._segments:
-                start = min(_read_offsets(seg.offsets_path).get(consumer, 0), seg.size)
-                if start < seg.size:
-                    size += seg.size - start
-                    data = os.pread(seg.fd, min(seg.size - start, 16 << 20), start)
-                    records += data.count(b"\n")
-                    first = _started_at(data.split(b"\n", 1)[0])
-                    if first is not None and (oldest is None or first < oldest):
-                        oldest = first
+        for path, offsets_path, end in files:
+            start = min(_read_offsets(offsets_path).get(consumer, 0), end)
+            if start >= end:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # rotated away and delivered meanwhile
+                continue
+            try:
+                data = os.pread(fd, min(end - start, 16 << 20), start)
+            finally:
+                os.close(fd)
+            size += end - start
+            records += data.count(b"\n")
+            first = _started_at(data.split(b"\n", 1)[0])
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
         waited = 0.0 if oldest is None else (dt.datetime.now(dt.timezone.utc) - oldest).total_seconds()
         return records, size, max(0.0, waited)
 
@@ -722,21 +727,22 @@ def _try_lock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
     return True
 
 
-def _complete_end(fd: int, start: int) -> int:
-    """Where the complete lines of a file another process is appending to end, from `start` (the end of a complete
-    line): after the last newline before its first zero byte (the preallocated tail) or its end."""
-    end = offset = start
+def _scan(fd: int, start: int = 0) -> tuple[int, int]:
+    """From `start` (0, or the end of a complete line): where a spool file's records end (its length, or the first
+    zero byte of its preallocated tail: a record never holds one, JSON escapes control characters), and where its
+    last complete line before that ends (all a reader may take of a file another process is appending to)."""
+    complete = offset = start
     chunk = 64 * 1024
     while True:
         data = os.pread(fd, chunk, offset)
         if not data:
-            return end
+            return offset, complete
         zero = data.find(b"\0")
         newline = data.rfind(b"\n", 0, len(data) if zero < 0 else zero)
         if newline >= 0:
-            end = offset + newline + 1
+            complete = offset + newline + 1
         if zero >= 0:
-            return end
+            return offset + zero, complete
         offset += len(data)
         chunk = min(chunk * 2, 4 << 20)
 
@@ -747,22 +753,6 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-
-
-def _records_end(fd: int) -> int:
-    """Where the records of a spool file end: its length, or the first zero byte of its preallocated tail (a
-    record never holds one: JSON escapes control characters)."""
-    length = os.fstat(fd).st_size
-    offset = 0
-    while offset < length:
-        chunk = os.pread(fd, min(1024 * 1024, length - offset), offset)
-        if not chunk:
-            break
-        zero = chunk.find(b"\0")
-        if zero >= 0:
-            return offset + zero
-        offset += len(chunk)
-    return length
 
 
 def _read_offsets(path: Path) -> dict[str, int]:

@@ -11,10 +11,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "hf-inference"
-CI_VALUES = CHART / "ci" / "two-gpu-profiles-values.yaml"
-VALUE_SETS = {"default": [], "ci-two-gpu-profiles": [CI_VALUES]}
-K8S_VERSION = "1.30.0"  # as tests/unit/test_helm_chart.py; native sidecars need >= 1.29
+from tests.unit.test_helm_chart import (  # native sidecars need K8S_VERSION >= 1.29
+    CHART,
+    CI_VALUES,
+    K8S_VERSION,
+    VALUE_SETS,
+)
+from tests.unit.test_helm_chart import _pod_templates as _rayservice_pod_templates
+
 DRAINER = "spool-drainer"
 DRAINER_STOP_S = 10  # what the sidecar delivers for at its SIGTERM (templates/_helpers.tpl, hfi.spoolDrainer)
 
@@ -31,6 +35,8 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def _values(files: list[Path]) -> dict[str, Any]:
+    """The values Helm renders with (a deep merge: the CI file sets part of `spool`, which test_helm_chart's
+    top-level replacement would drop along with `spool.drainer`)."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     for f in files:
         values = _merge(values, yaml.safe_load(f.read_text()))
@@ -43,11 +49,7 @@ def _prepares_spool(values: dict[str, Any]) -> bool:
 
 
 def _pod_templates(result) -> dict[str, dict[str, Any]]:
-    cluster = result.one("RayService")["spec"]["rayClusterConfig"]
-    templates = {"head": cluster["headGroupSpec"]["template"]}
-    for group in cluster["workerGroupSpecs"]:
-        templates[group["groupName"]] = group["template"]
-    return templates
+    return _rayservice_pod_templates(result.one("RayService"))
 
 
 def _init_containers(template: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -10,13 +10,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from hardware_profiles import load_profiles
 from metering import node_drain
 from metering.cli import drain_spool
 from metering.config import MeteringSettings
 from metering.drain import wait_until
+from metering.ledger import Ledger
 from metering.records import UsageRecord
 from metering.service import MeteringService
 from metering.spool import DRAINER_LOCK, Spool, drainer_consumers, take_drainer_lock
@@ -123,12 +123,11 @@ def usage(rid: str) -> UsageRecord:
 
 
 def ledger_ids(settings: MeteringSettings) -> list[str]:
-    engine = create_engine(settings.resolved_database_url())
+    ledger = Ledger(settings.resolved_database_url())
     try:
-        with engine.connect() as conn:
-            return sorted(r[0] for r in conn.execute(text("SELECT request_id FROM metering_charges")))
+        return sorted(c.request_id for c in ledger.charges())
     finally:
-        engine.dispose()
+        ledger.close()
 
 
 def test_services_leave_delivery_to_the_node_drainer_and_resume_when_it_stops(tmp_path: Path) -> None:
