@@ -20,7 +20,8 @@ from metering.ledger import Ledger
 from metering.records import UsageRecord
 from metering.service import MeteringService
 from metering.spool import DRAINER_LOCK, Spool, drainer_consumers, take_drainer_lock
-from tests.unit.test_metering_service import T0, make_settings
+from tests.unit.test_metering_service import make_settings
+from tests.unit.test_metering_service import usage as service_usage
 from tests.unit.test_metering_spool import drain
 
 
@@ -111,15 +112,8 @@ def test_no_lock_file_means_no_drainer(tmp_path: Path) -> None:
 
 
 def usage(rid: str) -> UsageRecord:
-    return UsageRecord(
-        request_id=rid,
-        started_at=T0,
-        model_id="org/m",
-        revision="abc",
-        task="feature-extraction",
-        hardware_profile="nvidia-h100",
-        compute_ns=100_000_000,
-    )
+    """100 ms on nvidia-h100 (test_metering_service's charge), under request id `rid`."""
+    return service_usage(0, request_id=rid)
 
 
 def ledger_ids(settings: MeteringSettings) -> list[str]:
@@ -312,15 +306,7 @@ def test_a_handed_off_backlog_counts_what_the_drainer_has_not_delivered_and_how_
         started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
         for i in range(3):
             writer.record(
-                UsageRecord(
-                    request_id=str(uuid.uuid4()),
-                    started_at=started + dt.timedelta(seconds=i),
-                    model_id="org/m",
-                    revision="abc",
-                    task="feature-extraction",
-                    hardware_profile="nvidia-h100",
-                    compute_ns=1_000_000,
-                )
+                service_usage(0, request_id=str(uuid.uuid4()), started_at=started + dt.timedelta(seconds=i))
             )
         backlog = writer.backlog()
         assert backlog["pending_charges"] == 3 and backlog["pending_bytes"] > 0
