@@ -33,7 +33,7 @@ class MeteringSettings(BaseModel):
     # charges, so that the event loop goes on serving meanwhile (metering/syncer.py). False, or if it fails: a
     # worker thread runs that fdatasync.
     spool_sync_process: bool = True
-    # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 700 bytes
+    # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 800 bytes
     # each); a closed file is deleted once delivered.
     spool_rotate_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
     # How often the background threads look for new charges, and how many they move at once.
