@@ -4,7 +4,7 @@ Profiles are validated data, one YAML file per profile, referenced by name from 
 """
 
 from hardware_profiles.loader import default_catalog_dir, load_profiles
-from hardware_profiles.schema import Accelerator, HardwareProfile, PricePoint, ProfileCatalog
+from hardware_profiles.schema import Accelerator, HardwareProfile, PricePoint, ProfileCatalog, off_gpu_nodes
 
 __all__ = [
     "Accelerator",
@@ -13,4 +13,5 @@ __all__ = [
     "ProfileCatalog",
     "default_catalog_dir",
     "load_profiles",
+    "off_gpu_nodes",
 ]

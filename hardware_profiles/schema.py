@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections.abc import Iterable
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -10,6 +12,24 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SECONDS_PER_HOUR = 3600
+# The node label Ray sets on every node where it detects an accelerator: its type, as in accelerator_type (L4, H100).
+ACCELERATOR_TYPE_LABEL = "ray.io/accelerator-type"
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def off_gpu_nodes(gpu_types: Iterable[str], *, strict: bool) -> dict[str, Any]:
+    """Ray actor options that keep an actor asking for no GPU off the nodes that have a GPU of these types, so that
+    it cannot take the CPUs a GPU replica needs there (Serve spreads replicas over every node that fits).
+
+    Strict: only nodes without such a GPU (a cluster with CPU nodes). Otherwise a preference: such a node when one
+    has room, else any node (one GPU machine that runs everything). Nodes without the label match either way."""
+    types = sorted({t for t in gpu_types if _LABEL_VALUE.fullmatch(t)})
+    if not types:
+        return {}
+    options: dict[str, Any] = {"label_selector": {ACCELERATOR_TYPE_LABEL: f"!in({','.join(types)})"}}
+    if not strict:
+        options["fallback_strategy"] = [{"label_selector": {}}]
+    return options
 
 
 class Accelerator(BaseModel):
@@ -113,3 +133,16 @@ class ProfileCatalog(BaseModel):
 
     def names(self) -> list[str]:
         return sorted(self.profiles)
+
+    def gpu_types(self) -> list[str]:
+        """The accelerator types the profiles ask for."""
+        return sorted({p.accelerator.type for p in self.profiles.values() if p.accelerator is not None})
+
+    def ray_actor_options(self, name: str, *, strict_cpu_placement: bool = False) -> dict[str, Any]:
+        """A replica's Ray actor options: its profile's, and for a profile without a GPU, off the nodes that
+        have a GPU of any profile (see off_gpu_nodes)."""
+        profile = self.get(name)
+        options = profile.ray_actor_options()
+        if profile.accelerator is None:
+            options.update(off_gpu_nodes(self.gpu_types(), strict=strict_cpu_placement))
+        return options

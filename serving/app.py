@@ -18,11 +18,14 @@ from models.catalog import ModelCatalog, ModelSpec, PoolSpec
 from serving.config import Settings
 
 
-def deployment_options(spec: ModelSpec, profile: HardwareProfile) -> dict[str, Any]:
-    """Serve options of a model's deployment: placement from its profile, scale and limits from the catalog."""
+def deployment_options(
+    spec: ModelSpec, profile: HardwareProfile, ray_actor_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Serve options of a model's deployment: placement from its profile (`ray_actor_options`, by default the
+    profile's own), scale and limits from the catalog."""
     options: dict[str, Any] = {
         "name": spec.deployment_name,
-        "ray_actor_options": profile.ray_actor_options(),
+        "ray_actor_options": ray_actor_options or profile.ray_actor_options(),
         "max_ongoing_requests": spec.max_ongoing_requests,
         # Loading real weights can take minutes; give the first health check room.
         "health_check_timeout_s": 60,
@@ -154,7 +157,8 @@ def build_model_app(args: dict[str, Any]) -> Any:
     if spec is None:
         raise ValueError(f"model {model_id!r} is not in the catalog")
     profile = profiles.get(spec.hardware_profile)
-    return ModelDeployment.options(**deployment_options(spec, profile)).bind(
+    placement = settings.actor_options(profiles, spec.hardware_profile)
+    return ModelDeployment.options(**deployment_options(spec, profile, placement)).bind(
         spec.model_dump(mode="json"), profile.model_dump(mode="json"), settings.replica_args()
     )
 
@@ -174,7 +178,7 @@ def build_pool_app(args: dict[str, Any]) -> Any:
     return PoolDeployment.options(
         name=pool.deployment_name,
         num_replicas=pool.replicas,
-        ray_actor_options=profile.ray_actor_options(),
+        ray_actor_options=settings.actor_options(profiles, pool.hardware_profile),
         max_ongoing_requests=pool.max_ongoing_requests,
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=30,
@@ -191,10 +195,10 @@ def build_ingress_app(args: dict[str, Any] | None = None) -> Any:
     from serving.deployment import Ingress
 
     settings = Settings.load(args or {})
-    catalog, _ = settings.validated()
+    catalog, profiles = settings.validated()
     return Ingress.options(
         name="ingress",
         num_replicas=settings.ingress_replicas,
-        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        ray_actor_options=settings.actor_options(profiles, None),
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
     ).bind(_app_names(catalog, settings), settings.replica_args())

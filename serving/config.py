@@ -7,13 +7,13 @@ the service reads is listed in core.settings.ENV_VARS.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from billing.config import BillingSettings
 from core.settings import SettingsError, settings_data
-from hardware_profiles import ProfileCatalog, load_profiles
+from hardware_profiles import ProfileCatalog, load_profiles, off_gpu_nodes
 from hardware_profiles.loader import ProfileError
 from metering.config import MeteringSettings
 from models.catalog import CatalogError, ModelCatalog, load_catalog, parse_catalog
@@ -52,6 +52,11 @@ class Settings(BaseModel):
     # run (Linux); False, or elsewhere: Serve's Python proxy. On a cluster the Helm chart sets it on every node.
     haproxy: bool = True
     ingress_num_cpus: float = Field(default=0.25, ge=0)
+    # Replicas whose profile has no GPU, and the router: "fallback" keeps them off nodes with a GPU of the profiles
+    # while another node has room, else lets them run there (one GPU machine running everything); "never" keeps
+    # them off such nodes always (a cluster with CPU nodes: the Helm chart's setting). Ray's node label
+    # ray.io/accelerator-type says which nodes have one.
+    cpu_replicas_on_gpu_nodes: Literal["fallback", "never"] = "fallback"
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_max_ongoing_requests: int = Field(default=256, ge=1)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
@@ -112,6 +117,13 @@ class Settings(BaseModel):
                     f" (known: {', '.join(profiles.names())})"
                 )
         return catalog, profiles
+
+    def actor_options(self, profiles: ProfileCatalog, profile: str | None) -> dict[str, Any]:
+        """The Ray actor options of a replica of this profile (None: the router, settings.ingress_num_cpus)."""
+        strict = self.cpu_replicas_on_gpu_nodes == "never"
+        if profile is not None:
+            return profiles.ray_actor_options(profile, strict_cpu_placement=strict)
+        return {"num_cpus": self.ingress_num_cpus, **off_gpu_nodes(profiles.gpu_types(), strict=strict)}
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(

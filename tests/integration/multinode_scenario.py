@@ -6,17 +6,19 @@ The cluster, started with Ray's own test helper `ray.cluster_utils.Cluster`, eac
 - the head (the machine's address, 2 logical CPUs): the Serve controller, the router application, the CPU model;
 - a second node shaped like the Helm chart's worker pod for the `nvidia-l4` profile: 8 logical CPUs, one logical
   GPU, the `accelerator_type:L4` resource, and an address of its own (127.0.0.2), as a second machine has.
-The service is deployed by `serving.local.start` (the applications of `serving.app.applications`) with HAProxy
-on every node and `host: 0.0.0.0` as in the chart. The second node joins once only the L4 model waits for it, as
-KubeRay's autoscaler adds a GPU pod for a pending replica.
+Both nodes are up before the service is deployed by `serving.local.start` (the applications of
+`serving.app.applications`) with HAProxy on every node, `host: 0.0.0.0` and `cpu_replicas_on_gpu_nodes: never`
+as in the chart. The second node carries the `ray.io/accelerator-type: L4` node label, which Ray sets on a node
+where it detects an L4 (given here through RAY_OVERRIDE_LABELS, the variable Ray reads labels from): the router
+and the CPU model keep off it by that label, so that they cannot take the CPUs the L4 model needs there.
 
 The second node has no GPU: its model is `local/tiny-sentiment` under another id, on the real `nvidia-l4` profile
 (placement and price) with `device: cpu` (the catalog's setting that forces the device), so a CPU runner stands in
 for the GPU there.
 
 What it records (`checks`):
-1. placement: where each application's replica runs (Serve's own details), and which replicas' resource demand
-   the L4 node could take;
+1. placement: where each application's replica runs (Serve's own details), and which replicas' demand (resources
+   and label selector) the L4 node could take;
 2. cross-node HAProxy: each node's HAProxy (the head's on the service port, the second's on
    RAY_SERVE_WORKER_PROXY_HTTP_PORT), at its node's address, answers the model whose replica is on the *other*
    node, and forwards to that node's address;
@@ -46,7 +48,6 @@ import socket
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from decimal import Decimal
@@ -104,6 +105,7 @@ def settings_args(
         "model_store": model_store,
         "offline": True,
         "model_wait_timeout_s": 120,
+        "cpu_replicas_on_gpu_nodes": "never",  # the chart's setting
         "models": [
             model(CPU_MODEL, "cpu-basic"),
             # A CPU runner stands in for the L4: `device: cpu` forces the device; placement and price stay L4's.
@@ -165,13 +167,15 @@ class Scenario:
 
     def add_l4_node(self) -> None:
         """The second node, shaped like the Helm chart's worker pod for the nvidia-l4 profile: the profile's 8
-        logical CPUs, one GPU, and the `accelerator_type:L4` resource that `accelerator_type="L4"` asks for."""
+        logical CPUs, one GPU, the `accelerator_type:L4` resource that `accelerator_type="L4"` asks for, and the
+        node label Ray gives a node where it detects an L4."""
         # Its processes inherit this environment when its raylet starts: its HAProxy takes its own HTTP port
         # (Ray's per-worker-node override) and its own stats and metrics ports.
         node_env = {
             "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(self.worker_port),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_OVERRIDE_LABELS": json.dumps({"ray.io/accelerator-type": "L4"}),
         }
         saved = {key: os.environ.get(key) for key in node_env}
         os.environ.update(node_env)
@@ -197,48 +201,15 @@ class Scenario:
         self.cluster.wait_for_nodes()
 
     def deploy(self) -> None:
-        """Deploy the service with `serving.local.start`, and add the L4 node once only the L4 model waits for
-        one, as KubeRay's autoscaler adds a GPU worker pod (the chart's GPU groups start at zero) for a replica
-        that asks for its accelerator. The CPU replicas are placed before it exists: see check_placement."""
+        """Deploy the service with `serving.local.start` on both nodes (see check_placement)."""
         import ray
-        from ray import serve
 
         from serving import local
 
         ray.init(address=self.cluster.address, include_dashboard=False, log_to_driver=False)
-        args = settings_args(self.work, self.model_store, self.head_port, **self.settings)
         started = time.monotonic()
-        failed: list[BaseException] = []
-
-        def start() -> None:
-            try:
-                local.start(args)
-            except BaseException as err:  # reported by the main thread
-                failed.append(err)
-
-        thread = threading.Thread(target=start, name="deploy", daemon=True)
-        thread.start()
-        waiting = {app for app in self.app_names() if app != self.l4_app}
-        while waiting and not failed:
-            time.sleep(0.5)
-            try:
-                apps = serve.status().applications
-            except Exception:  # Serve not up yet
-                continue
-            waiting = {app for app in waiting if getattr(apps.get(app), "status", None) != "RUNNING"}
-        self.result["cpu_apps_running_s"] = round(time.monotonic() - started, 1)
-        if not failed:
-            self.add_l4_node()
-        thread.join()
-        if failed:
-            raise failed[0]
+        local.start(settings_args(self.work, self.model_store, self.head_port, **self.settings))
         self.result["deploy_s"] = round(time.monotonic() - started, 1)
-
-    def app_names(self) -> list[str]:
-        """The Serve applications of the service, as `serving.app.applications` lays them out."""
-        from serving.app import applications
-
-        return [app.name for app in applications(settings_args(self.work, self.model_store, self.head_port))]
 
     @property
     def l4_app(self) -> str:
@@ -273,27 +244,28 @@ class Scenario:
     def check_placement(self) -> None:
         """Where each replica runs, and whether the L4 node could take the replicas that ask for no GPU.
 
-        The CPU replicas were placed before the L4 node joined (see deploy), so where they run says nothing about
-        the L4 node; what does is whether their resource demand fits that node at all. Serve places replicas with
-        Ray's SPREAD strategy, which does not keep CPU work off GPU nodes: one that fits may land there (seen here
-        when both nodes were up from the start: the cpu-basic replica took one of the L4 node's 8 CPUs and the
-        L4 replica, which needs all 8, stayed pending)."""
+        Serve places replicas with Ray's SPREAD strategy, which alone does not keep CPU work off GPU nodes: a
+        replica that fits may land there (seen here before the label selector: the cpu-basic replica took one of
+        the L4 node's 8 CPUs and the L4 replica, which needs all 8, stayed pending). Where a replica landed can
+        be luck, so the check is also whether its demand (resources and label selector) admits the L4 node."""
         import ray
 
         head, second = self.node_ids
         deployments = self.deployments()
         where = {name: [r["node_id"] for r in d["replicas"]] for name, d in deployments.items()}
         self.l4_pid = deployments[self.l4_app]["replicas"][0]["pid"]
-        l4_node = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == second)
+        l4_node = next(n for n in ray.nodes() if n["NodeID"] == second)
         fits = {
-            name: _fits(_demand(d["ray_actor_options"]), l4_node)
+            name: _fits(_demand(d["ray_actor_options"]), l4_node["Resources"])
+            and _selects(d["ray_actor_options"], l4_node.get("Labels") or {})
             for name, d in deployments.items()
             if name != self.l4_app
         }
         self.result["checks"]["placement"] = {
             "head_node": head,
             "second_node": second,
-            "l4_node_resources": l4_node,
+            "l4_node_resources": l4_node["Resources"],
+            "l4_node_labels": l4_node.get("Labels"),
             "nodes": where,
             "demands": {name: _demand(d["ray_actor_options"]) for name, d in deployments.items()},
             "l4_model_nodes": where.get(self.l4_app),
@@ -474,6 +446,21 @@ def _fits(demand: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(key, 0) >= amount for key, amount in demand.items())
 
 
+def _selects(options: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether an actor with these options may run on a node with these labels: its label selector matches them
+    (Ray's operators: value, !value, in(a,b), !in(a,b); a missing label matches only the negative ones), or a
+    fallback lets it go anywhere."""
+    if options.get("fallback_strategy"):
+        return True
+    for key, want in (options.get("label_selector") or {}).items():
+        negative = want.startswith("!")
+        want = want.removeprefix("!")
+        values = want[3:-1].split(",") if want.startswith("in(") else [want]
+        if (labels.get(key) in {v.strip() for v in values}) == negative:
+            return False
+    return True
+
+
 def _haproxy_config(node_id: str) -> str:
     path = HAPROXY_DIR / node_id / "haproxy.cfg"
     return path.read_text() if path.exists() else ""
@@ -652,6 +639,7 @@ def main() -> int:
     try:
         for step in (
             scenario.start_head,
+            scenario.add_l4_node,
             scenario.deploy,
             scenario.check_placement,
             scenario.check_cross_node,

@@ -19,6 +19,7 @@ import yaml
 
 from hardware_profiles.schema import HardwareProfile
 from models.catalog import parse_catalog
+from serving.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "hf-inference"
@@ -135,6 +136,7 @@ def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
     deployments = {d.name: d for b in built for d in b.deployments}
     catalog = parse_catalog({"models": args["models"], "pools": args.get("pools", [])})
     profiles = {p["name"]: HardwareProfile.model_validate(p) for p in args["profiles"]}
+    gpu_types = Settings.load(args).profile_catalog().gpu_types()  # the packaged profiles' and the chart's
     pools = [catalog.pool(name) for name in sorted({s.pool for s in catalog.models if s.pool is not None})]
     assert set(deployments) == {"ingress"} | {
         spec.deployment_name for spec in catalog.models if spec.pool is None
@@ -143,6 +145,11 @@ def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
     assert built[-1].ingress_deployment_name == "ingress"
     ingress = deployments["ingress"]
     assert ingress.ray_actor_options["num_cpus"] == args["ingress_num_cpus"]
+    # The chart keeps the router and the CPU models off GPU nodes, strictly (a cluster has CPU nodes for them).
+    off_gpus = {"ray.io/accelerator-type": f"!in({','.join(sorted(gpu_types))})"}
+    assert gpu_types and args["cpu_replicas_on_gpu_nodes"] == "never"
+    assert ingress.ray_actor_options["label_selector"] == off_gpus
+    assert "fallback_strategy" not in ingress.ray_actor_options
     assert ingress.num_replicas == args["ingress_replicas"]
     for pool in pools:  # one deployment of shared replicas, placed by the pool's profile
         deployment = deployments[pool.deployment_name]
@@ -157,6 +164,10 @@ def test_rendered_args_build_with_the_projects_builder(rayservice, cluster_env):
         expected = profiles[spec.hardware_profile].ray_actor_options()
         actual = {k: deployment.ray_actor_options.get(k) for k in expected}
         assert actual == expected, spec.id
+        if profiles[spec.hardware_profile].accelerator is None:
+            assert deployment.ray_actor_options["label_selector"] == off_gpus, spec.id
+        else:
+            assert "label_selector" not in deployment.ray_actor_options, spec.id
         assert deployment.max_ongoing_requests == spec.max_ongoing_requests
         config = deployment._deployment_config
         if spec.autoscaling is not None:

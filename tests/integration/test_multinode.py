@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from serving.app import INGRESS_APP
+
 SCENARIO = Path(__file__).with_name("multinode_scenario.py")
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_TIMEOUT_S = 240  # the script gives up after this and tears down (at most 60 s more)
@@ -78,20 +80,17 @@ def test_the_scenario_ran_to_the_end_and_cleaned_up(result: dict[str, Any]) -> N
 def test_a_model_whose_profile_asks_for_the_l4_lands_on_the_l4_node(result: dict[str, Any]) -> None:
     placement = check(result, "placement")
     assert placement["l4_model_nodes"] == [placement["second_node"]], placement
-    # The CPU model and the router run on the head (placed before the L4 node joined, as with a GPU group that
-    # scales up from zero when its replica is pending; see the next test for why that matters).
+    # Both nodes were up before the deployment: the CPU model and the router run on the head, kept off the L4
+    # node by its ray.io/accelerator-type label (see the next test).
     assert placement["cpu_model_nodes"] == [placement["head_node"]], placement
+    assert set(placement["nodes"][INGRESS_APP]) == {placement["head_node"]}, placement
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Serve places replicas with Ray's SPREAD strategy, and a replica whose profile asks for no GPU asks for "
-    "nothing that a GPU node lacks: it can land on the L4 node, take one of the CPUs the L4 profile's replica "
-    "needs (all of the node's), and leave that replica pending. Seen here with both nodes up before the "
-    "deployment. Remove this marker once CPU replicas ask for a resource that GPU nodes do not offer.",
-)
 def test_a_replica_without_the_accelerator_cannot_land_on_the_l4_node(result: dict[str, Any]) -> None:
+    """Without the label selector, the CPU model's and the router's demands fit the L4 node's 8 CPUs: one could
+    take a CPU the L4 replica needs and leave it pending."""
     placement = check(result, "placement")
+    assert placement["l4_node_labels"].get("ray.io/accelerator-type") == "L4", placement
     assert placement["cpu_replicas_that_fit_the_l4_node"] == [], placement["demands"]
 
 

@@ -41,6 +41,39 @@ def test_profile_prices_are_exact_and_dated():
         cpu.price_at(dt.date(2000, 1, 1))
 
 
+def test_cpu_replicas_and_the_router_keep_off_the_profiles_gpu_nodes():
+    settings = Settings.load({}, env={})
+    profiles = settings.profile_catalog()
+    types = profiles.gpu_types()
+    assert {"H100", "L4", "A10G", "T4"} <= set(types)
+    off = {"ray.io/accelerator-type": f"!in({','.join(types)})"}
+    # By default a preference: one GPU machine that runs everything must still place them.
+    cpu = settings.actor_options(profiles, "cpu-basic")
+    assert cpu == {"num_cpus": 1, "label_selector": off, "fallback_strategy": [{"label_selector": {}}]}
+    router = settings.actor_options(profiles, None)
+    assert router == {
+        "num_cpus": settings.ingress_num_cpus,
+        **{k: cpu[k] for k in ("label_selector", "fallback_strategy")},
+    }
+    # A GPU profile's replicas go where their GPU is, with no selector.
+    assert settings.actor_options(profiles, "nvidia-l4") == {
+        "num_cpus": 8,
+        "num_gpus": 1,
+        "accelerator_type": "L4",
+    }
+    strict = Settings.load({"cpu_replicas_on_gpu_nodes": "never"}, env={})
+    assert strict.actor_options(profiles, "cpu-basic") == {"num_cpus": 1, "label_selector": off}
+    with pytest.raises(SettingsError, match="cpu_replicas_on_gpu_nodes"):
+        Settings.load({"cpu_replicas_on_gpu_nodes": "sometimes"}, env={})
+
+
+def test_a_catalog_without_gpu_profiles_adds_no_selector():
+    profiles = load_profiles(extra=[])
+    only_cpu = type(profiles)(profiles={"cpu-basic": profiles.get("cpu-basic")})
+    assert only_cpu.gpu_types() == []
+    assert only_cpu.ray_actor_options("cpu-basic", strict_cpu_placement=True) == {"num_cpus": 1}
+
+
 def test_an_inline_profile_with_a_float_price_stays_exact():
     profiles = load_profiles(
         extra=[

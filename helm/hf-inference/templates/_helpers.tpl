@@ -181,6 +181,7 @@ field and says what to change.
   "offline" .Values.serve.offline
   "ingress_replicas" .Values.serve.ingress.replicas
   "ingress_num_cpus" .Values.serve.ingress.numCpus
+  "cpu_replicas_on_gpu_nodes" .Values.serve.cpuReplicasOnGpuNodes
 -}}
 {{- /* One application per model, routed at /models/{id} (HAProxy sends its requests straight to its replicas); a
   model that scales to zero (autoscaling.min_replicas 0) has no route of its own: the router answers for it while it
