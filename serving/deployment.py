@@ -27,7 +27,7 @@ from serving.inprocess import LocalBackend
 from serving.metrics_export import install_ray_metrics
 from serving.replicas import ColdStarts, ReplicaCounts
 from serving.streaming import finish_despite_cancel, iterate_in_thread, result_of, run_with_progress
-from serving.warmup import warm_up
+from serving.warmup import warm_up_where_served
 
 log = logging.getLogger("serving.deployment")
 T = TypeVar("T")
@@ -71,7 +71,8 @@ class ModelDeployment(HttpEntry):
         options = loaded.load_options()  # secrets (HF_TOKEN) come from this replica's env
         self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
         if loaded.warmup:
-            warm_up(self.executor)  # before Serve sends it traffic: never charged (serving/warmup.py)
+            # Before Serve sends it traffic, on the thread that runs its first requests; never charged.
+            warm_up_where_served(self.executor)
         batching = self.spec.batching
         self.batcher: Batcher | None = None
         if batching is not None and self.executor.runner.batchable:

@@ -10,7 +10,7 @@ import pytest
 from models.catalog import parse_catalog
 from serving.routes.base import RequestContext
 from serving.routes.registry import ADAPTERS
-from serving.warmup import warm_up, warmup_body
+from serving.warmup import warm_up, warm_up_where_served, warmup_body
 
 # Tasks without a warm-up: tabular models (their columns are their owner's), and operations that are not a model's
 # catalog task (chat and completion run on text-generation models, which warm up as text-generation).
@@ -58,3 +58,38 @@ def test_a_failing_warm_up_is_logged_and_the_replica_serves_anyway(executors, ca
     caplog.set_level(logging.WARNING, logger="serving.warmup")
     assert warm_up(Broken()) is None
     assert "the warm-up request failed (serving anyway): out of memory" in caplog.text
+
+
+def test_on_an_event_loop_the_warm_up_runs_on_the_thread_that_runs_the_first_request(executors):
+    """A replica's constructor runs on its event loop's thread; its requests run the model through that loop's
+    default thread pool (asyncio.to_thread). The warm-up warms that pool's thread, not the constructor's."""
+    import asyncio
+    import threading
+
+    executor = executors["local/tiny-sentiment"]
+    threads: list[str] = []
+
+    class Recording:
+        spec = executor.spec
+        runner = executor.runner
+
+        def run(self, request):
+            threads.append(threading.current_thread().name)
+            return executor.run(request)
+
+        def run_batch(self, requests, queue_ns):
+            threads.append(threading.current_thread().name)
+            return executor.run_batch(requests, queue_ns)
+
+    async def replica() -> str:
+        took = warm_up_where_served(Recording())  # as the constructor calls it: sync, on the loop's thread
+        assert took is not None and took > 0
+        return await asyncio.to_thread(lambda: threading.current_thread().name)  # the first request's thread
+
+    first_request = asyncio.run(replica())
+    main = threading.current_thread().name
+    assert threads and set(threads) == {first_request} and first_request != main, (threads, first_request)
+    # Without a loop it warms this thread, where the caller then runs the model.
+    threads.clear()
+    assert warm_up_where_served(Recording()) is not None
+    assert set(threads) == {main}
