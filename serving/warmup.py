@@ -19,10 +19,10 @@ import asyncio
 import base64
 import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from itertools import pairwise
 from typing import Any
