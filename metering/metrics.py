@@ -110,14 +110,28 @@ def observe_request(
     compute_seconds: float | None = None,
 ) -> None:
     """Count one request and observe its latency; queue and compute apart when they are known."""
-    labels = (model_id, task, hardware_profile)
-    REQUESTS.labels(*labels, str(status)).inc()
-    REQUEST_SECONDS.labels(*labels).observe(total_seconds)
+    key = (model_id, task, hardware_profile, str(status))
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:  # the labelled series of this key, looked up once (as for the charges below)
+        labels = key[:3]
+        children = (
+            REQUESTS.labels(*key),
+            REQUEST_SECONDS.labels(*labels),
+            QUEUE_SECONDS.labels(*labels),
+            COMPUTE_SECONDS.labels(*labels),
+        )
+        _REQUEST_CHILDREN[key] = children
+    count, total, queue, compute = children
+    count.inc()
+    total.observe(total_seconds)
     if queue_seconds is not None:
-        QUEUE_SECONDS.labels(*labels).observe(queue_seconds)
+        queue.observe(queue_seconds)
     if compute_seconds is not None:
-        COMPUTE_SECONDS.labels(*labels).observe(compute_seconds)
-    RECENT.observe(model_id, total_seconds, ok=str(status).startswith("2"))
+        compute.observe(compute_seconds)
+    RECENT.observe(model_id, total_seconds, ok=key[3].startswith("2"))
+
+
+_REQUEST_CHILDREN: dict[tuple[str, str, str, str], tuple[Any, Any, Any, Any]] = {}
 
 
 _CHARGE_CHILDREN: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}

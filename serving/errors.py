@@ -98,6 +98,19 @@ def error_response(err: BaseException, request_id: str | None = None) -> JSONRes
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def handled_response(err: Exception, request_id: str | None = None) -> JSONResponse:
+    """What the app's handlers answer an exception raised by a route with (see `install`)."""
+    if isinstance(err, RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(
+            {"error": f"{where}: {first.get('msg')}", "error_type": "validation"}, status_code=422
+        )
+    if isinstance(err, StarletteHTTPException):
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+    return error_response(err, request_id)
+
+
 def install(app: FastAPI, *, set_request_id: bool = True) -> None:
     """Register the handlers: typed errors, FastAPI's own validation and routing errors, and the rest.
 
@@ -108,21 +121,8 @@ def install(app: FastAPI, *, set_request_id: bool = True) -> None:
         return getattr(request.state, "request_id", None) if set_request_id else None
 
     @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, err: ServiceError) -> JSONResponse:
-        return error_response(err, rid(request))
-
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(
-            {"error": f"{where}: {first.get('msg')}", "error_type": "validation"}, status_code=422
-        )
-
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
-
     @app.exception_handler(Exception)
-    async def _other(request: Request, err: Exception) -> JSONResponse:
-        return error_response(err, rid(request))
+    async def _handled(request: Request, err: Exception) -> JSONResponse:
+        return handled_response(err, rid(request))

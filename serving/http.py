@@ -53,6 +53,36 @@ class StripPrefix:
         await self.app(scope, receive, send)
 
 
+class ModelPosts:
+    """Pure ASGI, inside the guard (tokens, CORS, rate limits, body caps have run): `POST /models/{id}...`, the
+    inference requests, go straight to the handler; everything else to the app's router.
+
+    The route is the same as the router's `model_post` (declared first, so it already takes every such request),
+    and errors are answered by the same handlers (`errors.handled_response`). What it skips is Starlette's and
+    FastAPI's per-request machinery between the middleware and the handler (exception middleware, exit stack,
+    route scan, dependency solving): about a quarter of the event loop's CPU per request for a small model
+    (measured in process: 0.46 against 0.63 ms a request of local/tiny-sentiment at 16 clients)."""
+
+    PREFIX = "/models/"
+
+    def __init__(self, app: ASGIApp, core: IngressCore) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(self.PREFIX):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        model_id, hint = split_model_path(scope["path"][len(self.PREFIX) :])
+        try:
+            response = await self.core.handle(request, model_id, hint)
+        except Exception as err:
+            rid = getattr(request.state, "request_id", None) if self.core.set_request_id_header else None
+            response = errors.handled_response(err, rid)
+        await response(scope, receive, send)
+
+
 def split_model_path(path: str) -> tuple[str, str | None]:
     """`ORG/NAME/pipeline/TASK` or `ORG/NAME/v1/chat/completions` -> (model id, task hint)."""
     path = path.strip("/")
@@ -98,6 +128,8 @@ def create_app(core: IngressCore, *, model_routes_only: bool = False) -> FastAPI
 
     # The model routes first: each request's route is found by a scan of this list in order, by Starlette and again
     # by Serve (its request metrics' route name), and on a model's own application they are the only ones used.
+    # (ModelPosts answers this one's requests before the router sees them; it stays for the route scans and the
+    # OpenAPI description.)
     @app.post("/models/{path:path}")
     async def model_post(path: str, request: Request) -> Response:
         model_id, hint = split_model_path(path)
@@ -121,6 +153,7 @@ def create_app(core: IngressCore, *, model_routes_only: bool = False) -> FastAPI
         app.include_router(status_routes.router)  # GET /admin/status: `hfi status`
     runtime_status.register(core)
     errors.install(app, set_request_id=core.set_request_id_header)
+    app.add_middleware(ModelPosts, core=core)  # innermost: inference requests straight to the handler
     # CORS on the inference routes only; tokens, origins, rate limits and body caps before any handler runs.
     app.add_middleware(Guard, core=core, expose_headers=EXPOSED_HEADERS)
     app.add_middleware(CancelOnDisconnect)  # one hop: nobody else tells the handler its client left

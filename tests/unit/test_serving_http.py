@@ -309,3 +309,71 @@ def test_a_model_application_has_the_model_routes_and_serves_them(default_settin
         assert r.status_code == 200 and r.json()[0][0]["label"]  # one list of labels per input
         assert c.get(prefix + "/health").json() == {"status": "ok", "model": "local/tiny-sentiment"}
         assert c.get("/v1/models").status_code == 404
+
+
+def test_inference_posts_skip_the_router_and_answer_as_it_would(
+    default_settings, inprocess_backend, monkeypatch
+):
+    """`POST /models/...` is answered by ModelPosts, inside the guard, without the router: the same answers as the
+    router's route gives, errors included (each case also through an app without ModelPosts)."""
+    from serving.http import ModelPosts
+
+    core = IngressCore(default_settings, inprocess_backend)
+    fast = create_app(core)
+    routed = create_app(core)
+    routed.user_middleware = [m for m in routed.user_middleware if m.cls is not ModelPosts]
+    assert [m.cls for m in fast.user_middleware].index(ModelPosts) == len(
+        fast.user_middleware
+    ) - 1  # innermost
+
+    reached: list[str] = []
+    route = next(
+        r for r in fast.routes if getattr(r, "path", None) == "/models/{path:path}" and "POST" in r.methods
+    )
+    real = route.app
+
+    async def counting(scope, receive, send):
+        reached.append(scope["path"])
+        await real(scope, receive, send)
+
+    monkeypatch.setattr(route, "app", counting)
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug")
+
+    cases = [
+        (CLS, {"json": {"inputs": "I love it"}}),
+        ("/models/org/unknown", {"json": {"inputs": "x"}}),  # 404
+        (CLS, {"content": b"{not json", "headers": {"content-type": "application/json"}}),  # 400
+        (CLS, {"json": {"inputs": 3}}),  # 422
+        (CLS, {"json": {"inputs": "x", "parameters": {"top_k": "many"}}}),  # 422 from the adapter
+        (CLS + "/pipeline/text-to-image", {"json": {"inputs": "x"}}),  # a task the model does not serve
+        (CLS, {"content": b"x" * (default_settings.max_body_bytes + 1)}),  # 413 (the guard's)
+    ]
+    with (
+        TestClient(fast, raise_server_exceptions=False) as a,
+        TestClient(routed, raise_server_exceptions=False) as b,
+    ):
+        for path, kwargs in cases:
+            ra, rb = a.post(path, **kwargs), b.post(path, **kwargs)
+            assert ra.status_code == rb.status_code, (path, ra.text, rb.text)
+            if ra.status_code != 200:
+                assert ra.json() == rb.json(), path
+            drop = {
+                "inference-id",
+                "x-request-id",
+                "date",
+                "x-compute-time",
+                "x-inference-time",
+                "x-total-time",
+                "x-queue-time",
+                "x-hfi-cost-usd",
+                "content-length",
+            }
+            assert {k for k in ra.headers if k not in drop} == {k for k in rb.headers if k not in drop}, path
+        monkeypatch.setattr(core, "_handle", boom)  # anything else: a 500 with nothing leaked, on both paths
+        ra, rb = a.post(CLS, json={"inputs": "x"}), b.post(CLS, json={"inputs": "x"})
+        assert (ra.status_code, ra.json()) == (rb.status_code, rb.json()) == (500, {"error": "unknown error"})
+        assert ("x-request-id" in ra.headers) == ("x-request-id" in rb.headers)
+    assert reached == [], "an inference POST went through the router"
+    core.metering.close()
