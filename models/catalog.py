@@ -81,6 +81,10 @@ class Batching(BaseModel):
 
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    # The replica runs a batch on its event loop (as Ray Serve's @serve.batch does: no hand-over to a thread, no
+    # second thread contending for the interpreter) while its batches take less than this, on average; a worker
+    # thread runs longer ones, so that the loop never stops for long. 0: always a thread.
+    on_loop_below_s: float = Field(default=0.1, ge=0)
 
 
 class Limits(BaseModel):

@@ -198,3 +198,40 @@ class Batcher:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+
+class LoopOrThread:
+    """Where a replica runs its batches: on the event loop while they are short, else on a worker thread.
+
+    On the loop, a batch costs no hand-over to a thread and no second thread contending with the loop for the
+    interpreter (Ray Serve's own `@serve.batch` runs the batch on the loop); but nothing else runs on the loop
+    meanwhile (other requests' admission and responses, disconnect watchers), so only batches that took less than
+    `below_s` on average (a moving average of the last few) run there. Unknown (the first batch), or a lock on the
+    model held by another caller (which the loop must not wait for), means a thread."""
+
+    WEIGHT = 0.2  # of the newest batch in the moving average
+
+    def __init__(self, below_s: float, busy: Callable[[], bool] | None = None) -> None:
+        self.below_s = below_s
+        self.busy = busy
+        self.average_s: float | None = None
+        self.on_loop = 0  # batches run on the loop (for tests and status)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        here = (
+            self.average_s is not None and self.average_s < self.below_s and not (self.busy and self.busy())
+        )
+        if here:
+            # Let what is ready run first (the previous batch's callers take their results and move on).
+            await asyncio.sleep(0)
+        started = time.perf_counter()
+        try:
+            if here:
+                self.on_loop += 1
+                return fn(*args)
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            took = time.perf_counter() - started
+            self.average_s = (
+                took if self.average_s is None else self.average_s + self.WEIGHT * (took - self.average_s)
+            )

@@ -105,7 +105,10 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             READY.format(url=url, loaded=_loaded(catalog_models), seconds=time.perf_counter() - started)
         )
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly, as on Ctrl-C
+        # Stop cleanly on SIGTERM as on Ctrl-C, and on SIGINT even when started in the background (a shell starts
+        # background jobs with SIGINT ignored, which Python would keep).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)

@@ -21,7 +21,7 @@ from models.catalog import ModelSpec
 from models.errors import ReplicaUnavailable
 from models.executor import ModelExecutor
 from models.types import Progress, RunResult, StreamChunk, TaskRequest
-from serving.batching import Batcher
+from serving.batching import Batcher, LoopOrThread
 from serving.config import Settings
 from serving.inprocess import LocalBackend
 from serving.metrics_export import install_ray_metrics
@@ -77,6 +77,7 @@ class ModelDeployment(HttpEntry):
         self.batcher: Batcher | None = None
         if batching is not None and self.executor.runner.batchable:
             self.batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
+            self.placement = LoopOrThread(batching.on_loop_below_s, busy=lambda: self.executor.busy)
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
         self.core = IngressCore(loaded, self.local, set_request_id_header=False)
@@ -113,7 +114,7 @@ class ModelDeployment(HttpEntry):
     async def _run_batch(
         self, requests: list[TaskRequest], queue_ns: list[int]
     ) -> list[RunResult | ServiceError]:
-        return await asyncio.to_thread(self.executor.run_batch, requests, queue_ns)
+        return await self.placement.run(self.executor.run_batch, requests, queue_ns)
 
     async def stream(self, request: TaskRequest) -> AsyncIterator[StreamChunk | RunResult]:
         async for item in iterate_in_thread(lambda: self.executor.stream(request)):

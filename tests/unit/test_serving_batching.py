@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -248,3 +249,42 @@ def test_a_few_stragglers_wait_for_the_rest_of_a_recent_batch():
     assert calls[0] == list(range(9))
     assert calls[1] == [10, 11, *range(12, 18)]
     assert calls[2] == list(range(20, 25)) and took < 0.15
+
+
+def test_short_batches_run_on_the_loop_and_long_ones_on_a_thread():
+    """LoopOrThread: the first batch (unknown length) on a worker thread; then, while batches take less than
+    `below_s` on average, on the event loop's own thread; a slow one moves the next ones back to a thread, and so
+    does a model lock held by another caller (the loop must never wait for it)."""
+    import threading
+
+    from serving.batching import LoopOrThread
+
+    held = threading.Event()
+    placement = LoopOrThread(0.05, busy=held.is_set)
+    where: list[str] = []
+
+    def batch(seconds: float) -> str:
+        time.sleep(seconds)
+        where.append("loop" if threading.current_thread() is threading.main_thread() else "thread")
+        return "done"
+
+    async def scenario() -> None:
+        assert await placement.run(batch, 0.001) == "done"  # unknown: a thread
+        for _ in range(3):
+            await placement.run(batch, 0.001)  # short: the loop
+        await placement.run(batch, 0.3)  # still on the loop (the average was short), and slow
+        await placement.run(batch, 0.001)  # the average is long now: a thread
+        held.set()
+        placement.average_s = 0.0
+        await placement.run(batch, 0.001)  # another caller holds the model: a thread
+        held.clear()
+        await placement.run(batch, 0.001)
+
+    asyncio.run(scenario())
+    assert where == ["thread", "loop", "loop", "loop", "loop", "thread", "thread", "loop"]
+    assert placement.on_loop == 5
+    never = LoopOrThread(0.0)  # 0: always a thread
+    where.clear()
+    asyncio.run(never.run(batch, 0.0))
+    asyncio.run(never.run(batch, 0.0))
+    assert where == ["thread", "thread"]
