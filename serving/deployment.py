@@ -70,12 +70,13 @@ class ModelDeployment(HttpEntry):
         loaded = Settings.load(settings)
         options = loaded.load_options()  # secrets (HF_TOKEN) come from this replica's env
         self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
-        if loaded.warmup:
-            # Before Serve sends it traffic, on the thread that runs its first requests; never charged.
-            warm_up_where_served(self.executor)
         batching = self.spec.batching
+        batched = batching is not None and self.executor.runner.batchable
+        if loaded.warmup:
+            # Before Serve sends it traffic, on the threads that run its requests' model calls; never charged.
+            warm_up_where_served(self.executor, here_too=batched and batching.on_loop_below_s > 0)
         self.batcher: Batcher | None = None
-        if batching is not None and self.executor.runner.batchable:
+        if batching is not None and batched:
             self.batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
             self.placement = LoopOrThread(batching.on_loop_below_s, busy=lambda: self.executor.busy)
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}

@@ -175,27 +175,30 @@ def warm_up(executor: Any) -> float | None:
     return took
 
 
-def warm_up_where_served(executor: Any) -> float | None:
+def warm_up_where_served(executor: Any, *, here_too: bool = False) -> float | None:
     """`warm_up` on a thread of the event loop's default thread pool, when called on a running loop's thread (a
     Serve replica's constructor runs on its user-code loop, whose pool runs the model for its requests): the first
     requests then find that thread started and warmed. Part of a model's first-call costs is per thread (torch's
     thread-local state and its intra-op thread team): measured here, the first call on a new thread took 0.5 ms
     more than the next for local/tiny-sentiment and 6 ms more for all-MiniLM-L6-v2, beside about 1 ms to start the
-    thread itself. Without a running loop, `warm_up` on this thread."""
+    thread itself. `here_too`: then once more on this thread (a batched model whose short batches run on the loop,
+    see serving.batching.LoopOrThread). Without a running loop, `warm_up` on this thread."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return warm_up(executor)
-    threads = getattr(
-        loop, "_default_executor", None
-    )  # CPython's, set by Serve (or made here, as asyncio would)
+    # CPython's default executor of the loop: Serve sets its own; else made here, as asyncio would.
+    threads = getattr(loop, "_default_executor", None)
     if not isinstance(threads, ThreadPoolExecutor):
         if threads is not None:  # some other executor: leave it alone
             return warm_up(executor)
         threads = ThreadPoolExecutor(thread_name_prefix="asyncio")
         loop.set_default_executor(threads)
     # Blocking this thread is what the constructor does anyway: Serve sends nothing until it returns.
-    return threads.submit(warm_up, executor).result()
+    took = threads.submit(warm_up, executor).result()
+    if here_too and took is not None:
+        warm_up(executor)
+    return took
 
 
 # Calibration of an image model (models/compute_estimate.py): timed denoising steps at the model's default size, then

@@ -89,6 +89,15 @@ def test_on_an_event_loop_the_warm_up_runs_on_the_thread_that_runs_the_first_req
     first_request = asyncio.run(replica())
     main = threading.current_thread().name
     assert threads and set(threads) == {first_request} and first_request != main, (threads, first_request)
+    # A batched model whose short batches run on the loop: its thread is warmed too.
+    threads.clear()
+
+    async def loop_too() -> str:
+        warm_up_where_served(Recording(), here_too=True)
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(loop_too())
+    assert len(set(threads)) == 2 and threads[-1] == loop_thread, threads
     # Without a loop it warms this thread, where the caller then runs the model.
     threads.clear()
     assert warm_up_where_served(Recording()) is not None
