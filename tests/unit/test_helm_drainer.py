@@ -221,3 +221,15 @@ def test_bad_drainer_values_fail_with_a_clear_message(helm, sets, message):
     result = helm.template(sets=sets)
     assert result.returncode != 0, f"{sets}: rendered without error"
     assert message in result.stderr, result.stderr
+
+
+def test_a_cluster_older_than_1_29_is_told_to_turn_the_drainer_off(helm):
+    """Native sidecars came in Kubernetes 1.29: on an older cluster the render fails, naming the setting, unless the
+    drainer is off (the chart itself installs on 1.27 and later)."""
+    old = ["template", "hfi", str(CHART), "--namespace", "inference", "--kube-version", "1.28.5"]
+    refused = helm.run(*old)
+    assert refused.returncode != 0
+    assert "spool.drainer.enabled" in refused.stderr and "1.29" in refused.stderr, refused.stderr
+    off = helm.run(*old, "--set", "spool.drainer.enabled=false")
+    assert off.returncode == 0, off.stderr
+    assert helm.run("template", "hfi", str(CHART), "--kube-version", "1.29.0").returncode == 0

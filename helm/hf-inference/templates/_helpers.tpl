@@ -80,6 +80,9 @@ Checks a schema cannot make: names that must match across lists, and sizes that 
 field and says what to change.
 */}}
 {{- define "hfi.validate" -}}
+{{- if and .Values.spool.drainer.enabled (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) -}}
+{{- fail (printf "spool.drainer.enabled: the node drainer is a native sidecar, which needs Kubernetes >= 1.29 (this cluster: %s); set spool.drainer.enabled=false, and the serving processes drain their spools themselves" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- $profiles := dict -}}
 {{- $hasCpuProfile := false -}}
 {{- range $p := .Values.profiles -}}
