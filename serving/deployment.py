@@ -78,7 +78,12 @@ class ModelDeployment(HttpEntry):
         self.batcher: Batcher | None = None
         if batching is not None and batched:
             self.batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
-            self.placement = LoopOrThread(batching.on_loop_below_s, busy=lambda: self.executor.busy)
+            # Not on the loop while it has other callers to serve: the model's lock held by a thread, or requests of
+            # earlier batches waiting for their charges' spool sync, whose answers would wait for this batch.
+            self.placement = LoopOrThread(
+                batching.on_loop_below_s,
+                busy=lambda: self.executor.busy or self.core.metering.awaiting_sync(),
+            )
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
         self.core = IngressCore(loaded, self.local, set_request_id_header=False)
