@@ -19,6 +19,7 @@ before its body is read or parsed and before any wait for a loading model, it:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
@@ -192,6 +193,9 @@ class Guard:
             expose_headers=[*(expose_headers or []), *RATELIMIT_HEADERS],
         )
         self.limiter: RateLimiter = core.rate_limiter  # one per process, whichever app asks
+        # Token look-ups in flight, so that the concurrent requests of one token whose cache entry just expired
+        # (every token_cache_ttl_s) share one database read instead of each making its own.
+        self._resolving: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Future[Caller]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -290,6 +294,25 @@ class Guard:
             raise Forbidden("This endpoint needs an administrator token")
         return caller
 
+    async def _resolve_once(self, token: str) -> Caller:
+        """`resolve_token` in a worker thread, one at a time per token: a caller that finds the same token's look-up
+        in flight waits for its answer (the caller or the 401) instead of reading the database again."""
+        key = (asyncio.get_running_loop(), token)
+        pending = self._resolving.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                run_in_threadpool(self.core.billing.accounts.resolve_token, token)
+            )
+            self._resolving[key] = pending
+            pending.add_done_callback(lambda done: self._resolved(key, done))
+        # Shielded: a caller that leaves (its client went away) does not cancel the others' look-up.
+        return await asyncio.shield(pending)
+
+    def _resolved(self, key: tuple[asyncio.AbstractEventLoop, str], done: asyncio.Future[Caller]) -> None:
+        self._resolving.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: every caller may have left before it came
+
     async def _inference_caller(self, token: str | None) -> Caller:
         """Who is asking, checked before the body is read: the local account in open mode; in tokens mode one of
         our tokens (cached, or one look-up) or a Hugging Face token (the Hub's whoami), else 401."""
@@ -304,7 +327,7 @@ class Guard:
                 cached = billing.accounts.cached_caller(token)  # raises 401 for a token cached as unknown
                 if cached is not None:
                     return cached
-            return await run_in_threadpool(billing.accounts.resolve_token, token)
+            return await self._resolve_once(token)
         if s.accept_hf_tokens:
             identity = await billing.whoami.identify_async(token)
             return Caller(name=s.routed_account_prefix + identity.name, tier=ROUTED_TIER, is_admin=False)

@@ -345,3 +345,42 @@ def test_a_chat_prompt_past_the_character_limit_never_reaches_the_replica(make_c
         )
         assert r.status_code == 400, r.text
     assert [call for call, _ in core.backend.calls if call != "info"] == [], "nothing ran on the replica"
+
+
+def test_concurrent_requests_of_a_token_not_cached_share_one_database_look_up(make_core, monkeypatch):
+    """Every token_cache_ttl_s a busy token's cache entry expires, and all its requests in flight miss together:
+    they wait for one `resolve_token`, not one each. An unknown token's concurrent requests share its 401 too."""
+    import time
+
+    import httpx
+
+    core = make_core(billing={"mode": "tokens"})
+    token = user_token(core, "ann")
+    core.billing.accounts._tokens.clear()  # as after the entry expired
+    accounts = core.billing.accounts
+    calls: list[str] = []  # the look-ups that read the database (a cache miss)
+    real = accounts.resolve_token
+
+    def counted(tok: str, **kwargs: Any) -> Any:
+        try:
+            hit = accounts.cached_caller(tok)
+        except Exception:  # cached as unknown: answered from the cache
+            hit = True
+        if hit is None or not kwargs.get("cached", True):
+            calls.append(tok)
+            time.sleep(0.05)  # a database read: long enough for the others to arrive
+        return real(tok, **kwargs)
+
+    monkeypatch.setattr(accounts, "resolve_token", counted)
+    app = create_app(core)
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+            ok = [c.post(CLS, json={"inputs": "I love it"}, headers=auth(token)) for _ in range(12)]
+            bad = [c.post(CLS, json={"inputs": "x"}, headers=auth("hfi_" + "x" * 40)) for _ in range(6)]
+            return [r.status_code for r in await asyncio.gather(*ok, *bad)]
+
+    statuses = asyncio.run(main())
+    assert statuses == [200] * 12 + [401] * 6
+    assert sorted(calls) == sorted([token, "hfi_" + "x" * 40]), calls
