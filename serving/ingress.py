@@ -141,6 +141,9 @@ class IngressCore:
     ) -> None:
         self.settings = settings
         self.catalog, self.profiles = settings.validated()
+        # Admission's estimate per hardware profile, with the price point it was made from (exact fractions cost
+        # more than the rest of an admission from memory: made again only when the price in force changes).
+        self._estimates: dict[str, tuple[Any, float, int]] = {}
         self.backend = backend
         self.metering = metering or MeteringService(settings.metering, self.profiles)
         self.billing = billing or BillingService(settings.billing, settings.metering.resolved_database_url())
@@ -314,8 +317,7 @@ class IngressCore:
         if self.settings.billing.mode == "open":  # nothing to reserve, no database work: no thread hop either
             admission = self.billing.admit(token, bill_to, spec.id, 0, ctx.started_at)
         else:
-            price = self.profiles.get(spec.hardware_profile).price_at(ctx.started_at).usd_per_second_exact
-            estimate = estimate_nanousd(price, self.settings.billing.estimate_compute_s)
+            estimate = self._estimate(spec.hardware_profile, ctx.started_at)
             # From memory (the cached token and policy, the account's budget lease) when it can: no thread hop,
             # no database; else a worker thread, which may wait on the database.
             admission_now = self.billing.admit_nowait(
@@ -344,6 +346,17 @@ class IngressCore:
                 raise
         ctx.user, ctx.billed_account = admission.user, admission.billed_account
         return admission
+
+    def _estimate(self, profile: str, started_at: dt.datetime) -> int:
+        """What admission reserves for a request on `profile`: `billing.estimate_compute_s` at its price then."""
+        point = self.profiles.get(profile).price_at(started_at)
+        seconds = self.settings.billing.estimate_compute_s
+        known = self._estimates.get(profile)
+        if known is not None and known[0] is point and known[1] == seconds:
+            return known[2]
+        estimate = estimate_nanousd(point.usd_per_second_exact, seconds)
+        self._estimates[profile] = (point, seconds, estimate)
+        return estimate
 
     async def _release_when_reserved(self, reserving: asyncio.Task[Admission]) -> None:
         try:

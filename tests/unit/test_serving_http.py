@@ -377,3 +377,33 @@ def test_inference_posts_skip_the_router_and_answer_as_it_would(
         assert ("x-request-id" in ra.headers) == ("x-request-id" in rb.headers)
     assert reached == [], "an inference POST went through the router"
     core.metering.close()
+
+
+def test_admissions_estimate_follows_the_price_in_force(default_settings, inprocess_backend, tmp_path):
+    """Admission reserves `billing.estimate_compute_s` at the profile's price when the request starts: kept per
+    profile, and made again when a new price point comes into force."""
+    import datetime as dt
+
+    from serving.config import Settings
+
+    data = default_settings.model_dump(mode="json")
+    data["profiles"] = [
+        {
+            "name": "priced",
+            "prices": [
+                {"effective_from": "2026-01-01", "usd_per_second": "0.0001"},
+                {"effective_from": "2026-06-01", "usd_per_second": "0.0003"},
+            ],
+        }
+    ]
+    data["billing"] = {**data.get("billing", {}), "estimate_compute_s": 2.5}
+    data["metering"] = {**data["metering"], "spool_dir": str(tmp_path / "spool")}
+    core = IngressCore(Settings.load(data, env={}), inprocess_backend)
+    may, july = (
+        dt.datetime(2026, 5, 31, 23, 59, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 7, 1, tzinfo=dt.timezone.utc),
+    )
+    assert core._estimate("priced", may) == 250_000 == core._estimate("priced", may)  # 2.5 s x $0.0001
+    assert core._estimate("priced", july) == 750_000
+    assert core._estimate("priced", may) == 250_000
+    core.close()
