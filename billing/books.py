@@ -39,7 +39,8 @@ Deltas = defaultdict[tuple[str, str], int]
 
 def month_of(when: dt.datetime) -> str:
     """The calendar month (UTC) a request started in, as YYYY-MM: the month it is charged in."""
-    return as_utc(when).strftime("%Y-%m")
+    utc = as_utc(when)
+    return f"{utc.year:04d}-{utc.month:02d}"  # strftime's result, without its cost on every admission
 
 
 def new_deltas() -> Deltas:

@@ -205,6 +205,9 @@ class RateLimiter:
             return bucket.in_flight if bucket else 0
 
 
+_NO_LIMITS = TierRateLimits()  # shared, never changed: one per admitted request cost a model validation each
+
+
 def limits_for(tier: str, tiers: dict[str, TierRateLimits]) -> TierRateLimits:
     """The limits of `tier`: its own, else `default`, else none."""
-    return tiers.get(tier) or tiers.get("default") or TierRateLimits()
+    return tiers.get(tier) or tiers.get("default") or _NO_LIMITS
