@@ -131,9 +131,8 @@ class Spool:
         self._queue_cv = threading.Condition()  # guards the ticks, the sync process and closing
         # append_async: the lines and waiting callers of each loop's current iteration
         self._ticks: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future[None]]]] = {}
-        self._sync_waiting = (
-            0  # append_async callers whose line is not synced yet (changed on their loop only)
-        )
+        # append_async callers whose line is not synced yet (changed on their loop only)
+        self._sync_waiting = 0
         # ... whose fdatasync a child process runs, so that the loop never waits for the disk (metering/syncer.py):
         # for the first loop that appends (an ingress has one). Other loops, or all if it is off or fails, hand
         # the fdatasync to a worker thread.
