@@ -48,6 +48,7 @@ from typing import Any
 
 import orjson
 
+from core.utc import as_utc
 from metering import metrics
 from metering.syncer import SyncProcess, settle
 
@@ -694,10 +695,9 @@ def _started_at(line: bytes) -> dt.datetime | None:
     """The `started_at` of a spooled charge's line (aware UTC), or None when the line has none that reads."""
     try:
         value = decode_line(line).get("started_at")
-        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return as_utc(dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
     except (ValueError, AttributeError, TypeError):
         return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
 
 
 def drainer_consumers(directory: Path) -> list[str] | None:

@@ -216,7 +216,7 @@ class LoopOrThread:
         self.below_s = below_s
         self.busy = busy
         self.average_s: float | None = None
-        self.on_loop = 0  # batches run on the loop (for tests and status)
+        self.on_loop = 0  # batches run on the loop (for tests)
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         here = (

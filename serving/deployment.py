@@ -37,9 +37,17 @@ class HttpEntry:
     """What every deployment that serves HTTP itself shares: Serve builds its FastAPI app (serving/http.py) over
     `self.core`, and the charge spool is drained when Serve shuts the replica down."""
 
-    core: Any  # serving.ingress.IngressCore, set by the subclass's __init__
+    core: Any  # serving.ingress.IngressCore, set by the subclass's __init__ (`_serve`)
     # A model's or a pool's application is sent only `/models/...` paths: its app has the model routes alone.
     model_routes_only = True
+
+    def _serve(self, settings: Settings, backend: Any) -> None:
+        """Serve over `backend` (Serve's proxy sets the request id header), with the charge spool's sync process
+        started now: its start is not the first request's wait."""
+        from serving.ingress import IngressCore
+
+        self.core = IngressCore(settings, backend, set_request_id_header=False)
+        self.core.metering.start_sync_process()
 
     def __del__(self) -> None:  # Serve calls this on replica shutdown: drain the charge spool
         core = getattr(self, "core", None)
@@ -61,8 +69,6 @@ class ModelDeployment(HttpEntry):
     process), and the router's handle calls (`info`, `run`, `run_many`, `run_progress`, `stream`)."""
 
     def __init__(self, spec: dict[str, Any], profile: dict[str, Any], settings: dict[str, Any]) -> None:
-        from serving.ingress import IngressCore
-
         logging.basicConfig(level=logging.INFO)
         install_ray_metrics()  # this replica's counters reach Prometheus through the node's Ray metrics agent
         self.spec = ModelSpec.model_validate(spec)
@@ -70,13 +76,14 @@ class ModelDeployment(HttpEntry):
         loaded = Settings.load(settings)
         options = loaded.load_options()  # secrets (HF_TOKEN) come from this replica's env
         self.executor = ModelExecutor(self.spec, options, self.profile.torch_threads)
-        batching = self.spec.batching
-        batched = batching is not None and self.executor.runner.batchable
+        batching = self.spec.batching if self.executor.runner.batchable else None
         if loaded.warmup:
             # Before Serve sends it traffic, on the threads that run its requests' model calls; never charged.
-            warm_up_where_served(self.executor, here_too=batched and batching.on_loop_below_s > 0)
+            warm_up_where_served(
+                self.executor, here_too=batching is not None and batching.on_loop_below_s > 0
+            )
         self.batcher: Batcher | None = None
-        if batching is not None and batched:
+        if batching is not None:
             self.batcher = Batcher(self._run_batch, batching.max_batch_size, batching.batch_wait_timeout_s)
             # Not on the loop while it has other callers to serve: the model's lock held by a thread, or requests of
             # earlier batches waiting for their charges' spool sync, whose answers would wait for this batch.
@@ -86,8 +93,7 @@ class ModelDeployment(HttpEntry):
             )
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
-        self.core = IngressCore(loaded, self.local, set_request_id_header=False)
-        self.core.metering.start_sync_process()  # its start is not the first request's wait
+        self._serve(loaded, self.local)
 
     async def info(self) -> dict[str, Any]:
         return await self.local.info(self.spec.id)
@@ -254,8 +260,6 @@ class Ingress(HttpEntry):
     model_routes_only = False
 
     def __init__(self, app_names: dict[str, str], settings: dict[str, Any]) -> None:
-        from serving.ingress import IngressCore
-
         logging.basicConfig(level=logging.INFO)
         install_ray_metrics()  # this replica's counters reach Prometheus through the node's Ray metrics agent
         loaded = Settings.load(settings)
@@ -265,5 +269,4 @@ class Ingress(HttpEntry):
         # a pooled model's handle: its pool's deployment, bound to its id
         handles = model_handles(catalog, app_names)
         backend = RayBackend(handles, as_deployed(catalog), app_names)
-        self.core = IngressCore(loaded, backend, set_request_id_header=False)
-        self.core.metering.start_sync_process()  # its start is not the first request's wait
+        self._serve(loaded, backend)

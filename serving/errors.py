@@ -111,18 +111,20 @@ def handled_response(err: Exception, request_id: str | None = None) -> JSONRespo
     return error_response(err, request_id)
 
 
+def request_response(request: Request, err: Exception, set_request_id: bool) -> JSONResponse:
+    """`handled_response` for an exception a route raised on `request`, with its request id when we set it."""
+    return handled_response(err, getattr(request.state, "request_id", None) if set_request_id else None)
+
+
 def install(app: FastAPI, *, set_request_id: bool = True) -> None:
     """Register the handlers: typed errors, FastAPI's own validation and routing errors, and the rest.
 
     `set_request_id`: answer with x-request-id (off behind Ray Serve's proxy, which sets it itself).
     """
 
-    def rid(request: Request) -> str | None:
-        return getattr(request.state, "request_id", None) if set_request_id else None
-
     @app.exception_handler(ServiceError)
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(StarletteHTTPException)
     @app.exception_handler(Exception)
     async def _handled(request: Request, err: Exception) -> JSONResponse:
-        return handled_response(err, rid(request))
+        return request_response(request, err, set_request_id)

@@ -30,7 +30,6 @@ class PoolDeployment(HttpEntry):
         self, pool_name: str, profile: dict[str, Any], app_names: dict[str, str], settings: dict[str, Any]
     ) -> None:
         from serving.deployment import RayBackend
-        from serving.ingress import IngressCore
 
         logging.basicConfig(level=logging.INFO)
         install_ray_metrics()
@@ -56,8 +55,7 @@ class PoolDeployment(HttpEntry):
         others = [m for m in as_deployed(catalog) if m.id not in self.pool]
         remote = RayBackend(model_handles(catalog, app_names, skip=set(self.pool.specs)), others, app_names)
         self.backend = PoolBackend(self.pool, remote)
-        self.core = IngressCore(loaded, self.backend, set_request_id_header=False)
-        self.core.metering.start_sync_process()  # its start is not the first request's wait
+        self._serve(loaded, self.backend)
 
     async def pool_status(self) -> dict[str, Any]:
         return self.pool.status()

@@ -142,9 +142,10 @@ def internal_context(model_id: str, kind: str) -> Any:
     return RequestContext(request_id=request_id, inference_id=request_id, model_id=model_id, started_at=None)
 
 
-def warm_up(executor: Any) -> float | None:
+def warm_up(executor: Any, *, calibrate_steps: bool = True) -> float | None:
     """Run the warm-up request of `executor`'s model (its catalog task) on it; the seconds it took, or None when
-    the task has none or the warm-up failed (logged)."""
+    the task has none or the warm-up failed (logged). `calibrate_steps`: an image model then times its denoising
+    steps (False: a further warm-up, of another thread, which has nothing new to measure)."""
     from serving.routes.registry import ADAPTERS
 
     spec = executor.spec
@@ -167,7 +168,7 @@ def warm_up(executor: Any) -> float | None:
         return None
     took = time.perf_counter() - started
     log.info("%s: warmed up in %.2f s", spec.id, took)
-    if spec.task in IMAGE_TASKS:
+    if calibrate_steps and spec.task in IMAGE_TASKS:
         try:
             executor.step_cost = calibrate(executor)
         except Exception as err:  # the replica serves anyway, under its static caps only
@@ -197,7 +198,7 @@ def warm_up_where_served(executor: Any, *, here_too: bool = False) -> float | No
     # Blocking this thread is what the constructor does anyway: Serve sends nothing until it returns.
     took = threads.submit(warm_up, executor).result()
     if here_too and took is not None:
-        warm_up(executor)
+        warm_up(executor, calibrate_steps=False)
     return took
 
 

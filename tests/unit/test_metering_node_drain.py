@@ -231,7 +231,7 @@ def test_a_killed_drainer_loses_nothing_the_writers_take_back_and_adopt(tmp_path
         writers = [MeteringService(settings, load_profiles()) for _ in range(2)]
         assert wait_until(lambda: all(w.spool.handed_off_now() for w in writers), 10)
         rids = []
-        for i in range(300):  # about 700 bytes a charge: each writer rotates many times, letting files go
+        for i in range(300):  # about 800 bytes a charge: each writer rotates many times, letting files go
             w = writers[i % 2]
             rids.append(w.record(usage(str(uuid.uuid4()))).request_id)
             if i == 150:

@@ -102,3 +102,22 @@ def test_on_an_event_loop_the_warm_up_runs_on_the_thread_that_runs_the_first_req
     threads.clear()
     assert warm_up_where_served(Recording()) is not None
     assert set(threads) == {main}
+
+
+def test_the_warm_up_of_the_loops_thread_does_not_time_an_image_models_steps_again(executors, monkeypatch):
+    """`here_too` warms a second thread only: an image model's step calibration (seconds of start-up) runs once."""
+    import asyncio
+
+    import serving.warmup as warmup
+
+    executor = executors["local/tiny-flux"]
+    timed: list[str] = []
+    monkeypatch.setattr(
+        warmup, "calibrate", lambda ex: timed.append(ex.spec.id) or getattr(ex, "step_cost", None)
+    )
+
+    async def replica() -> float | None:
+        return warm_up_where_served(executor, here_too=True)
+
+    assert asyncio.run(replica()) is not None
+    assert timed == ["local/tiny-flux"]
