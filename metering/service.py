@@ -36,7 +36,7 @@ from metering.drain import (
 )
 from metering.errors import InvalidLookup, LedgerUnavailable
 from metering.events import EventSink, HttpCollectorSink, JsonLinesSink, PermanentDeliveryError, charge_event
-from metering.ledger import Ledger, is_data_error
+from metering.ledger import Ledger, is_data_error, spooled_row
 from metering.pricing import price_in_catalog
 from metering.records import Charge, UsageRecord
 from metering.reports import UsageReport, UsageRow
@@ -222,20 +222,21 @@ class MeteringService:
     def _deliver_to_ledger(self, records: list[dict[str, Any]]) -> None:
         """Insert the records' charges (idempotent). Raises what the ledger raised: the consumer retries the
         batch, or isolates and dead-letters the records the database refuses (`is_data_error`)."""
-        charges, unreadable = [], []
+        rows, unreadable = [], []
         for data in records:
             try:
-                charges.append(Charge.from_dict(data))
+                rows.append(spooled_row(data))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 metrics.observe_error("spool-decode")
                 log.error("metering: an unreadable spooled charge, dead-lettered (%s): %s", err, data)
                 unreadable.append(DeadLetter(data, f"unreadable charge: {describe_error(err)}"))
         if unreadable:  # kept once however often the batch is retried: identical records are not added twice
             self._dead_letter_to_ledger(unreadable)
-        self.ledger.insert_new(charges)
-        with self._pending_lock:
-            for c in charges:
-                self._pending.pop(c.request_id, None)
+        self.ledger.insert_rows(rows)
+        if self._pending:  # a node drainer's service has none
+            with self._pending_lock:
+                for row in rows:
+                    self._pending.pop(row[0], None)
 
     def _dead_letter_to_ledger(self, letters: list[DeadLetter]) -> None:
         """Keep the charges the ledger refused in its `metering_dead_letters` table (`hfi metering dead-letters`).

@@ -6,11 +6,14 @@ import datetime as dt
 import json
 import pickle
 
+import pytest
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from core.money import usd_str
 from hardware_profiles import load_profiles
+from metering.ledger import charge_to_row, row_values, spooled_row
 from metering.pricing import price_in_catalog
 from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str
 
@@ -81,6 +84,59 @@ def test_to_dict_from_dict_round_trip(
     again = Charge.from_dict(json.loads(json.dumps(charge.to_dict())))
     assert again == charge
     assert pickle.loads(pickle.dumps(charge)) == charge
+
+
+@given(
+    st.integers(min_value=0, max_value=10**13),
+    st.datetimes(min_value=dt.datetime(2025, 1, 1), max_value=dt.datetime(2100, 1, 1)),
+    st.sampled_from([None, UTC, dt.timezone(dt.timedelta(hours=-5))]),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.booleans(),
+    st.sets(st.sampled_from(["queue_ns", "batch_id", "batch_compute_ns", "user", "extra", "status"])),
+)
+def test_the_drains_row_of_a_spooled_record_is_the_charges_row(
+    compute: int, when: dt.datetime, zone, extra, batched: bool, dropped: set[str]
+) -> None:
+    """The node drainer builds ledger rows straight from spool records (spooled_row): the same values as the row of
+    the Charge the record is of, for aware and naive times, batch fields, extras, and optional fields left out."""
+    u = UsageRecord(
+        "rid", when.replace(tzinfo=zone), "m", "r", "t", "cpu-basic", compute, queue_ns=7, total_ns=9,
+        batch_size=4 if batched else 1, batch_id="b1" if batched else None,
+        batch_compute_ns=compute * 4 if batched else None, input_characters=3, input_audio_seconds=1.5,
+        user="alice", billed_account="org", client_request_id="c-1", extra=extra,
+    )  # fmt: skip
+    data = json.loads(json.dumps(price_in_catalog(u, CATALOG).to_dict()))
+    for name in dropped:  # older spool lines, or lines written without a default field
+        data.pop(name)
+    expected = row_values(charge_to_row(Charge.from_dict(data), None))  # type: ignore[arg-type]
+    assert spooled_row(data) == expected
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"request_id": None},  # removed
+        {"started_at": "yesterday"},
+        {"started_at": 12},
+        {"price_effective_from": "2026-13-01"},
+        {"compute_ms": "many"},
+        {"cost_nanousd": None},
+        {"input_audio_seconds": "long"},
+    ],
+)
+def test_a_record_that_is_no_charge_is_refused_by_both_readings(change: dict) -> None:
+    u = UsageRecord("rid", dt.datetime(2026, 1, 1, tzinfo=UTC), "m", "r", "t", "cpu-basic", 5)
+    data = price_in_catalog(u, CATALOG).to_dict()
+    for key, value in change.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    errors = (KeyError, TypeError, ValueError, AttributeError)
+    with pytest.raises(errors):
+        spooled_row(data)
+    with pytest.raises(errors):
+        charge_to_row(Charge.from_dict(data), None)  # type: ignore[arg-type]
 
 
 def test_naive_started_at_is_taken_as_utc() -> None:
