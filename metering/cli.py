@@ -384,6 +384,7 @@ def _register_drain(metering: typer.Typer) -> None:
             from metering import node_drain
 
             stop = node_drain.stop_on(signal.SIGTERM, signal.SIGINT)
+            node_drain.yield_cpu(settings)
             if not node_drain.run(settings, stop, finish_timeout_s=timeout_s):
                 raise typer.Exit(1)
             return

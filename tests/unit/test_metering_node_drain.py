@@ -197,6 +197,12 @@ def test_one_shot_drain_waits_for_a_running_drainer(tmp_path: Path) -> None:
     os.close(lock)
 
 
+def _niceness(pid: int) -> int:
+    """A process's nice value, from /proc (field 19 of its stat line)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
 def test_a_spawned_drainer_delivers_and_stops_when_told(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     proc = node_drain.spawn(settings, finish_timeout_s=2)
@@ -205,6 +211,8 @@ def test_a_spawned_drainer_delivers_and_stops_when_told(tmp_path: Path) -> None:
         assert wait_until(lambda: spool_dir.is_dir() and drainer_consumers(spool_dir) == ["ledger"], 30)
         writer = MeteringService(settings, load_profiles())
         assert wait_until(lambda: writer.spool.handed_off_now(), 10)
+        # it yields the CPU to the serving processes (their charges are on disk already); this one stays as it was
+        assert _niceness(proc.pid) == max(os.nice(0), settings.drainer_nice)
         rids = [writer.record(usage(str(uuid.uuid4()))).request_id for _ in range(10)]
         assert writer.flush(20)
         assert ledger_ids(settings) == sorted(rids)
