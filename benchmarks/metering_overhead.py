@@ -423,6 +423,39 @@ def other_ray_running() -> list[int]:
     return found
 
 
+def disk_sync_floor(directory: Path, rounds: int = 300, line_bytes: int = 800) -> dict[str, Any]:
+    """What one durable append costs in wall time on the spool's disk, alone (no load): a charge-sized pwrite and
+    the fdatasync after it, as the spool does, `rounds` times into a preallocated file in `directory`. Every
+    metered response waits for one of these; with `clients` closed-loop clients, each request's cycle
+    (clients / throughput) grows by at least that much, so the throughput cost cannot be below
+    sync / (cycle + sync) however little CPU metering takes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sync-floor.probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, rounds * line_bytes)
+        os.fdatasync(fd)
+        line = b"x" * (line_bytes - 1) + b"\n"
+        took = []
+        for i in range(rounds):
+            started = time.perf_counter_ns()
+            os.pwrite(fd, line, i * line_bytes)
+            os.fdatasync(fd)
+            took.append(time.perf_counter_ns() - started)
+            time.sleep(0.002)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    took.sort()
+    return {"rounds": rounds, "p50_ms": quantile_ms(took, 0.5), "p90_ms": quantile_ms(took, 0.9)}
+
+
+def sync_floor_percent(sync_ms: float, off_rps: float, clients: int) -> float:
+    """The least throughput cost of waiting for one fdatasync per request (`disk_sync_floor`), in percent."""
+    cycle_ms = 1000 * clients / off_rps
+    return round(100 * sync_ms / (cycle_ms + sync_ms), 1)
+
+
 def model_ceiling(args: dict[str, Any], batch: int = 16, seconds: float = 6.0) -> dict[str, Any]:
     """MiniLM alone in this process (no Ray, no HTTP), on the replicas' torch threads: CPU per request when run
     one at a time and in batches of `batch`. Their ratio bounds the batching speed-up any serving stack can show
@@ -632,6 +665,13 @@ def print_summary(summary: dict[str, Any], comparisons: list[tuple[str, dict[str
             f"95 % interval of the per-round cost {low} to {high} %; machine CPU per request "
             f"+{summary['metering_machine_cpu_cost_percent']} %"
         )
+        floor = summary.get("metering_disk_sync")
+        if floor:
+            print(
+                f"  the spool's disk alone: a charge's pwrite + fdatasync takes {floor['p50_ms']:.2f} ms (p50, idle; "
+                f"p90 {floor['p90_ms']:.2f}); every metered response waits for one, so at these clients the cost "
+                f"cannot be below {floor['throughput_cost_floor_percent']} %"
+            )
     if "batching_speedup" in summary:
         print(f"batching speed-up: {summary['batching_speedup']}x (target >= 3x)")
         c = summary["batching_model_ceiling"]
@@ -733,6 +773,11 @@ def main(argv: list[str] | None = None) -> int:
         local.stop()
 
     summary, comparisons = summarize(arms, ledger_checks, args.arms)
+    if "metering_on_over_off" in summary:  # Ray is gone: the disk is as idle as it gets
+        floor = disk_sync_floor(Path(configs["hfi"]["metering"]["spool_dir"]))
+        off_rps = summary["metering_on_over_off"]["throughput_rps"][1]
+        floor["throughput_cost_floor_percent"] = sync_floor_percent(floor["p50_ms"], off_rps, args.clients)
+        summary["metering_disk_sync"] = floor
     if args.arms in ("all", "batching"):  # Ray is gone: the model alone has the machine
         summary["batching_model_ceiling"] = model_ceiling(configs["hfi-batched"])
     info["load_average_end"] = os.getloadavg()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -81,6 +82,27 @@ class SyncProcess:
         self.alive = True
         if loop is not None:
             loop.add_reader(self._acks, self._on_acks)
+
+    def wait_ready(self, timeout_s: float = 5.0) -> bool:
+        """Block until the child runs and has synced once (call before `attach`, when started without a loop): the
+        first request then finds it started (a child's start takes 10-20 ms, which a replica that takes traffic
+        right after its constructor, such as one scaled up from zero, would add to its first request). False
+        when it did not answer within `timeout_s` (it then answers the first request instead)."""
+        if self.loop is not None or not self.alive:
+            return False
+        try:
+            os.write(self._requests, (0).to_bytes(8, "little", signed=True))
+            ready, _, _ = select.select([self._acks], [], [], timeout_s)
+            if not ready:
+                return False
+            data = os.read(self._acks, 8)
+        except OSError:
+            return False
+        if len(data) < 8:  # gone already: the first request finds out and syncs itself
+            return False
+        if int.from_bytes(data, "little", signed=True) < 0:
+            log.warning("metering: the spool's first fdatasync failed; each charge's caller will see the error")
+        return True
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve the callers of `loop` (once, on that loop's thread) when it was started without one."""

@@ -105,3 +105,13 @@ def test_llm_metering_cost_pairs_metered_and_unmetered_arms_of_the_same_engine_b
         ("batching-unmetered", doc((8, 30.0))),
     ]
     assert llm.metering_cost(runs) == [(8, [30.0, 28.0], [32.0, 30.0])]
+
+
+def test_the_disk_sync_floor_is_measured_in_the_spool_directory_and_bounds_the_cost(tmp_path: Path) -> None:
+    floor = mo.disk_sync_floor(tmp_path / "spool", rounds=20)
+    assert floor["rounds"] == 20
+    assert 0 < floor["p50_ms"] <= floor["p90_ms"]
+    assert list((tmp_path / "spool").iterdir()) == []  # the probe file is gone
+    # 8 clients at 500 req/s: a 16 ms cycle; a 1 ms sync on top of it is 1/17 of the new cycle
+    assert mo.sync_floor_percent(1.0, 500, 8) == round(100 / 17, 1)
+    assert mo.sync_floor_percent(0.0, 500, 8) == 0.0

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -569,6 +570,31 @@ def test_a_sync_process_started_ahead_serves_the_first_loop_that_appends(tmp_pat
     assert records_in(spool.active_path) == [f"r{i}" for i in range(5)]
     spool.close()
     assert syncer.process.poll() is not None  # ended with the spool
+
+
+def test_a_sync_process_started_ahead_is_running_and_has_synced_once_on_return(tmp_path: Path) -> None:
+    """A replica takes traffic right after its constructor: the child's start (10-20 ms) is paid there, not by
+    the first request. On return the child has answered one sync, so it is past its interpreter's start."""
+    spool = Spool(tmp_path, ["ledger"])
+    spool.start_sync_process()
+    syncer = spool._syncer
+    assert syncer is not None and syncer.alive and syncer.process.poll() is None
+    child = Path(f"/proc/{syncer.process.pid}/io").read_text()
+    syscw = int(next(line.split()[1] for line in child.splitlines() if line.startswith("syscw")))
+    assert syscw >= 1  # its acknowledgement of the first sync
+    spool.close()
+
+
+def test_waiting_for_a_sync_process_that_died_returns_at_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, ["ledger"])
+    syncer = spool._start_syncer(None)
+    assert syncer is not None
+    syncer.process.kill()
+    syncer.process.wait()
+    started = time.monotonic()
+    assert not syncer.wait_ready(5)
+    assert time.monotonic() - started < 2
+    spool.close()
 
 
 def test_a_sync_process_started_ahead_and_never_used_ends_with_the_spool(tmp_path: Path) -> None:
