@@ -157,6 +157,7 @@ def hfi_phase() -> list[object]:
             arm("hfi-tokens", "cls", 1, rnd, 40, p50=20.0 + rnd),
             arm("hfi-open", "cls", 1, rnd, 45, p50=18.0),
             arm("inprocess", "cls", 1, rnd, 600, p50=1.5),
+            arm(peers.PACED, "cls", 1, rnd, 150, p50=3.0),
         ]
     return out
 
@@ -180,6 +181,7 @@ def test_analyze_pairs_each_stack_with_litserve_by_round_within_its_phase() -> N
     ]
     # tiny-sentiment and the in-process baseline are never set against LitServe's embeddings
     assert not any(label.startswith(("inprocess", "hfi-tokens cls c1 / litserve")) for label in got)
+    assert not any(label.startswith(peers.PACED) for label in got)
     # a stack missing from a run leaves its comparisons out instead of failing
     assert "hfi-tokens emb c1 / litserve [hfi]" not in got
 
@@ -194,6 +196,8 @@ def test_targets_report_the_issue_s_figures_with_their_intervals() -> None:
     assert tiny["difference_ms"] == 19.0 and tiny["inprocess_p50_ms"] == 1.5
     low, high = tiny["difference_ms_ci95"]
     assert low < 18.5 and high > 19.5
+    paced = goals["tiny_sentiment_p50_http_minus_inprocess_paced_ms"]["open"]  # against the paced calls
+    assert paced["difference_ms_per_round"] == [15.0, 15.0] and paced["inprocess_p50_ms"] == 3.0
     batching = goals["batching_speedup_vs_model_ceiling"]
     assert batching["ratio"] == 3.0 and batching["model_ceiling"] == 3.2
     assert batching["fraction_of_ceiling"] == pytest.approx(3.0 / 3.2, abs=1e-3)
