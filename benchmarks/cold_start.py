@@ -80,6 +80,54 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def _label(pid: int) -> str:
+    """A process's name for the CPU account: a Serve replica by its application, a Ray actor by its class, else the
+    program (and module) it runs."""
+    try:
+        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in args if a]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::ServeReplica:"):
+        return "replica " + words[0].split(":")[1]
+    if words[0].startswith("ray::"):
+        return words[0]
+    if "-m" in words[:-1]:
+        return words[words.index("-m") + 1]
+    if "-c" in words[:-1]:
+        return "python -c (the spool's sync child)" if "fdatasync" in " ".join(words) else "python -c"
+    program = Path(words[0]).name
+    script = next((Path(w).name for w in words[1:] if w.endswith(".py") or "/bin/" in w), "")
+    return f"{program} {script}".strip()
+
+
+def cpu_account(root: int) -> dict[str, Any]:
+    """CPU seconds (user + system) spent so far by `root` and every process under it, those already gone included
+    (what their parents collected), by process name: the work a start is made of. Over the machine's cores, the
+    least wall time that work can take, however it is scheduled."""
+    by_name: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in descendants(root) | {root}:
+        try:
+            fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, and cutime, cstime: the children it has waited for (gone, so not counted below it)
+        seconds = sum(int(fields[i]) for i in (11, 12, 13, 14)) / tick
+        name = _label(pid)
+        by_name[name] = by_name.get(name, 0.0) + seconds
+    total = sum(by_name.values())
+    cores = os.cpu_count() or 1
+    return {
+        "total_cpu_s": round(total, 1),
+        "cores": cores,
+        "least_wall_s": round(total / cores, 1),
+        "by_process": {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.1},
+    }
+
+
 def alive(pids: set[int]) -> set[int]:
     left = set()
     for pid in pids:
@@ -135,6 +183,7 @@ def run(catalog: str | None, rounds: int, timeout_s: float, warmup: bool = True)
     if ready is None:
         proc.kill()
         raise SystemExit("hfi serve printed no ready line:\n" + "\n".join(line for _, line in lines[-30:]))
+    cpu = cpu_account(proc.pid)  # what the start took, before any request
     # Each model's first request once the service says it is ready, then `rounds` more: the first against their
     # p50 (the replica's warm-up request took the first-call costs), and the first inference's end from the start.
     warm: dict[str, Any] = {}
@@ -157,6 +206,7 @@ def run(catalog: str | None, rounds: int, timeout_s: float, warmup: bool = True)
         "first_inference_answered_s": round(first_answer or 0, 2),
         "ready_lines": [line for _, line in lines if line.startswith("Ready:") or "is ready at" in line],
         "first_request_vs_p50": warm,
+        "cpu_at_ready": cpu,
     }
 
     pids = descendants(proc.pid) | {proc.pid}
