@@ -37,8 +37,9 @@ class MeteringSettings(BaseModel):
     # each); a closed file is deleted once delivered.
     spool_rotate_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
     # The node drainer's CPU priority (`nice`, 0-19): it delivers charges that are on disk already, so it runs in
-    # the time the serving processes leave, never ahead of a request (a higher value yields more). 0: normal.
-    drainer_nice: int = Field(default=10, ge=0, le=19)
+    # the time the serving processes leave, never ahead of a request. Ray starts its workers (the replicas) at nice
+    # 15 (Ray's `worker_niceness`), so only a value above that puts the drainer behind them. 0: normal.
+    drainer_nice: int = Field(default=19, ge=0, le=19)
     # How often the background threads look for new charges, and how many they move at once.
     drain_interval_s: float = Field(default=1.0, gt=0)
     drain_batch_size: int = Field(default=500, ge=1)
