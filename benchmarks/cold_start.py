@@ -87,11 +87,15 @@ def _label(pid: int) -> str:
         args = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return "?"
-    words = [a.decode(errors="replace") for a in args if a]
+    return name_of([a.decode(errors="replace") for a in args if a])
+
+
+def name_of(words: list[str]) -> str:
+    """`_label` of a command line."""
     if not words:
         return "?"
     if words[0].startswith("ray::ServeReplica:"):
-        return "replica " + words[0].split(":")[1]
+        return "replica " + words[0].removeprefix("ray::ServeReplica:").split(":")[0]
     if words[0].startswith("ray::"):
         return words[0]
     if "-m" in words[:-1]:

@@ -51,3 +51,12 @@ def test_the_account_counts_live_children_and_the_ones_already_gone() -> None:
 def test_processes_are_named_by_what_they_run() -> None:
     assert cold_start._label(os.getpid()).startswith(("python", "pytest"))
     assert cold_start._label(10**9) == "?"  # gone
+
+
+def test_replicas_are_named_by_their_application() -> None:
+    assert cold_start.name_of(["ray::ServeReplica:model-local--tiny-flux:model-local--tiny-flux"]) == (
+        "replica model-local--tiny-flux"
+    )
+    assert cold_start.name_of(["ray::ServeController"]) == "ray::ServeController"
+    assert cold_start.name_of(["/x/python3", "-m", "metering.node_drain"]) == "metering.node_drain"
+    assert cold_start.name_of([]) == "?"
