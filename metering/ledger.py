@@ -133,39 +133,10 @@ class UnstorableCharge(ValueError):
 
 
 def charge_to_row(charge: Charge, recorded_at: dt.datetime) -> dict[str, Any]:
-    """The ledger row of a charge."""
-    import json
-
-    u = charge.usage
-    started = u.started_at_utc
-    return {
-        "request_id": u.request_id,
-        "started_at": started,
-        "day": started.date(),
-        "model_id": u.model_id,
-        "revision": u.revision,
-        "task": u.task,
-        "hardware_profile": u.hardware_profile,
-        "price_usd_per_hour": charge.price_usd_per_hour,
-        "price_effective_from": charge.price_effective_from,
-        "compute_ns": u.compute_ns,
-        "compute_ms": charge.compute_ms,
-        "queue_ns": u.queue_ns,
-        "total_ns": u.total_ns,
-        "batch_size": u.batch_size,
-        "batch_id": u.batch_id,
-        "batch_compute_ns": u.batch_compute_ns,
-        "input_characters": u.input_characters,
-        "input_images": u.input_images,
-        "input_audio_seconds": float(u.input_audio_seconds),
-        "cost_nanousd": charge.cost_nanousd,
-        "user": u.user,
-        "billed_account": u.billed_account,
-        "status": u.status,
-        "client_request_id": u.client_request_id,
-        "extra": json.dumps(u.extra, sort_keys=True, default=str) if u.extra else None,
-        "recorded_at": recorded_at,
-    }
+    """The ledger row of a charge: the row of its spool record (`spooled_row`), by column name."""
+    row = dict(zip(_ROW_COLUMNS, spooled_row(charge.to_dict()), strict=True))
+    row["recorded_at"] = recorded_at
+    return row
 
 
 _ROW_COLUMNS = tuple(c.name for c in charges_table.columns if c.name != "id")  # what charge_to_row fills
@@ -173,19 +144,15 @@ _RECORDED_AT = _ROW_COLUMNS.index("recorded_at")
 _USAGE_DEFAULTS = {f.name: f.default for f in fields(UsageRecord) if f.default is not MISSING}
 
 
-def row_values(row: dict[str, Any]) -> list[Any]:
-    """A ledger row (`charge_to_row`) as the values of `_ROW_COLUMNS`, in order: what `Ledger.insert_rows` takes."""
-    return [row[name] for name in _ROW_COLUMNS]
-
-
 def spooled_row(data: dict[str, Any]) -> list[Any]:
-    """The ledger row of a spooled charge record (`Charge.to_dict`), made straight from it, as `row_values`.
+    """The ledger row of a spooled charge record (`Charge.to_dict`), as the values of `_ROW_COLUMNS` in order
+    (recorded_at None: the insert sets it): what `Ledger.insert_rows` takes, and the one definition of a row.
 
-    The values of `row_values(charge_to_row(Charge.from_dict(data), None))`, for a third of the Python time: the
-    drain's path, where building the Charge and its row dict first was most of the node drainer's own time per
-    charge. Raises KeyError, TypeError, ValueError or AttributeError for a record that is not a charge (missing
-    fields, a time or date that does not parse), as `from_dict` does; the other values go to the database as they
-    are, and it refuses what its columns cannot take (the drain then isolates and dead-letters that record).
+    Made straight from the record: the node drainer's path, where building a Charge and a row dict first was most
+    of its own time per charge. Raises KeyError, TypeError, ValueError or AttributeError for a record that is not a
+    charge (missing fields, a time or date that does not parse), as `Charge.from_dict` does; the other values go to
+    the database as they are, and it refuses what its columns cannot take (the drain then isolates and
+    dead-letters that record).
     """
     import json
 
@@ -321,13 +288,13 @@ class Ledger:
     def insert_new(self, charges: Sequence[Charge]) -> None:
         """`insert` without the ids back: the cheapest path per charge (`insert_rows`)."""
         try:
-            rows = [row_values(charge_to_row(c, None)) for c in charges]  # type: ignore[arg-type]
+            rows = [spooled_row(c.to_dict()) for c in charges]
         except (TypeError, ValueError, OverflowError, AttributeError) as err:  # as insert_rows says
             raise UnstorableCharge(f"{type(err).__name__}: {err}") from err
         self.insert_rows(rows)
 
     def insert_rows(self, rows: Sequence[list[Any]]) -> None:
-        """Insert charges given as row values (`row_values`, `spooled_row`; recorded_at is set here), those whose
+        """Insert charges given as row values (`spooled_row`; recorded_at is set here), those whose
         request id is not there yet: the spool drain's path. Keeps the last of the rows with the same id.
 
         One executemany at the driver (SQLite's, psycopg's pipeline) of a statement prepared once: no

@@ -98,6 +98,12 @@ def _point_terms(point: PricePoint) -> tuple[Fraction, str]:
     return cached[3], cached[4]
 
 
+def usd_per_second(point: PricePoint) -> Fraction:
+    """The point's price per second, exact: worked out once per point (the same object until the point changes, so
+    a caller may key its own figures on it)."""
+    return _point_terms(point)[0]
+
+
 def _plain(value: Decimal) -> str:
     text = format(value, "f")
     if "." in text:

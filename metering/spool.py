@@ -377,14 +377,14 @@ class Spool:
         syncer = self._start_syncer(loop)
         return syncer if syncer is not None and syncer.alive and syncer.loop is loop else None
 
-    def start_sync_process(self, wait_s: float = 5.0) -> None:
-        """Start the sync process now rather than at the first `append_async`, and wait (up to `wait_s`) until it
-        has synced once: a child's start takes 10-20 ms, which the first request would otherwise wait for. The
-        first event loop that appends takes it."""
+    def start_sync_process(self) -> None:
+        """Start the sync process now rather than at the first `append_async`, and wait until it has synced once: a
+        child's start takes 10-20 ms, which the first request would otherwise wait for. The first event loop that
+        appends takes it."""
         if self.writer and self.fsync and self.sync_process and not self._syncer_failed:
             syncer = self._start_syncer(None)
-            if syncer is not None and wait_s > 0:
-                syncer.wait_ready(wait_s)
+            if syncer is not None:
+                syncer.wait_ready()
 
     def _start_syncer(self, loop: asyncio.AbstractEventLoop | None) -> SyncProcess | None:
         """The sync process, started now for `loop` (None: the first loop that appends) unless there is one."""

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request, Response
@@ -28,6 +29,7 @@ from metering.records import (
     Charge,
     UsageRecord,
 )
+from metering.pricing import usd_per_second
 from metering.service import MeteringService
 from models.catalog import ModelSpec
 from models.compute_estimate import check_compute_estimate
@@ -141,9 +143,10 @@ class IngressCore:
     ) -> None:
         self.settings = settings
         self.catalog, self.profiles = settings.validated()
-        # Admission's estimate per hardware profile, with the price point it was made from (exact fractions cost
-        # more than the rest of an admission from memory: made again only when the price in force changes).
-        self._estimates: dict[str, tuple[Any, float, int]] = {}
+        # Admission's estimate per hardware profile, with the exact price it was made from (pricing's, the same
+        # object until the price point changes) and the seconds: exact fractions cost more than the rest of an
+        # admission from memory, so it is made again only when either changes.
+        self._estimates: dict[str, tuple[Fraction, float, int]] = {}
         self.backend = backend
         self.metering = metering or MeteringService(settings.metering, self.profiles)
         self.billing = billing or BillingService(settings.billing, settings.metering.resolved_database_url())
@@ -349,13 +352,13 @@ class IngressCore:
 
     def _estimate(self, profile: str, started_at: dt.datetime) -> int:
         """What admission reserves for a request on `profile`: `billing.estimate_compute_s` at its price then."""
-        point = self.profiles.get(profile).price_at(started_at)
+        price = usd_per_second(self.profiles.get(profile).price_at(started_at))
         seconds = self.settings.billing.estimate_compute_s
         known = self._estimates.get(profile)
-        if known is not None and known[0] is point and known[1] == seconds:
+        if known is not None and known[0] is price and known[1] == seconds:
             return known[2]
-        estimate = estimate_nanousd(point.usd_per_second_exact, seconds)
-        self._estimates[profile] = (point, seconds, estimate)
+        estimate = estimate_nanousd(price, seconds)
+        self._estimates[profile] = (price, seconds, estimate)
         return estimate
 
     async def _release_when_reserved(self, reserving: asyncio.Task[Admission]) -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from core.money import usd_str
 from hardware_profiles import load_profiles
-from metering.ledger import charge_to_row, row_values, spooled_row
+from metering.ledger import _ROW_COLUMNS, charge_to_row, spooled_row
 from metering.pricing import price_in_catalog
 from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str
 
@@ -84,6 +84,10 @@ def test_to_dict_from_dict_round_trip(
     again = Charge.from_dict(json.loads(json.dumps(charge.to_dict())))
     assert again == charge
     assert pickle.loads(pickle.dumps(charge)) == charge
+
+
+def row_values(row: dict) -> list:
+    return [row[name] for name in _ROW_COLUMNS]
 
 
 @given(
