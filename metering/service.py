@@ -206,10 +206,6 @@ class MeteringService:
                 self._pending[charge.request_id] = charge.cost_nanousd
         return charge, charge.to_dict()
 
-    def awaiting_sync(self) -> bool:
-        """Whether requests of this process wait for their charge's spool sync now (`record_async`)."""
-        return self.spool is not None and self.spool.sync_waiting > 0
-
     def start_sync_process(self) -> None:
         """Start the spool's sync process now, not at the first charge (a serving replica, before its traffic)."""
         if self.spool is not None:

@@ -132,8 +132,6 @@ class Spool:
         self._queue_cv = threading.Condition()  # guards the ticks, the sync process and closing
         # append_async: the lines and waiting callers of each loop's current iteration
         self._ticks: dict[asyncio.AbstractEventLoop, tuple[list[bytes], list[asyncio.Future[None]]]] = {}
-        # append_async callers whose line is not synced yet (changed on their loop only)
-        self._sync_waiting = 0
         # ... whose fdatasync a child process runs, so that the loop never waits for the disk (metering/syncer.py):
         # for the first loop that appends (an ingress has one). Other loops, or all if it is off or fails, hand
         # the fdatasync to a worker thread.
@@ -328,18 +326,7 @@ class Spool:
                 loop.call_soon(self._sync_tick, loop)
             tick[0].append(line)
             tick[1].append(future)
-        self._sync_waiting += 1
-        future.add_done_callback(self._synced_one)
         await future
-
-    def _synced_one(self, _: asyncio.Future[None]) -> None:
-        self._sync_waiting -= 1
-
-    @property
-    def sync_waiting(self) -> int:
-        """How many `append_async` callers wait for their line's sync now: a caller on the loop that would run
-        something long may leave the loop to them (serving.batching.LoopOrThread)."""
-        return self._sync_waiting
 
     def _sync_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         """At the end of a loop iteration: write its lines with one pwrite, then have them synced off the loop."""

@@ -207,8 +207,7 @@ class LoopOrThread:
     interpreter (Ray Serve's own `@serve.batch` runs the batch on the loop); but nothing else runs on the loop
     meanwhile (other requests' admission and responses, disconnect watchers), so only batches that took less than
     `below_s` on average (a moving average of the last few) run there. Unknown (the first batch), or `busy()` (the
-    replica's: a lock on the model held by another caller, which the loop must not wait for, or callers of earlier
-    batches still finishing on the loop, whose answers would wait for this batch) means a thread."""
+    replica's: a lock on the model held by another caller, which the loop must not wait for) means a thread."""
 
     WEIGHT = 0.2  # of the newest batch in the moving average
 

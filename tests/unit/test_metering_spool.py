@@ -270,29 +270,6 @@ def test_append_async_lines_are_on_disk_when_it_returns_and_share_fsyncs(
     spool.close()
 
 
-@pytest.mark.parametrize("sync_process", [True, False])
-def test_sync_waiting_counts_the_callers_whose_line_is_not_synced_yet(
-    tmp_path: Path, sync_process: bool
-) -> None:
-    """What a replica checks before it runs a batch on its event loop (serving.batching.LoopOrThread): callers
-    waiting for their charge's sync would wait for the batch too. Cancelled callers stop counting once settled."""
-    spool = Spool(tmp_path, ["ledger"], sync_process=sync_process)
-    seen: list[int] = []
-
-    async def main() -> None:
-        tasks = [asyncio.ensure_future(spool.append_async({"request_id": f"r{i}"})) for i in range(5)]
-        await asyncio.sleep(0)  # all five queued for this iteration's write and sync
-        seen.append(spool.sync_waiting)
-        tasks[0].cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        seen.append(spool.sync_waiting)
-
-    asyncio.run(main())
-    assert seen == [5, 0]
-    assert records_in(spool.active_path) == [f"r{i}" for i in range(5)]
-    spool.close()
-
-
 def test_append_async_of_a_cancelled_caller_is_still_written_and_close_writes_what_is_queued(
     tmp_path: Path,
 ) -> None:
