@@ -69,8 +69,10 @@ def test_replicas_without_a_gpu_fall_back_to_the_only_gpu_node_unless_told_never
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "HFI_"))}
     env["PYTHONPATH"] = str(ROOT)
     with tempfile.TemporaryDirectory(prefix="hfigpu-", dir="/tmp") as work:  # short: Ray's socket paths
+        # Ray's address file (RAY_TMPDIR/ray) in the cluster's own directory: /tmp/ray need not exist here
+        env["RAY_TMPDIR"] = work
         proc = subprocess.run(
-            [sys.executable, "-c", SCRIPT, work],
+            [sys.executable, "-c", SCRIPT, os.path.join(work, "ray")],
             cwd=ROOT,
             env=env,
             capture_output=True,
