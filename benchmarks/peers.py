@@ -734,7 +734,10 @@ def print_report(comparisons: dict[str, dict[str, Any]], goals: dict[str, Any], 
         )
     for key, how in (
         ("tiny_sentiment_p50_http_minus_inprocess_ms", "in process"),
-        ("tiny_sentiment_p50_http_minus_inprocess_paced_ms", f"in process, {PACED_GAP_S * 1000:g} ms between calls"),
+        (
+            "tiny_sentiment_p50_http_minus_inprocess_paced_ms",
+            f"in process, {PACED_GAP_S * 1000:g} ms between calls",
+        ),
     ):
         for mode, d in goals.get(key, {}).items():
             if d:

@@ -190,11 +190,34 @@ def spooled_row(data: dict[str, Any]) -> list[Any]:
     ]
 
 
-_SPOOLED_ORDER = (
-    "request_id started_at day model_id revision task hardware_profile price_usd_per_hour price_effective_from "
-    "compute_ns compute_ms queue_ns total_ns batch_size batch_id batch_compute_ns input_characters input_images "
-    "input_audio_seconds cost_nanousd user billed_account status client_request_id extra recorded_at"
-).split()
+_SPOOLED_ORDER = [
+    "request_id",
+    "started_at",
+    "day",
+    "model_id",
+    "revision",
+    "task",
+    "hardware_profile",
+    "price_usd_per_hour",
+    "price_effective_from",
+    "compute_ns",
+    "compute_ms",
+    "queue_ns",
+    "total_ns",
+    "batch_size",
+    "batch_id",
+    "batch_compute_ns",
+    "input_characters",
+    "input_images",
+    "input_audio_seconds",
+    "cost_nanousd",
+    "user",
+    "billed_account",
+    "status",
+    "client_request_id",
+    "extra",
+    "recorded_at",
+]
 if tuple(_SPOOLED_ORDER) != _ROW_COLUMNS:  # a column added to the table must be added to spooled_row too
     raise RuntimeError(f"spooled_row's columns {_SPOOLED_ORDER} are not the ledger's {_ROW_COLUMNS}")
 

@@ -101,7 +101,9 @@ class SyncProcess:
         if len(data) < 8:  # gone already: the first request finds out and syncs itself
             return False
         if int.from_bytes(data, "little", signed=True) < 0:
-            log.warning("metering: the spool's first fdatasync failed; each charge's caller will see the error")
+            log.warning(
+                "metering: the spool's first fdatasync failed; each charge's caller will see the error"
+            )
         return True
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:

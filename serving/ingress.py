@@ -22,6 +22,7 @@ from billing.ratelimit import RateLimiter
 from billing.service import Admission, BillingService, estimate_nanousd
 from core.ids import uuid4
 from metering import metrics
+from metering.pricing import usd_per_second
 from metering.records import (
     STATUS_CLIENT_DISCONNECTED,
     STATUS_DEADLINE_EXCEEDED,
@@ -29,7 +30,6 @@ from metering.records import (
     Charge,
     UsageRecord,
 )
-from metering.pricing import usd_per_second
 from metering.service import MeteringService
 from models.catalog import ModelSpec
 from models.compute_estimate import check_compute_estimate

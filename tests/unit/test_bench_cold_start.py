@@ -37,7 +37,9 @@ def test_the_account_counts_live_children_and_the_ones_already_gone() -> None:
         assert account["total_cpu_s"] >= 0.7  # 0.4 s gone with its process, 0.3 s in the live one
         assert account["cores"] == (os.cpu_count() or 1)
         assert account["least_wall_s"] == round(account["total_cpu_s"] / account["cores"], 1)
-        assert sum(account["by_process"].values()) <= account["total_cpu_s"] + 0.1 * len(account["by_process"])
+        assert sum(account["by_process"].values()) <= account["total_cpu_s"] + 0.1 * len(
+            account["by_process"]
+        )
     finally:
         for pid in cold_start.descendants(root.pid):
             try:

@@ -7,7 +7,6 @@ import json
 import pickle
 
 import pytest
-
 from hypothesis import given
 from hypothesis import strategies as st
 
