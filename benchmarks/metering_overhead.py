@@ -7,20 +7,24 @@ Two questions, each answered by arms that differ in one setting only:
 
 1. metering overhead: throughput and p50/p99 latency of a trivial model (local/tiny-sentiment, text
    classification) at 8 concurrent clients, with `metering.enabled` true (price, fsync'd spool append, background
-   drain to the SQLite ledger) and false (price only: the response headers still carry the charge).
+   drain to the SQLite ledger) and false (price only: the response headers still carry the charge). A third
+   arm, metering on with the spool in memory (/dev/shm, where an fdatasync has nothing to write), splits that cost
+   into what the spool's disk takes (on / in memory) and what the rest of metering takes (in memory / off).
 2. batching speed-up: feature-extraction throughput of all-MiniLM-L6-v2 at 16 concurrent clients with the
    catalog's dynamic batching and with `batching: null` for that model (each request its own forward pass).
 
-How: one Ray instance and one Serve HTTP proxy hold four applications side by side, one per arm, each with its own
-ingress and model replica (`serving.local.start` puts the metering-on one at `/`; `serve.run` adds `/off`, the
-same with metering off, and `/batched` and `/unbatched` for MiniLM), so that the two sides of a comparison differ
-in one setting only and no arm's traffic lands in the other side's processes, and so that the arms can
-alternate every few seconds without redeploying: each round runs on/off (then off/on in the next round, ABBA) and
-batched/unbatched, and the ratios are taken per round and over the run. A drift of the machine's load (other
-processes on a shared box) then falls on both sides of each comparison; short arms and many rounds keep the pairs
-close in time, and the per-round ratios give a 95 % confidence interval (Student's t on their logarithms), so a
-run says how sure it is. Only one arm runs at a time; the idle applications cost both sides the same. Comparing the service against an in-process IngressCore instead would
-measure Ray Serve's proxy and handles as well as metering: toggling only metering on the same stack isolates it.
+How: one Ray instance and one HTTP entry hold five applications side by side, one per arm, each with its own
+model replica (`serving.local.start` puts the metering-on one at `/`; `serve.run` adds `/off`, the same with
+metering off, `/memspool`, the same with its spool in memory and a node drainer of its own, and `/batched` and
+`/unbatched` for MiniLM), so that the sides of a comparison differ in one setting only and no arm's traffic lands
+in another side's processes, and so that the arms can alternate every few seconds without redeploying: each round
+runs on / in memory / off (then the reverse in the next round, ABBA) and batched / unbatched, and the ratios are
+taken per round and over the run. A drift of the machine's load (other processes on a shared box) then falls on
+both sides of each comparison; short arms and many rounds keep the pairs close in time, and the per-round ratios
+give a 95 % confidence interval (Student's t on their logarithms), so a run says how sure it is. Only one arm runs
+at a time; the idle applications cost both sides the same. Comparing the service against an in-process
+IngressCore instead would measure the HTTP stack as well as metering: toggling only metering on the same stack
+isolates it.
 
 Where the time goes: for every arm, the CPU seconds per request of the proxy, the arm's ingress, its model
 replica and this client (from /proc), so that a ratio can be explained and not only reported.
@@ -39,6 +43,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
@@ -63,6 +68,9 @@ EMB_BODY = {"inputs": "The quick brown fox jumps over the lazy dog near the rive
 APPS: dict[str, tuple[str, bool, tuple[str, ...], bool]] = {
     "hfi": ("", True, (SENTIMENT,), True),
     "hfi-off": ("/off", False, (SENTIMENT,), True),  # the same as `hfi` but for metering
+    # the same as `hfi` but for the spool's disk: its spool in memory (/dev/shm, where fdatasync has nothing to
+    # write), its own node drainer; the ledger on the same disk as `hfi`'s
+    "hfi-memspool": ("/memspool", True, (SENTIMENT,), True),
     "hfi-batched": ("/batched", True, (MINILM,), True),
     "hfi-unbatched": ("/unbatched", True, (MINILM,), False),  # the same as `hfi-batched` but for batching
 }
@@ -405,6 +413,36 @@ def ledger_count(database_url: str) -> int:
         engine.dispose()
 
 
+def check_ledgers(
+    configs: dict[str, dict[str, Any]], ok_by_app: dict[str, int], failed_by_app: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Outside the measured windows: one charge per 200, none when off. A request that got no 200 may have run all
+    the same (its client gave up, a connection dropped): charged for what ran, so at most those."""
+    checks = []
+    for app, cfg in configs.items():
+        expected = ok_by_app[app] if cfg["metering"]["enabled"] else 0
+        deadline = time.monotonic() + 60
+        while (
+            count := ledger_count(cfg["metering"]["database_url"])
+        ) < expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        checks.append(
+            {
+                "app": app,
+                "ok_responses": ok_by_app[app],
+                "failed_requests": failed_by_app[app],
+                "expected": expected,
+                "charges": count,
+            }
+        )
+        print(
+            f"  ledger of {app}: {count} charges, {ok_by_app[app]} successful responses, "
+            f"{failed_by_app[app]} requests without a 200",
+            flush=True,
+        )
+    return checks
+
+
 def other_ray_running() -> list[int]:
     import psutil
 
@@ -597,6 +635,22 @@ def summarize(
         cpu = metering_cmp["machine_cpu_per_request_ratio"]
         summary["metering_machine_cpu_cost_percent"] = None if cpu is None else round(100 * (cpu - 1), 1)
         summary["metering_target_met"] = summary["metering_throughput_cost_percent"] < 5
+        # The same charges with the spool in memory: what metering costs but for the disk's sync, and the disk's part
+        memory = named("cls spool in memory")
+        if memory:
+            for key, label, a, b in (
+                ("memory_spool", "spool in memory / off", memory, named("cls metering off")),
+                ("disk", "on / spool in memory", named("cls metering on"), memory),
+            ):
+                c = compare(a, b)
+                comparisons.append((label, c))
+                summary[f"metering_{key}_over"] = c
+                summary[f"metering_{key}_cost_percent"] = round(100 * (1 - c["throughput_ratio"]), 1)
+                low, high = c["throughput_ratio_ci95"]
+                summary[f"metering_{key}_cost_percent_ci95"] = [
+                    round(100 * (1 - high), 1),
+                    round(100 * (1 - low), 1),
+                ]
     if which in ("all", "batching"):
         batching_cmp = compare(named("emb batched"), named("emb unbatched"))
         comparisons.append(("batched / unbatched", batching_cmp))
@@ -665,6 +719,15 @@ def print_summary(summary: dict[str, Any], comparisons: list[tuple[str, dict[str
             f"95 % interval of the per-round cost {low} to {high} %; machine CPU per request "
             f"+{summary['metering_machine_cpu_cost_percent']} %"
         )
+        if "metering_memory_spool_cost_percent" in summary:
+            for key, what in (
+                ("memory_spool", "metering with the spool in memory"),
+                ("disk", "the spool's disk"),
+            ):
+                low, high = summary[f"metering_{key}_cost_percent_ci95"]
+                print(
+                    f"  of it, {what}: {summary[f'metering_{key}_cost_percent']} % (95 % interval {low} to {high} %)"
+                )
         floor = summary.get("metering_disk_sync")
         if floor:
             print(
@@ -693,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"another Ray instance is running on this machine (pids {others}): wait for it to finish")
         return 2
 
+    from metering import node_drain
     from models.loading import resolve_source
     from serving.config import Settings
 
@@ -705,7 +769,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="hfi-bench-metering-"))
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     configs = {app: app_args(app, work, port, model_store, args.torch_threads) for app in APPS}
-    configs["hfi"]["metering"].update(args.metering_set)
+    memory = Path(
+        tempfile.mkdtemp(prefix="hfi-bench-spool-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    )
+    configs["hfi-memspool"]["metering"]["spool_dir"] = str(memory / "spool")
+    for app in ("hfi", "hfi-memspool"):  # the diagnostic settings go to both: they differ in the disk only
+        configs[app]["metering"].update(args.metering_set)
     for config in configs.values():  # build the model directories before any replica looks
         settings = Settings.load(config, env={})
         for spec in settings.validated()[0].models:
@@ -724,17 +793,24 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     arms: list[ArmResult] = []
+    memspool_drainer = None
     ok_by_app: dict[str, int] = {}
     failed_by_app: dict[str, int] = {}
     try:
         t0 = time.monotonic()
         url = start_apps(configs, ray_tmp)
+        # `hfi` has the node drainer that serving.local.start runs; the memory spool gets its own, the same
+        memspool_drainer = node_drain.spawn(Settings.load(configs["hfi-memspool"], env={}).metering)
         ok_by_app, failed_by_app = wait_ready(url, configs)
         print(f"{len(configs)} applications ready in {time.monotonic() - t0:.1f} s at {url}", flush=True)
         cls = (CLS_PATH, CLS_BODY, args.clients)
         emb = (EMB_PATH, EMB_BODY, args.batch_clients)
         for rnd in range(args.rounds):
-            metering = [("cls metering on", "hfi", *cls), ("cls metering off", "hfi-off", *cls)]
+            metering = [
+                ("cls metering on", "hfi", *cls),
+                ("cls spool in memory", "hfi-memspool", *cls),
+                ("cls metering off", "hfi-off", *cls),
+            ]
             batching = [("emb batched", "hfi-batched", *emb), ("emb unbatched", "hfi-unbatched", *emb)]
             if rnd % 2:  # ABBA
                 metering.reverse()
@@ -745,32 +821,12 @@ def main(argv: list[str] | None = None) -> int:
                 arms.append(arm)
                 ok_by_app[app] += arm.requests_ok + arm.warmup_ok
                 failed_by_app[app] += arm.errors + arm.warmup_errors
-        ledger_checks = []
-        # Outside the measured windows: one charge per 200, none when off. A request that got no 200 may have
-        # run all the same (its client gave up, a connection dropped): charged for what ran, so at most those.
-        for app, cfg in configs.items():
-            expected = ok_by_app[app] if cfg["metering"]["enabled"] else 0
-            deadline = time.monotonic() + 60
-            while (
-                count := ledger_count(cfg["metering"]["database_url"])
-            ) < expected and time.monotonic() < deadline:
-                time.sleep(0.5)
-            ledger_checks.append(
-                {
-                    "app": app,
-                    "ok_responses": ok_by_app[app],
-                    "failed_requests": failed_by_app[app],
-                    "expected": expected,
-                    "charges": count,
-                }
-            )
-            print(
-                f"  ledger of {app}: {count} charges, {ok_by_app[app]} successful responses, "
-                f"{failed_by_app[app]} requests without a 200",
-                flush=True,
-            )
+        ledger_checks = check_ledgers(configs, ok_by_app, failed_by_app)
     finally:
         local.stop()
+        if memspool_drainer is not None:
+            node_drain.finish(memspool_drainer)
+        shutil.rmtree(memory, ignore_errors=True)
 
     summary, comparisons = summarize(arms, ledger_checks, args.arms)
     if "metering_on_over_off" in summary:  # Ray is gone: the disk is as idle as it gets

@@ -83,6 +83,32 @@ def test_compare_pairs_rounds_and_summarize_reports_the_cost_with_its_interval()
         assert mo.summarize(arms, [bad], "metering")[0]["ledger_one_charge_per_ok_response"] is False
 
 
+def test_the_memory_spool_arm_splits_metering_cost_into_the_disk_and_the_rest() -> None:
+    arms = []
+    for rnd, (on, memory, off) in enumerate(
+        [(90.0, 98.0, 100.0), (180.0, 196.0, 200.0), (91.0, 97.0, 100.0)]
+    ):
+        arms += [
+            arm("cls metering on", rnd, on, 10.6),
+            arm("cls spool in memory", rnd, memory, 10.2),
+            arm("cls metering off", rnd, off, 10.0),
+        ]
+    summary, comparisons = mo.summarize(arms, [], "metering")
+    assert [label for label, _ in comparisons] == [
+        "metering on / off",
+        "spool in memory / off",
+        "on / spool in memory",
+    ]
+    assert summary["metering_memory_spool_over"]["throughput_ratio_per_round"] == [0.98, 0.98, 0.97]
+    assert summary["metering_disk_over"]["throughput_ratio_per_round"] == [0.918, 0.918, 0.938]
+    assert summary["metering_memory_spool_cost_percent"] == round(100 * (1 - 391 / 400), 1)
+    low, high = summary["metering_disk_cost_percent_ci95"]
+    assert low < summary["metering_disk_cost_percent"] < high
+    # a run without that arm (an older result file) reports the total only
+    plain = [a for a in arms if a.name != "cls spool in memory"]
+    assert "metering_disk_cost_percent" not in mo.summarize(plain, [], "metering")[0]
+
+
 def test_llm_metering_cost_pairs_metered_and_unmetered_arms_of_the_same_engine_by_level():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_batching.py"
     spec = importlib.util.spec_from_file_location("llm_batching", path)
