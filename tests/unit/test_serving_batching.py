@@ -288,3 +288,30 @@ def test_short_batches_run_on_the_loop_and_long_ones_on_a_thread():
     asyncio.run(never.run(batch, 0.0))
     asyncio.run(never.run(batch, 0.0))
     assert where == ["thread", "thread"]
+
+
+def test_a_lone_request_waits_for_as_many_as_the_recent_batches_not_for_a_full_one():
+    """Eight closed-loop callers of a batcher of 16: the first to come back waits for the other seven (the recent
+    batches' size) and goes once they are there, not for a ninth that never comes (a wait that lasted the whole
+    timeout every time). Once more come, the batches grow: whatever is queued joins."""
+
+    async def main():
+        calls: list[list[int]] = []
+        batcher = Batcher(await echo_batches(calls, 0.0), max_batch_size=16, wait_timeout_s=5.0)
+        await asyncio.gather(*(batcher.submit(i) for i in range(8)))  # one batch of 8
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.create_task(batcher.submit(100))  # alone: it waits for company
+        await asyncio.sleep(0.02)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(101, 108)]
+        await asyncio.gather(first, *rest)
+        took = loop.time() - started
+        # more callers now: one alone waits for 8, and the four queued behind them join the same batch
+        more = [asyncio.create_task(batcher.submit(i)) for i in range(200, 212)]
+        await asyncio.gather(*more)
+        return calls, took
+
+    calls, took = run(main())
+    assert calls[1] == list(range(100, 108))
+    assert took < 2.5  # not the 5 s timeout
+    assert calls[2] == list(range(200, 212))
