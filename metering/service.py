@@ -94,6 +94,7 @@ class MeteringService:
             fsync=settings.spool_fsync,
             rotate_bytes=settings.spool_rotate_bytes,
             sync_process=settings.spool_sync_process,
+            inline_sync_below_s=settings.spool_inline_sync_below_s,
             writer=not drainer,
             hand_off=not sinks,  # a sink given in code is this process's own: no drainer delivers to it
         )

@@ -1,4 +1,5 @@
-"""A child process that fdatasyncs one file on request, for an event loop that must not wait for the disk.
+"""A child process that fdatasyncs one file on request, for an event loop that must not wait for a slow disk (the
+spool's loop syncs its lines itself while the disk is quick: metering/spool.py `append_async`).
 
 The spool's charges must be on disk before a response goes out, but an fdatasync on the event loop stops the
 whole ingress for its duration (0.3-1 ms on a shared disk under load: every other request waits, and a batched

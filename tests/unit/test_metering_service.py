@@ -219,8 +219,9 @@ def test_record_async_runs_off_the_event_loop(service: MeteringService) -> None:
 @pytest.mark.parametrize(
     "settings, how",
     [
-        ({}, "process"),
-        ({"spool_sync_process": False}, "thread"),
+        ({"spool_inline_sync_below_s": 10.0}, "inline"),  # any disk is quick enough: the loop syncs
+        ({"spool_inline_sync_below_s": 0}, "process"),
+        ({"spool_inline_sync_below_s": 0, "spool_sync_process": False}, "thread"),
     ],
 )
 def test_record_async_is_synced_as_configured(tmp_path: Path, settings, how) -> None:
@@ -232,6 +233,7 @@ def test_record_async_is_synced_as_configured(tmp_path: Path, settings, how) -> 
 
     ids = asyncio.run(main())
     assert (svc.spool._syncer is not None) == (how == "process")
+    assert (svc.spool.inline_syncs == 1) == (how == "inline")  # one sync for the ten, on the loop
     assert svc.flush(10)
     assert sorted(c.request_id for c in svc.charges()) == sorted(ids)
     svc.close()

@@ -394,7 +394,82 @@ def test_append_async_lines_of_an_unfinished_loop_iteration_are_written_by_close
     again.close()
 
 
-# The sync process (metering/syncer.py): the default for an event loop
+# The loop's own fdatasync, while the disk is quick (`inline_sync_below_s`)
+
+
+def test_append_async_on_a_quick_disk_is_synced_by_the_loop_once_per_iteration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_syncs(monkeypatch)
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=10.0)
+    loop_thread: list[bool] = []
+
+    async def one(i: int) -> None:
+        await spool.append_async({"request_id": f"q{i}"})
+        assert f"q{i}" in records_in(spool.active_path)
+
+    async def main() -> None:
+        loop_thread.append(threading.current_thread() is threading.main_thread())
+        await asyncio.gather(*(one(i) for i in range(10)))
+        await one(10)
+
+    asyncio.run(main())
+    assert loop_thread == [True] and len(calls) == 2  # one fdatasync per iteration, in this process
+    assert spool.inline_syncs == 2 and spool._syncer is None  # no child was needed
+    assert spool.inline_sync_s is not None and spool.inline_sync_s < 10.0
+    assert [r["request_id"] for r in drain(spool, "ledger")] == [f"q{i}" for i in range(11)]
+    spool.close()
+
+
+def test_a_slow_disk_moves_the_sync_off_the_loop_and_probes_bring_it_back_once_quick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncs slower than `inline_sync_below_s` on average: the next iterations go to the sync process (the loop
+    serves on); one iteration every INLINE_PROBE_S tries the loop's own again, and quick ones bring it back."""
+    import os
+    import time
+
+    from metering import spool as spool_module
+
+    real_sync = os.fdatasync
+    slow = {"on": True}
+
+    def sync(fd: int) -> None:
+        if slow["on"]:
+            time.sleep(0.03)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", sync)
+    monkeypatch.setattr(spool_module, "INLINE_PROBE_S", 0.02)
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=0.01)
+
+    async def main() -> tuple[list[int], int]:
+        counts = []
+        for i in range(3):  # the first one inline (slow), then the child, well within a probe interval
+            await spool.append_async({"request_id": f"s{i}"})
+            counts.append(spool.inline_syncs)
+        slow["on"] = False
+        n = 3
+        while spool.inline_sync_s >= 0.01 and n < 100:  # a probe each interval pulls the average down
+            await asyncio.sleep(0.03)
+            await spool.append_async({"request_id": f"s{n}"})
+            n += 1
+        before = spool.inline_syncs
+        for _ in range(5):  # quick on average again: every iteration on the loop
+            await spool.append_async({"request_id": f"s{n}"})
+            n += 1
+        counts.append(spool.inline_syncs - before)
+        return counts, n
+
+    counts, n = asyncio.run(main())
+    assert counts[:3] == [1, 1, 1]  # after the slow one, the sync process took over
+    assert spool._syncer is not None
+    assert n < 100 and counts[3] == 5
+    assert [r["request_id"] for r in drain(spool, "ledger")] == [f"s{i}" for i in range(n)]
+    spool.close()
+
+
+# The sync process (metering/syncer.py): the default for an event loop whose disk is slow
 
 
 def no_fsync_here(monkeypatch: pytest.MonkeyPatch) -> None:
