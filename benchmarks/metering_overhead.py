@@ -686,7 +686,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="diagnostic: a metering setting of the metering-on app (YAML value), e.g. spool_fsync=false",
+        help="diagnostic: a metering setting of both metering-on apps (YAML value), e.g. spool_fsync=false",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metering_overhead.json"))
     p.add_argument("--allow-other-ray", action="store_true", help="run even if another Ray is running here")
