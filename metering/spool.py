@@ -58,9 +58,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".jsonl"
 DRAINER_LOCK = ".drainer.lock"  # held by the node drainer of the directory (metering/node_drain.py)
 DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
-INLINE_WEIGHT = (
-    0.2  # of the newest of the loop's own syncs in their moving average (one slow sync is not a slow disk)
-)
+INLINE_WEIGHT = 0.2  # of the newest of the loop's own syncs in their average (one slow sync is no slow disk)
 INLINE_PROBE_S = 0.5  # once they are slow on average, how often the loop tries one again
 _ORJSON_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
