@@ -413,6 +413,15 @@ def ledger_count(database_url: str) -> int:
         engine.dispose()
 
 
+def memory_dir() -> Path:
+    """A new directory in memory (/dev/shm) for the 'spool in memory' arm; where there is none, on the temporary
+    directory's disk, said on stdout."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        print("no /dev/shm here: the 'spool in memory' arm's spool is on the temporary directory's disk")
+    return Path(tempfile.mkdtemp(prefix="hfi-bench-spool-", dir=shm if shm.is_dir() else None))
+
+
 def check_ledgers(
     configs: dict[str, dict[str, Any]], ok_by_app: dict[str, int], failed_by_app: dict[str, int]
 ) -> list[dict[str, Any]]:
@@ -606,6 +615,13 @@ def compare(a: list[ArmResult], b: list[ArmResult]) -> dict[str, Any]:
     }
 
 
+def cost_percent(comparison: dict[str, Any]) -> tuple[float, list[float]]:
+    """A throughput ratio (a over b) as a cost of a in percent, with its 95 % interval."""
+    low, high = comparison["throughput_ratio_ci95"]
+    cost = round(100 * (1 - comparison["throughput_ratio"]), 1)
+    return cost, [round(100 * (1 - high), 1), round(100 * (1 - low), 1)]
+
+
 def summarize(
     arms: list[ArmResult], ledger_checks: list[dict[str, Any]], which: str
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
@@ -626,12 +642,10 @@ def summarize(
         metering_cmp = compare(named("cls metering on"), named("cls metering off"))
         comparisons.append(("metering on / off", metering_cmp))
         summary["metering_on_over_off"] = metering_cmp
-        summary["metering_throughput_cost_percent"] = round(100 * (1 - metering_cmp["throughput_ratio"]), 1)
-        low, high = metering_cmp["throughput_ratio_ci95"]
-        summary["metering_throughput_cost_percent_ci95"] = [
-            round(100 * (1 - high), 1),
-            round(100 * (1 - low), 1),
-        ]
+        (
+            summary["metering_throughput_cost_percent"],
+            summary["metering_throughput_cost_percent_ci95"],
+        ) = cost_percent(metering_cmp)
         cpu = metering_cmp["machine_cpu_per_request_ratio"]
         summary["metering_machine_cpu_cost_percent"] = None if cpu is None else round(100 * (cpu - 1), 1)
         summary["metering_target_met"] = summary["metering_throughput_cost_percent"] < 5
@@ -645,12 +659,9 @@ def summarize(
                 c = compare(a, b)
                 comparisons.append((label, c))
                 summary[f"metering_{key}_over"] = c
-                summary[f"metering_{key}_cost_percent"] = round(100 * (1 - c["throughput_ratio"]), 1)
-                low, high = c["throughput_ratio_ci95"]
-                summary[f"metering_{key}_cost_percent_ci95"] = [
-                    round(100 * (1 - high), 1),
-                    round(100 * (1 - low), 1),
-                ]
+                summary[f"metering_{key}_cost_percent"], summary[f"metering_{key}_cost_percent_ci95"] = (
+                    cost_percent(c)
+                )
     if which in ("all", "batching"):
         batching_cmp = compare(named("emb batched"), named("emb unbatched"))
         comparisons.append(("batched / unbatched", batching_cmp))
@@ -688,18 +699,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="diagnostic: a metering setting of both metering-on apps (YAML value), e.g. spool_fsync=false",
     )
+    p.add_argument(
+        "--memspool-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="diagnostic: a metering setting of the 'spool in memory' app alone, after --metering-set, e.g. "
+        "spool_dir=/var/tmp/x spool_inline_sync_below_s=0 (that arm then compares two ways of one disk)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metering_overhead.json"))
     p.add_argument("--allow-other-ray", action="store_true", help="run even if another Ray is running here")
     args = p.parse_args(argv)
     import yaml
 
-    settings = {}
-    for item in args.metering_set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--metering-set takes KEY=VALUE, got {item!r}")
-        settings[key] = yaml.safe_load(value)
-    args.metering_set = settings
+    for option in ("metering_set", "memspool_set"):
+        settings = {}
+        for item in getattr(args, option):
+            key, sep, value = item.partition("=")
+            if not sep:
+                p.error(f"--{option.replace('_', '-')} takes KEY=VALUE, got {item!r}")
+            settings[key] = yaml.safe_load(value)
+        setattr(args, option, settings)
     return args
 
 
@@ -769,12 +789,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="hfi-bench-metering-"))
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     configs = {app: app_args(app, work, port, model_store, args.torch_threads) for app in APPS}
-    memory = Path(
-        tempfile.mkdtemp(prefix="hfi-bench-spool-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-    )
+    memory = memory_dir()
     configs["hfi-memspool"]["metering"]["spool_dir"] = str(memory / "spool")
     for app in ("hfi", "hfi-memspool"):  # the diagnostic settings go to both: they differ in the disk only
         configs[app]["metering"].update(args.metering_set)
+    configs["hfi-memspool"]["metering"].update(args.memspool_set)
     for config in configs.values():  # build the model directories before any replica looks
         settings = Settings.load(config, env={})
         for spec in settings.validated()[0].models:

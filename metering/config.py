@@ -33,8 +33,8 @@ class MeteringSettings(BaseModel):
     # charges, so that the event loop goes on serving meanwhile (metering/syncer.py). False, or if it fails: a
     # worker thread runs that fdatasync.
     spool_sync_process: bool = True
-    # ... unless the disk is quick: while the loop's own fdatasync takes less than this on average (a local disk:
-    # 0.05-0.5 ms), the loop runs it itself, which costs a request less than the hand-over to the child and back;
+    # ... unless the disk is quick: while the loop's own fdatasync takes less than this on average (the test VM's
+    # local disk: 0.2-0.3 ms), the loop runs it itself, which costs a request less than the hand-over to the child and back;
     # a slower disk (a network volume) goes to the child, and the loop retries its own twice a second. 0: never.
     spool_inline_sync_below_s: float = Field(default=0.001, ge=0)
     # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 800 bytes

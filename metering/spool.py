@@ -368,17 +368,13 @@ class Spool:
 
     def _sync_here(self) -> bool:
         """Whether the loop syncs this iteration's lines itself: while its syncs took less than
-        `inline_sync_below_s` on average; once they took longer, one sync every INLINE_PROBE_S finds out whether
-        the disk is quick again."""
+        `inline_sync_below_s` on average; once they took longer, one sync every INLINE_PROBE_S (`_timed`) finds out
+        whether the disk is quick again."""
         if self.inline_sync_below_s <= 0:
             return False
         if self.inline_sync_s is None or self.inline_sync_s < self.inline_sync_below_s:
             return True
-        now = time.monotonic()
-        if now < self._inline_probe_at:
-            return False
-        self._inline_probe_at = now + INLINE_PROBE_S
-        return True
+        return time.monotonic() >= self._inline_probe_at
 
     def _sync_inline(self, seq: int) -> BaseException | None:
         """fdatasync on the calling loop; the error for its callers. Timed into `inline_sync_s`."""
@@ -389,12 +385,16 @@ class Spool:
         except Exception as err:
             return err
         finally:
-            took = time.perf_counter() - started
-            average = self.inline_sync_s
-            self.inline_sync_s = took if average is None else average + INLINE_WEIGHT * (took - average)
+            self._timed(time.perf_counter() - started)
             self.inline_syncs += 1
-            if self.inline_sync_s >= self.inline_sync_below_s:
-                self._inline_probe_at = time.monotonic() + INLINE_PROBE_S
+
+    def _timed(self, took: float) -> None:
+        """Count one of this process's own fdatasyncs into `inline_sync_s`; slow on average, the next probe is
+        INLINE_PROBE_S away."""
+        average = self.inline_sync_s
+        self.inline_sync_s = took if average is None else average + INLINE_WEIGHT * (took - average)
+        if self.inline_sync_s >= self.inline_sync_below_s:
+            self._inline_probe_at = time.monotonic() + INLINE_PROBE_S
 
     def _syncer_for(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
         """The sync process of `loop` (started on first use, or by `start_sync_process`), or None: this loop syncs
@@ -416,11 +416,31 @@ class Spool:
     def start_sync_process(self) -> None:
         """Start the sync process now rather than at the first `append_async`, and wait until it has synced once: a
         child's start takes 10-20 ms, which the first request would otherwise wait for. The first event loop that
-        appends takes it."""
+        appends takes it. With `inline_sync_below_s`, one timed fdatasync of a block of the file first: on a
+        quick disk the loop syncs its lines itself, and no child is started (it starts later if the disk turns
+        slow)."""
+        if self.inline_sync_below_s > 0 and self.writer and self.fsync and self._disk_is_quick():
+            return
         if self.writer and self.fsync and self.sync_process and not self._syncer_failed:
             syncer = self._start_syncer(None)
             if syncer is not None:
                 syncer.wait_ready()
+
+    def _disk_is_quick(self) -> bool:
+        """Time one fdatasync that writes a block, as an append's does (a zero byte over the zeros past the
+        records: the file's contents do not change), into `inline_sync_s`; whether it was below the threshold."""
+        with self._lock:
+            seg = self._active
+            if seg is None or self._closed or seg.size >= seg.allocated:
+                return False
+            started = time.perf_counter()
+            try:
+                os.pwrite(seg.fd, b"\0", seg.size)
+                os.fdatasync(seg.fd)
+            except OSError:
+                return False
+            self._timed(time.perf_counter() - started)
+        return self.inline_sync_s is not None and self.inline_sync_s < self.inline_sync_below_s
 
     def _start_syncer(self, loop: asyncio.AbstractEventLoop | None) -> SyncProcess | None:
         """The sync process, started now for `loop` (None: the first loop that appends) unless there is one."""

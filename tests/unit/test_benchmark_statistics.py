@@ -141,3 +141,12 @@ def test_the_disk_sync_floor_is_measured_in_the_spool_directory_and_bounds_the_c
     # 8 clients at 500 req/s: a 16 ms cycle; a 1 ms sync on top of it is 1/17 of the new cycle
     assert mo.sync_floor_percent(1.0, 500, 8) == round(100 / 17, 1)
     assert mo.sync_floor_percent(0.0, 500, 8) == 0.0
+
+
+def test_diagnostic_settings_parse_as_yaml_values_for_both_metering_apps_or_the_memory_one() -> None:
+    pair = ["--memspool-set", "spool_dir=/var/tmp/x", "--memspool-set", "spool_inline_sync_below_s=0"]
+    args = mo.parse_args(["--metering-set", "spool_inline_sync_below_s=1", *pair])
+    assert args.metering_set == {"spool_inline_sync_below_s": 1}
+    assert args.memspool_set == {"spool_dir": "/var/tmp/x", "spool_inline_sync_below_s": 0}
+    with pytest.raises(SystemExit):
+        mo.parse_args(["--memspool-set", "no-equals-sign"])

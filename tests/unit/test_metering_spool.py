@@ -657,3 +657,37 @@ def test_a_sync_process_started_ahead_and_never_used_ends_with_the_spool(tmp_pat
     spool.append({"request_id": "a"})  # a thread's append syncs on its own
     spool.close()
     assert syncer.process.poll() is not None
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_spool_that_syncs_on_its_loop_times_the_disk_at_start_and_starts_a_child_only_for_a_slow_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+) -> None:
+    """With `inline_sync_below_s`, `start_sync_process` times one fdatasync that writes a block (as an append's
+    does): a quick disk needs no child (the loop syncs), a slow one gets it started ahead as before. Either way the
+    file still reads as its records."""
+    import os
+
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=0.01)
+    spool.append({"request_id": "before"})
+    if slow:
+        real_sync = os.fdatasync
+
+        def slow_sync(fd: int) -> None:
+            time.sleep(0.03)
+            real_sync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", slow_sync)
+    spool.start_sync_process()
+    assert spool.inline_sync_s is not None and (spool.inline_sync_s >= 0.01) == slow
+    assert (spool._syncer is not None) == slow
+    assert spool.inline_syncs == 0  # no append was synced by it
+
+    async def main() -> None:
+        await spool.append_async({"request_id": "after"})
+
+    asyncio.run(main())
+    assert spool.inline_syncs == (0 if slow else 1)
+    assert records_in(spool.active_path) == ["before", "after"]
+    assert [r["request_id"] for r in drain(spool, "ledger")] == ["before", "after"]
+    spool.close()
