@@ -8,7 +8,7 @@ Two questions, each answered by arms that differ in one setting only:
 1. metering overhead: throughput and p50/p99 latency of a trivial model (local/tiny-sentiment, text
    classification) at 8 concurrent clients, with `metering.enabled` true (price, fsync'd spool append, background
    drain to the SQLite ledger) and false (price only: the response headers still carry the charge). A third
-   arm, metering on with the spool in memory (/dev/shm, where an fdatasync has nothing to write), splits that cost
+   arm, metering on with the spool in memory (/dev/shm, where a durable write has no disk to wait for), splits that cost
    into what the spool's disk takes (on / in memory) and what the rest of metering takes (in memory / off).
 2. batching speed-up: feature-extraction throughput of all-MiniLM-L6-v2 at 16 concurrent clients with the
    catalog's dynamic batching and with `batching: null` for that model (each request its own forward pass).
@@ -470,35 +470,42 @@ def other_ray_running() -> list[int]:
     return found
 
 
-def disk_sync_floor(directory: Path, rounds: int = 300, line_bytes: int = 800) -> dict[str, Any]:
-    """What one durable append costs in wall time on the spool's disk, alone (no load): a charge-sized pwrite and
-    the fdatasync after it, as the spool does, `rounds` times into a preallocated file in `directory`. Every
-    metered response waits for one of these; with `clients` closed-loop clients, each request's cycle
+def disk_sync_floor(
+    directory: Path, rounds: int = 300, line_bytes: int = 800, direct_io: bool = True
+) -> dict[str, Any]:
+    """What one durable append costs in wall time on the spool's disk, alone (no load): a charge-sized record
+    appended by the spool itself (metering/spool.py: one direct write where the disk takes it, else a write and
+    an fdatasync), `rounds` times, in a new directory inside `directory` that is removed after. Every metered
+    response waits for one of these (one per batch); with `clients` closed-loop clients, each request's cycle
     (clients / throughput) grows by at least that much, so the throughput cost cannot be below
     sync / (cycle + sync) however little CPU metering takes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "sync-floor.probe"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    from metering.spool import Spool
+
+    probe = Path(tempfile.mkdtemp(prefix="sync-floor-", dir=directory))
+    spool = Spool(probe, ["probe"], direct_io=direct_io)
+    record = {"request_id": "x" * (line_bytes - 20)}
+    took = []
     try:
-        os.posix_fallocate(fd, 0, rounds * line_bytes)
-        os.fdatasync(fd)
-        line = b"x" * (line_bytes - 1) + b"\n"
-        took = []
-        for i in range(rounds):
+        for _ in range(rounds):
             started = time.perf_counter_ns()
-            os.pwrite(fd, line, i * line_bytes)
-            os.fdatasync(fd)
+            spool.append(record)
             took.append(time.perf_counter_ns() - started)
             time.sleep(0.002)
+        direct = spool.direct_writes == rounds
     finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
+        spool.close()
+        shutil.rmtree(probe, ignore_errors=True)
     took.sort()
-    return {"rounds": rounds, "p50_ms": quantile_ms(took, 0.5), "p90_ms": quantile_ms(took, 0.9)}
+    return {
+        "rounds": rounds,
+        "direct_io": direct,
+        "p50_ms": quantile_ms(took, 0.5),
+        "p90_ms": quantile_ms(took, 0.9),
+    }
 
 
 def sync_floor_percent(sync_ms: float, off_rps: float, clients: int) -> float:
-    """The least throughput cost of waiting for one fdatasync per request (`disk_sync_floor`), in percent."""
+    """The least throughput cost of waiting for one durable append per cycle (`disk_sync_floor`), in percent."""
     cycle_ms = 1000 * clients / off_rps
     return round(100 * sync_ms / (cycle_ms + sync_ms), 1)
 
@@ -751,7 +758,8 @@ def print_summary(summary: dict[str, Any], comparisons: list[tuple[str, dict[str
         floor = summary.get("metering_disk_sync")
         if floor:
             print(
-                f"  the spool's disk alone: a charge's pwrite + fdatasync takes {floor['p50_ms']:.2f} ms (p50, idle; "
+                f"  the spool's disk alone: a charge's durable append "
+                f"({'direct I/O' if floor.get('direct_io') else 'write + fdatasync'}) takes {floor['p50_ms']:.2f} ms (p50, idle; "
                 f"p90 {floor['p90_ms']:.2f}); every metered response waits for one, so at these clients the cost "
                 f"cannot be below {floor['throughput_cost_floor_percent']} %"
             )
@@ -849,7 +857,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary, comparisons = summarize(arms, ledger_checks, args.arms)
     if "metering_on_over_off" in summary:  # Ray is gone: the disk is as idle as it gets
-        floor = disk_sync_floor(Path(configs["hfi"]["metering"]["spool_dir"]))
+        hfi = Settings.load(configs["hfi"], env={}).metering
+        floor = disk_sync_floor(hfi.resolved_spool_dir(), direct_io=hfi.spool_direct_io)
         off_rps = summary["metering_on_over_off"]["throughput_rps"][1]
         floor["throughput_cost_floor_percent"] = sync_floor_percent(floor["p50_ms"], off_rps, args.clients)
         summary["metering_disk_sync"] = floor

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from metering.records import Charge
+from metering.records import Charge, with_derived
 
 CLOUDEVENTS_BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 # The statuses that say the payload itself is bad: a retry of the same events would be refused again. Every other
@@ -27,7 +27,10 @@ PAYLOAD_REFUSED_STATUSES = frozenset({400, 413, 415, 422})
 def charge_event(
     charge_data: dict[str, Any], *, source: str, event_type: str = "inference.usage"
 ) -> dict[str, Any]:
-    """CloudEvents 1.0 JSON of a charge given as `Charge.to_dict()`: id = request id, subject = account."""
+    """CloudEvents 1.0 JSON of a charge given as `Charge.to_dict()` or as spooled (`Charge.spool_record()`: the
+    derived fields are added back): id = request id, subject = account. Raises KeyError, TypeError or ValueError
+    for a record that is not a charge."""
+    charge_data = with_derived(charge_data)
     return {
         "specversion": "1.0",
         "id": charge_data["request_id"],

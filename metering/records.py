@@ -161,6 +161,20 @@ class Charge:
         )
         return data
 
+    def spool_record(self) -> dict[str, Any]:
+        """What the spool keeps of this charge: every usage field, the price used and the cost, without the fields
+        `to_dict` derives from them (`with_derived` adds those back where they are read: the usage events).
+
+        The serving replica's half of a charge's CPU, on every request's path: the usage's own dict (not a copy of
+        each field; the spool encodes it at once), its datetime and date left for the encoder (orjson writes them
+        in C), no decimal strings."""
+        data = self.usage.__dict__.copy()
+        data["compute_ms"] = self.compute_ms
+        data["price_usd_per_hour"] = self.price_usd_per_hour
+        data["price_effective_from"] = self.price_effective_from
+        data["cost_nanousd"] = self.cost_nanousd
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Charge:
         """The inverse of `to_dict` (derived fields are recomputed, not trusted)."""
@@ -174,3 +188,14 @@ class Charge:
             price_effective_from=dt.date.fromisoformat(str(data["price_effective_from"])),
             cost_nanousd=int(data["cost_nanousd"]),
         )
+
+
+def with_derived(record: dict[str, Any]) -> dict[str, Any]:
+    """A charge record in `Charge.to_dict`'s shape: a spooled one (`Charge.spool_record`) with the derived fields
+    added back, normalised by `Charge.from_dict`; one that has them (an older spool's line) as it is. Raises
+    KeyError, TypeError or ValueError for a record that is not a charge."""
+    if not isinstance(record, dict):
+        raise TypeError(f"a charge record is an object, not {type(record).__name__}")
+    if "cost_usd" in record:
+        return record
+    return Charge.from_dict(record).to_dict()

@@ -95,6 +95,7 @@ class MeteringService:
             rotate_bytes=settings.spool_rotate_bytes,
             sync_process=settings.spool_sync_process,
             inline_sync_below_s=settings.spool_inline_sync_below_s,
+            direct_io=settings.spool_direct_io,
             writer=not drainer,
             hand_off=not sinks,  # a sink given in code is this process's own: no drainer delivers to it
         )
@@ -205,7 +206,7 @@ class MeteringService:
         else:
             with self._pending_lock:
                 self._pending[charge.request_id] = charge.cost_nanousd
-        return charge, charge.to_dict()
+        return charge, charge.spool_record()
 
     def start_sync_process(self) -> None:
         """Start the spool's sync process now, not at the first charge (a serving replica, before its traffic)."""
@@ -255,7 +256,7 @@ class MeteringService:
         def event(record: dict[str, Any]) -> dict[str, Any]:
             try:
                 return {"event": charge_event(record, source=source, event_type=event_type)}
-            except (KeyError, TypeError):  # a record without the event's fields: the record alone says it all
+            except (KeyError, TypeError, ValueError):  # not a charge's record: the record alone says it all
                 return {}
 
         return DeadLetterFile(path, name, event).add
@@ -266,7 +267,7 @@ class MeteringService:
         def deliver(records: list[dict[str, Any]]) -> None:
             try:
                 events = [charge_event(r, source=source, event_type=event_type) for r in records]
-            except (KeyError, TypeError) as err:  # a record no event can be made of: refused, like a 400
+            except (KeyError, TypeError, ValueError) as err:  # no event of it: refused, like a 400
                 raise PermanentDeliveryError(f"not a charge record: {describe_error(err)}") from err
             sink.emit(events)
 

@@ -16,9 +16,12 @@ the event id).
   append rewrites blocks already on disk and `fdatasync` flushes only them (no change of the file's length for
   the filesystem to journal: measured here about 40 % less time per append than fsync after an O_APPEND write).
   The records end at the first zero byte (JSON escapes control characters).
-- An event loop's appends are synced once per loop iteration: by the loop itself while the disk's fdatasync is
-  quick (a local disk), else by a small child process (metering/syncer.py), so that a slow disk never stops the
-  loop (`append_async`).
+- A durable append (`append`, and an event loop's appends once per loop iteration) is one write with direct I/O
+  (O_DIRECT | O_DSYNC) where the filesystem takes it: the file's last block not yet full is written again in
+  front of the new lines, the same bytes (`_write_direct`), so the file is still only appended to; else a
+  write and an fdatasync. The loop does it itself while the disk is quick (a local disk), else a small child
+  process fdatasyncs a plain write (metering/syncer.py), so that a slow disk never stops the loop
+  (`append_async`).
 - A torn last line (a crash mid-append, before record() returned) is skipped with a warning.
 
 The node drainer (metering/node_drain.py): one process per spool directory may take its drainer lock
@@ -35,9 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import socket
 import threading
@@ -60,7 +65,12 @@ DRAINER_LOCK = ".drainer.lock"  # held by the node drainer of the directory (met
 DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
 INLINE_WEIGHT = 0.2  # of the newest of the loop's own syncs in their average (one slow sync is no slow disk)
 INLINE_PROBE_S = 0.5  # once they are slow on average, how often the loop tries one again
-_ORJSON_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+# A durable write with direct I/O (`Spool._write_direct`) covers whole blocks of this many bytes, at offsets that are
+# multiples of it: the logical block size of every disk and filesystem that takes O_DIRECT, and a page.
+DIRECT_BLOCK = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere no direct I/O, the spool writes and fdatasyncs
+# datetimes as RFC 3339 (UTC with a Z, a naive one taken as UTC), dates as ISO dates: written in C
+_ORJSON_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
 
 @dataclass
@@ -73,6 +83,19 @@ class _Segment:
     allocated: int = 0  # file length (active files: written zeros ahead of `size`)
     # Another process writes it (a drainer's view): `size` grows, and it is never this process's to delete.
     live: bool = False
+    # The active file opened again with O_DIRECT | O_DSYNC (-1: none), and the bytes of its last block that is not
+    # full (from the block's start up to `size`), which a direct write rewrites in front of the new lines.
+    direct_fd: int = -1
+    tail: bytes = b""
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.close_direct()
+
+    def close_direct(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd, self.tail = -1, b""
 
     @property
     def offsets_path(self) -> Path:
@@ -108,13 +131,16 @@ class Spool:
         preallocate_bytes: int = 1024 * 1024,
         sync_process: bool = True,
         inline_sync_below_s: float = 0.0,
+        direct_io: bool = True,
         writer: bool = True,
         hand_off: bool = True,
     ) -> None:
         """`writer` False: a node drainer's spool, which writes nothing and reads every file in the directory,
         the live ones too. `hand_off` False: a writer that drains its own files even while a drainer runs (its
         consumers are not all the drainer's). `inline_sync_below_s` > 0: an event loop's appends are fdatasync'd
-        on the loop itself while that takes less than this on average (`append_async`); 0: never."""
+        on the loop itself while that takes less than this on average (`append_async`); 0: never. `direct_io`: a
+        write that must be on disk before it returns (`append`, the loop's own) is one write with O_DIRECT and
+        O_DSYNC where the filesystem takes them (`_write_direct`), instead of a write and an fdatasync."""
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.consumers = list(consumers)
@@ -127,7 +153,10 @@ class Spool:
         self.handed_off = False
         self._next_drainer_check = 0.0
         self._warned_drainer = False
-        self.preallocate_bytes = max(4096, preallocate_bytes)
+        self.preallocate_bytes = _blocks(max(DIRECT_BLOCK, preallocate_bytes))
+        self.direct_io = bool(direct_io and fsync and _O_DIRECT)
+        self.direct_writes = 0  # how many durable writes were direct (for tests and diagnostics)
+        self._direct_buffer: mmap.mmap | None = None  # page-aligned, as O_DIRECT wants
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._sync_lock = threading.Lock()
@@ -168,11 +197,22 @@ class Spool:
         seg.path = self.directory / (name + SUFFIX)
         os.rename(tmp, seg.path)
         _fsync_dir(self.directory)
+        if self.direct_io:
+            try:
+                seg.direct_fd = os.open(seg.path, os.O_WRONLY | _O_DIRECT | os.O_DSYNC)
+            except OSError as err:  # a filesystem without direct I/O (tmpfs before Linux 6.6)
+                self._no_direct_io(err)
         return seg
 
+    def _no_direct_io(self, err: OSError) -> None:
+        log.info("metering spool: no direct I/O in %s (%s); writes are fdatasync'd", self.directory, err)
+        self.direct_io = False
+
     def _preallocate(self, seg: _Segment, length: int) -> None:
-        """Make the file `length` bytes of written zeros (fsync'd), so that appending a record rewrites blocks
-        already on disk and fdatasync flushes just them: no file-size change for the filesystem to journal."""
+        """Make the file `length` bytes (whole blocks) of written zeros (fsync'd), so that appending a record
+        rewrites blocks already on disk and fdatasync flushes just them: no file-size change for the filesystem to
+        journal (nor for a direct write, which covers the record's last block whole)."""
+        length = _blocks(length)
         if length > seg.allocated:
             _write_all(seg.fd, bytes(length - seg.allocated), seg.allocated)
             seg.allocated = length
@@ -300,15 +340,14 @@ class Spool:
 
     def _release(self, seg: _Segment) -> None:
         """Let go of a file this process no longer writes (its lock with it), for the drainer to take over."""
-        os.close(seg.fd)
+        seg.close()
         self._segments.remove(seg)
 
     # Writing
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one record; with fsync on, it is on disk on return (concurrent callers share fsyncs)."""
-        seq = self._write(encode_line(record), 1)
-        self._sync(seq)
+        self._write_durably(encode_line(record), 1)
 
     async def append_async(self, record: dict[str, Any]) -> None:
         """`append` for an event loop: the line is on disk (fsync'd) when this returns.
@@ -351,13 +390,14 @@ class Spool:
         if tick is None:  # close() wrote it
             return
         lines, waiters = tick
+        data = b"".join(lines)
+        if self._sync_here():
+            settle(waiters, self._write_inline(data, len(lines)))
+            return
         try:
-            seq = self._write(b"".join(lines), len(lines))
+            seq = self._write(data, len(lines))
         except Exception as err:
             settle(waiters, err)
-            return
-        if self._sync_here():
-            settle(waiters, self._sync_inline(seq))
             return
         syncer = self._syncer_for(loop)
         if syncer is not None:
@@ -376,11 +416,12 @@ class Spool:
             return True
         return time.monotonic() >= self._inline_probe_at
 
-    def _sync_inline(self, seq: int) -> BaseException | None:
-        """fdatasync on the calling loop; the error for its callers. Timed into `inline_sync_s`."""
+    def _write_inline(self, data: bytes, lines: int) -> BaseException | None:
+        """Write and sync on the calling loop (`_write_durably`); the error for its callers. Timed into
+        `inline_sync_s`."""
         started = time.perf_counter()
         try:
-            self._sync(seq)
+            self._write_durably(data, lines)
             return None
         except Exception as err:
             return err
@@ -488,13 +529,25 @@ class Spool:
     def _write_tick(self, lines: list[bytes]) -> BaseException | None:
         """Write and sync one iteration's lines; the error for their callers (record_async logs each charge)."""
         try:
-            self._sync(self._write(b"".join(lines), len(lines)))
+            self._write_durably(b"".join(lines), len(lines))
         except Exception as err:
             return err
         return None
 
+    def _write_durably(self, data: bytes, lines: int) -> None:
+        """Write whole lines that are on disk when this returns: one direct write (`_write_direct`) where the
+        filesystem takes it, else a write and an fdatasync."""
+        seq, direct = self._put(data, lines, self.direct_io)
+        if not direct:  # (a direct write does not make earlier writes durable: `_synced_seq` stays)
+            self._sync(seq)
+
     def _write(self, data: bytes, lines: int) -> int:
         """Write whole lines at the end of the active file; return the write's sequence number."""
+        return self._put(data, lines, False)[0]
+
+    def _put(self, data: bytes, lines: int, direct: bool) -> tuple[int, bool]:
+        """`_write`, and `direct`: with direct I/O where the file has it (`_write_direct`); whether it did (then
+        the lines are on disk)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("spool is closed")
@@ -504,7 +557,9 @@ class Spool:
             if seg.size + len(data) > seg.allocated:
                 self._preallocate(seg, seg.allocated + max(self.preallocate_bytes, len(data)))
             try:
-                _write_all(seg.fd, data, seg.size)
+                direct = direct and seg.direct_fd >= 0 and self._write_direct(seg, data)
+                if not direct:
+                    _write_all(seg.fd, data, seg.size)
             except OSError:
                 try:  # no torn fragment for the next line to be glued to
                     _write_all(seg.fd, bytes(len(data)), seg.size)
@@ -512,11 +567,52 @@ class Spool:
                     log.exception("metering spool: could not clear a failed write in %s", seg.path.name)
                 raise
             seg.size += len(data)
+            if seg.direct_fd >= 0:
+                seg.tail = (seg.tail + data)[len(seg.tail) + len(data) - seg.size % DIRECT_BLOCK :]
             self._write_seq += lines
             seq = self._write_seq
             if seg.size >= self.rotate_bytes:
                 self._rotate()
-            return seq
+            return seq, direct
+
+    def _write_direct(self, seg: _Segment, data: bytes) -> bool:
+        """Write `data` at the end of `seg` with one O_DIRECT | O_DSYNC write, on disk when it returns; False when
+        the filesystem refuses direct I/O (this spool stops trying it; the caller writes and syncs instead).
+
+        Direct I/O writes whole blocks from a block's start: the file's last block not yet full (`seg.tail`) is
+        written again in front of the new lines, the same bytes it already holds, and zeros after them, over the
+        zeros preallocated there. One write, no page cache, and on a disk with FUA no cache flush: on the test
+        VM's disk 0.09 ms and 25 us of CPU against 0.14 ms and 45-65 us for a write and an fdatasync, with two
+        busy cores beside it. Readers (another process's page cache) see the new bytes: Linux keeps the two
+        coherent. Raises OSError for a write that failed otherwise (the caller clears what it left)."""
+        start = seg.size - len(seg.tail)
+        end = len(seg.tail) + len(data)
+        length = _blocks(end)
+        buf = self._direct_buffer
+        if buf is None or len(buf) < length:
+            if buf is not None:
+                buf.close()
+            buf = self._direct_buffer = mmap.mmap(-1, max(length, 16 * DIRECT_BLOCK))
+        view = memoryview(buf)
+        try:
+            view[: len(seg.tail)] = seg.tail
+            view[len(seg.tail) : end] = data
+            view[end:length] = bytes(length - end)
+            done = 0
+            while done < length:  # a short direct write ends on a block boundary
+                try:
+                    done += os.pwrite(seg.direct_fd, view[done:length], start + done)
+                except OSError as err:
+                    if err.errno != errno.EINVAL or done:
+                        raise
+                    # alignment or the filesystem: never again (nothing was written)
+                    self._no_direct_io(err)
+                    seg.close_direct()
+                    return False
+        finally:
+            view.release()
+        self.direct_writes += 1
+        return True
 
     def _rotate(self) -> None:
         """A new active file in place of the current one, which is fdatasync'd first (so every line written to
@@ -525,6 +621,7 @@ class Spool:
         assert old is not None
         if self.fsync:
             os.fdatasync(old.fd)
+        old.close_direct()
         self._active = self._create_active()
         self._segments.append(self._active)
         self._file_number += 1
@@ -575,7 +672,7 @@ class Spool:
     def _remove(self, seg: _Segment) -> None:
         seg.path.unlink(missing_ok=True)
         seg.offsets_path.unlink(missing_ok=True)
-        os.close(seg.fd)
+        seg.close()
         self._segments.remove(seg)
 
     def pending(self, consumer: str) -> int:
@@ -684,7 +781,7 @@ class Spool:
                 if not seg.live and all(seg.offsets[c] >= seg.size for c in self.consumers):
                     self._remove(seg)
                 else:
-                    os.close(seg.fd)
+                    seg.close()
             self._segments.clear()
             self._changed.notify_all()
 
@@ -693,15 +790,27 @@ def encode_line(record: dict[str, Any]) -> bytes:
     """One spool line: compact JSON and a newline (orjson: a tenth of the json module's time per charge).
 
     A value JSON has no type for is written as its str(); what orjson refuses (an integer beyond 64 bits) is
-    written by the json module instead."""
+    written by the json module instead, after a space that tells `decode_line` to read it with the json module
+    too (orjson would read such an integer as a float)."""
     try:
         return orjson.dumps(record, default=str, option=_ORJSON_LINE)
     except orjson.JSONEncodeError:
-        return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        return (" " + json.dumps(record, separators=(",", ":"), default=_json_default) + "\n").encode()
+
+
+def _json_default(value: Any) -> Any:
+    """What the json module writes for a value it has no type for: datetimes and dates as orjson does."""
+    if isinstance(value, dt.datetime):
+        return as_utc(value).isoformat().replace("+00:00", "Z")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
 
 
 def decode_line(line: bytes) -> Any:
     """The record of one spool line (ValueError when it is not JSON)."""
+    if line[:1] == b" ":  # written by the json module (encode_line)
+        return json.loads(line)
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:  # what only the json module reads (NaN, a very large integer), or not JSON
@@ -854,3 +963,8 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def _blocks(length: int) -> int:
+    """`length` rounded up to whole DIRECT_BLOCKs."""
+    return -(-length // DIRECT_BLOCK) * DIRECT_BLOCK

@@ -90,10 +90,12 @@ CHILD = textwrap.dedent(
 
     spool_dir, n, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     # an unreachable database: nothing leaves the spool before the crash
-    # record_async: synced by the event loop itself (any disk counts as quick), or by the sync process
-    inline = {"record_async": 10.0, "record_async_child": 0.0}.get(how, 0.0)
+    # record_async: synced by the event loop itself (any disk counts as quick)
+    # (with direct I/O where the disk has it), by write + fdatasync on the loop, or by the sync process
+    inline = {"record_async_child": 0.0}.get(how, 10.0)
     s = MeteringSettings(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none", spool_dir=spool_dir,
-                         retry_initial_s=60, retry_max_s=60, spool_inline_sync_below_s=inline)
+                         retry_initial_s=60, retry_max_s=60, spool_inline_sync_below_s=inline,
+                         spool_direct_io=how != "record_async_fdatasync")
     svc = MeteringService(s, load_profiles())
     usages = [UsageRecord(f"crash-{i:04d}", dt.datetime.now(dt.timezone.utc), "org/m", "abc", "text-to-image",
                           "nvidia-h100", 1_000_000 * (i + 1)) for i in range(n)]
@@ -110,6 +112,8 @@ CHILD = textwrap.dedent(
                 assert svc.spool._syncer is not None and svc.spool._syncer.alive
             else:
                 assert svc.spool.inline_syncs == (n + 6) // 7
+                direct = svc.spool.direct_io and how == "record_async"
+                assert svc.spool.direct_writes == ((n + 6) // 7 if direct else 0)
             return done
 
         out = [c.to_dict() for c in asyncio.run(main())]
@@ -129,7 +133,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_db_url")
 
 
-@pytest.mark.parametrize("how", ["record", "record_async", "record_async_child"])
+@pytest.mark.parametrize("how", ["record", "record_async", "record_async_fdatasync", "record_async_child"])
 def test_spool_left_by_a_crash_replays_on_start_without_duplicates(
     db_url: str, tmp_path: Path, how: str
 ) -> None:

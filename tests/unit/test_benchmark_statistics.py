@@ -134,10 +134,13 @@ def test_llm_metering_cost_pairs_metered_and_unmetered_arms_of_the_same_engine_b
 
 
 def test_the_disk_sync_floor_is_measured_in_the_spool_directory_and_bounds_the_cost(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
     floor = mo.disk_sync_floor(tmp_path / "spool", rounds=20)
     assert floor["rounds"] == 20
     assert 0 < floor["p50_ms"] <= floor["p90_ms"]
-    assert list((tmp_path / "spool").iterdir()) == []  # the probe file is gone
+    assert list((tmp_path / "spool").iterdir()) == []  # the probe's spool is gone
+    plain = mo.disk_sync_floor(tmp_path / "spool", rounds=5, direct_io=False)
+    assert plain["direct_io"] is False and plain["p50_ms"] > 0
     # 8 clients at 500 req/s: a 16 ms cycle; a 1 ms sync on top of it is 1/17 of the new cycle
     assert mo.sync_floor_percent(1.0, 500, 8) == round(100 / 17, 1)
     assert mo.sync_floor_percent(0.0, 500, 8) == 0.0

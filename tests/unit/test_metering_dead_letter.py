@@ -30,7 +30,7 @@ from metering.ledger import Ledger, UnstorableCharge, is_data_error, safe_text
 from metering.pricing import price_in_catalog
 from metering.records import UsageRecord
 from metering.service import LEDGER, MeteringService
-from metering.spool import Spool
+from metering.spool import Spool, encode_line
 
 UTC = dt.timezone.utc
 CATALOG = load_profiles()
@@ -102,7 +102,7 @@ def test_a_charge_the_database_refuses_is_dead_lettered_and_the_rest_flows(tmp_p
     assert len(letters) == 1
     letter = letters[0]
     assert letter["consumer"] == LEDGER and letter["request_id"] == bad.request_id
-    assert letter["record"] == json.loads(json.dumps(bad.to_dict()))  # the whole record, as spooled
+    assert letter["record"] == json.loads(encode_line(bad.spool_record()))  # the whole record, as spooled
     assert "IntegrityError" in letter["error"] and "refused by the test trigger" in letter["error"]
     assert errors("ledger-dead-letter") == before + 1
     assert [r["requestId"] for r in looked_up] == [good[0].request_id]  # never answered from memory

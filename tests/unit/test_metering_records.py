@@ -14,7 +14,8 @@ from core.money import usd_str
 from hardware_profiles import load_profiles
 from metering.ledger import _ROW_COLUMNS, charge_to_row, spooled_row
 from metering.pricing import price_in_catalog
-from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str
+from metering.records import STATUS_CLIENT_DISCONNECTED, Charge, UsageRecord, seconds_str, with_derived
+from metering.spool import decode_line, encode_line
 
 UTC = dt.timezone.utc
 CATALOG = load_profiles()
@@ -108,11 +109,39 @@ def test_the_drains_row_of_a_spooled_record_is_the_charges_row(
         batch_compute_ns=compute * 4 if batched else None, input_characters=3, input_audio_seconds=1.5,
         user="alice", billed_account="org", client_request_id="c-1", extra=extra,
     )  # fmt: skip
-    data = json.loads(json.dumps(price_in_catalog(u, CATALOG).to_dict()))
-    for name in dropped:  # older spool lines, or lines written without a default field
-        data.pop(name)
-    expected = row_values(charge_to_row(Charge.from_dict(data), None))  # type: ignore[arg-type]
-    assert spooled_row(data) == expected
+    charge = price_in_catalog(u, CATALOG)
+    expected = row_values(charge_to_row(charge, None))  # type: ignore[arg-type]
+    # as spooled now, and as an older spool wrote it (the whole to_dict)
+    for data in (decode_line(encode_line(charge.spool_record())), json.loads(json.dumps(charge.to_dict()))):
+        for name in dropped:  # lines written without a default field
+            data.pop(name)
+        assert spooled_row(data) == row_values(charge_to_row(Charge.from_dict(data), None))  # type: ignore[arg-type]
+        if not dropped:
+            assert spooled_row(data) == expected
+
+
+@given(
+    st.integers(min_value=0, max_value=10**13),
+    st.datetimes(min_value=dt.datetime(2025, 1, 1), max_value=dt.datetime(2100, 1, 1)),
+    st.sampled_from([None, UTC, dt.timezone(dt.timedelta(hours=-5))]),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
+def test_a_spooled_record_gives_back_the_whole_charge(compute: int, when: dt.datetime, zone, extra) -> None:
+    """The spool keeps no derived field (the replica's CPU): with_derived, on the drainer's side, gives back the
+    very dict to_dict gives, and leaves an older spool's whole record as it is."""
+    u = UsageRecord(
+        "rid", when.replace(tzinfo=zone), "m", "r", "t", "nvidia-h100", compute, queue_ns=1234567,
+        total_ns=7654321, billed_account="org", extra=extra,
+    )  # fmt: skip
+    charge = price_in_catalog(u, CATALOG)
+    whole = json.loads(json.dumps(charge.to_dict()))
+    spooled = decode_line(encode_line(charge.spool_record()))
+    assert "cost_usd" not in spooled and "compute_seconds" not in spooled
+    assert with_derived(spooled) == whole
+    assert with_derived(whole) is whole
+    assert Charge.from_dict(spooled) == Charge.from_dict(whole)
+    with pytest.raises(TypeError):
+        with_derived(["not", "a", "charge"])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

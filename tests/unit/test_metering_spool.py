@@ -401,7 +401,7 @@ def test_append_async_on_a_quick_disk_is_synced_by_the_loop_once_per_iteration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = count_syncs(monkeypatch)
-    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=10.0)
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=10.0, direct_io=False)
     loop_thread: list[bool] = []
 
     async def one(i: int) -> None:
@@ -441,7 +441,7 @@ def test_a_slow_disk_moves_the_sync_off_the_loop_and_probes_bring_it_back_once_q
 
     monkeypatch.setattr(os, "fdatasync", sync)
     monkeypatch.setattr(spool_module, "INLINE_PROBE_S", 0.02)
-    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=0.01)
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=0.01, direct_io=False)
 
     async def main() -> tuple[list[int], int]:
         counts = []
@@ -690,4 +690,126 @@ def test_a_spool_that_syncs_on_its_loop_times_the_disk_at_start_and_starts_a_chi
     assert spool.inline_syncs == (0 if slow else 1)
     assert records_in(spool.active_path) == ["before", "after"]
     assert [r["request_id"] for r in drain(spool, "ledger")] == ["before", "after"]
+    spool.close()
+
+
+def test_values_orjson_cannot_write_come_back_exactly(tmp_path: Path) -> None:
+    """An integer beyond 64 bits goes through the json module both ways (orjson would read it back as a float);
+    datetimes and dates are written the same either way."""
+    when = dt.datetime(2026, 3, 1, 12, 0, 0, 5, tzinfo=dt.timezone.utc)
+    big = {"id": "big", "extra": {"n": -(2**63) - 1}, "at": when, "day": when.date()}
+    plain = {"id": "plain", "extra": {"n": 2**63 - 1}, "at": when, "day": when.date()}
+    spool = Spool(tmp_path, ["c"])
+    try:
+        spool.append(big)
+        spool.append(plain)
+        got = drain(spool, "c")
+    finally:
+        spool.close()
+    assert [r["extra"]["n"] for r in got] == [-(2**63) - 1, 2**63 - 1]
+    assert all(type(r["extra"]["n"]) is int for r in got)
+    assert {r["at"] for r in got} == {"2026-03-01T12:00:00.000005Z"}
+    assert {r["day"] for r in got} == {"2026-03-01"}
+
+
+# Direct I/O: a durable write is one O_DIRECT | O_DSYNC write of whole blocks
+
+
+def direct_spool(tmp_path: Path, **kwargs) -> Spool:
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=10.0, **kwargs)
+    if not spool.direct_io:
+        spool.close()
+        pytest.skip(f"the filesystem of {tmp_path} takes no O_DIRECT")
+    return spool
+
+
+def test_direct_writes_rewrite_the_last_block_and_keep_every_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Iterations of every size (a part of a block, many blocks, across preallocation and rotation), the loop's
+    and a thread's: each is one direct write and needs no fdatasync, and the files read as every record in order, with
+    zeros after the last one (the padding of the last block is the preallocated zeros again)."""
+    spool = direct_spool(tmp_path, preallocate_bytes=8192, rotate_bytes=16 * 1024)
+    calls = count_syncs(monkeypatch)
+    rotations = []
+    real_rotate = spool._rotate
+    monkeypatch.setattr(spool, "_rotate", lambda: (rotations.append(1), real_rotate())[1])
+    sizes = [1, 3, 1, 7, 20, 1, 2, 40, 5, 1]
+    names: list[str] = []
+
+    async def main() -> None:
+        n = 0
+        for size in sizes * 3:
+            batch = [f"d{n + i:04d}" + "x" * (37 * ((n + i) % 11)) for i in range(size)]
+            n += size
+            names.extend(batch)
+            await asyncio.gather(*(spool.append_async({"request_id": r}) for r in batch))
+
+    asyncio.run(main())
+    spool.append({"request_id": "thread-0"})
+    names.append("thread-0")
+    # no fdatasync but the one of each full file as it is closed (`_rotate`)
+    assert spool.direct_writes == len(sizes) * 3 + 1 and rotations and len(calls) == len(rotations)
+    active = spool.active_path.read_bytes()
+    end = active.rindex(b"\n") + 1
+    assert active[end:] == bytes(len(active) - end) and len(active) % 4096 == 0
+    assert [r["request_id"] for r in drain(spool, "ledger", 10_000)] == names
+    spool.close()
+
+
+def test_a_direct_write_after_a_buffered_one_in_the_same_block_keeps_both(tmp_path: Path) -> None:
+    """The sync process's way (a plain write, fdatasync'd elsewhere) and the loop's (direct) take turns in one
+    block: the direct write carries the buffered line's bytes again, unchanged."""
+    spool = direct_spool(tmp_path)
+    spool._write(b'{"request_id":"buffered"}\n', 1)  # as _sync_tick writes for the sync process
+    spool.append({"request_id": "direct"})
+    spool._write(b'{"request_id":"buffered-2"}\n', 1)
+    spool.append({"request_id": "direct-2"})
+    assert spool.direct_writes == 2
+    assert records_in(spool.active_path) == ["buffered", "direct", "buffered-2", "direct-2"]
+    spool.close()
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_a_filesystem_without_direct_io_gets_write_and_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """O_DIRECT refused when the file is opened (tmpfs before Linux 6.6) or at the first write (EINVAL: an
+    alignment the device does not take): the spool writes and fdatasyncs from then on, nothing lost."""
+    import errno
+    import os
+
+    from metering import spool as spool_module
+
+    if not spool_module._O_DIRECT:
+        pytest.skip("no O_DIRECT on this platform")
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds: set[int] = set()
+
+    def fake_open(path, flags, *args):
+        if flags & spool_module._O_DIRECT:
+            if where == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, *args)
+            direct_fds.add(fd)
+            return fd
+        return real_open(path, flags, *args)
+
+    def fake_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    calls = count_syncs(monkeypatch)
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=10.0)
+    spool.append({"request_id": "a"})
+
+    async def main() -> None:
+        await asyncio.gather(*(spool.append_async({"request_id": r}) for r in ("b", "c")))
+
+    asyncio.run(main())
+    assert not spool.direct_io and spool.direct_writes == 0 and len(calls) == 2
+    assert records_in(spool.active_path) == ["a", "b", "c"]
     spool.close()
