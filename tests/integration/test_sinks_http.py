@@ -21,6 +21,7 @@ from metering.drain import read_dead_letter_files
 from metering.events import CLOUDEVENTS_BATCH_CONTENT_TYPE, HttpCollectorSink, PermanentDeliveryError
 from metering.records import UsageRecord
 from metering.service import MeteringService
+from metering.spool import encode_line
 
 CATALOG = load_profiles()
 
@@ -228,7 +229,8 @@ def test_a_400_dead_letters_the_refused_events_and_the_rest_is_delivered(
     assert [d["event"]["id"] for d in letters] == [c.request_id for c in refused]
     assert all(d["event"]["subject"] == "poison" and d["consumer"] == "events-http" for d in letters)
     assert all("answered 400" in d["error"] for d in letters)
-    assert letters[0]["record"] == json.loads(json.dumps(refused[0].to_dict()))
+    assert letters[0]["record"] == json.loads(encode_line(refused[0].spool_record()))  # as spooled
+    assert letters[0]["event"]["data"] == json.loads(json.dumps(refused[0].to_dict()))  # the whole charge
     assert dead_letter_errors() == before + 2
 
 
