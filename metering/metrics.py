@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from metering.recent import RecentRequests
-from metering.records import Charge
+from metering.records import STATUS_OK, Charge
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -111,17 +111,7 @@ def observe_request(
 ) -> None:
     """Count one request and observe its latency; queue and compute apart when they are known."""
     key = (model_id, task, hardware_profile, str(status))
-    children = _REQUEST_CHILDREN.get(key)
-    if children is None:  # the labelled series of this key, looked up once (as for the charges below)
-        labels = key[:3]
-        children = (
-            REQUESTS.labels(*key),
-            REQUEST_SECONDS.labels(*labels),
-            QUEUE_SECONDS.labels(*labels),
-            COMPUTE_SECONDS.labels(*labels),
-        )
-        _REQUEST_CHILDREN[key] = children
-    count, total, queue, compute = children
+    count, total, queue, compute = _REQUEST_CHILDREN.get(key) or _request_children(key)
     count.inc()
     total.observe(total_seconds)
     if queue_seconds is not None:
@@ -134,19 +124,46 @@ def observe_request(
 _REQUEST_CHILDREN: dict[tuple[str, str, str, str], tuple[Any, Any, Any, Any]] = {}
 
 
+def _request_children(key: tuple[str, str, str, str]) -> tuple[Any, Any, Any, Any]:
+    """The labelled series of a request key, made once (as for the charges below)."""
+    labels = key[:3]
+    children = (
+        REQUESTS.labels(*key),
+        REQUEST_SECONDS.labels(*labels),
+        QUEUE_SECONDS.labels(*labels),
+        COMPUTE_SECONDS.labels(*labels),
+    )
+    _REQUEST_CHILDREN[key] = children
+    return children
+
+
 _CHARGE_CHILDREN: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+
+
+def _charge_children(key: tuple[str, str, str, str]) -> tuple[Any, Any, Any]:
+    labels = key[:3]
+    children = (BILLED_COMPUTE_SECONDS.labels(*labels), COST_USD.labels(*labels), CHARGES.labels(*key))
+    _CHARGE_CHILDREN[key] = children
+    return children
+
+
+def prepare(model_id: str, task: str, hardware_profile: str) -> None:
+    """Make the series of a model's answered and charged requests now, at zero: a replica calls it before its
+    traffic, so that its first request does not make them (a few hundred microseconds, measured in process), and
+    the series are there to scrape before any request."""
+    for key, made, make in (
+        ((model_id, task, hardware_profile, "200"), _REQUEST_CHILDREN, _request_children),
+        ((model_id, task, hardware_profile, STATUS_OK), _CHARGE_CHILDREN, _charge_children),
+    ):
+        if key not in made:
+            make(key)
 
 
 def observe_charge(charge: Charge) -> None:
     """Add one charge's billed compute seconds and cost to the counters."""
     u = charge.usage
     key = (u.model_id, u.task, u.hardware_profile, u.status)
-    children = _CHARGE_CHILDREN.get(key)
-    if children is None:  # the labelled series of this key, looked up once
-        labels = key[:3]
-        children = (BILLED_COMPUTE_SECONDS.labels(*labels), COST_USD.labels(*labels), CHARGES.labels(*key))
-        _CHARGE_CHILDREN[key] = children
-    billed, cost, count = children
+    billed, cost, count = _CHARGE_CHILDREN.get(key) or _charge_children(key)
     billed.inc(charge.usage.compute_ns / 1e9)
     cost.inc(charge.cost_nanousd / 1e9)
     count.inc()

@@ -208,6 +208,12 @@ class MeteringService:
                 self._pending[charge.request_id] = charge.cost_nanousd
         return charge, charge.spool_record()
 
+    def prepare(self, hardware_profile: str) -> None:
+        """Price a request of the profile once, recording nothing (no spool, no metrics): the price terms of its
+        price in force are then made before the first real charge needs them."""
+        usage = UsageRecord("prepare", dt.datetime.now(dt.timezone.utc), "-", "-", "-", hardware_profile, 0)
+        price_in_catalog(usage, self.profiles, self.settings.min_charge_nanousd)
+
     def start_sync_process(self) -> None:
         """Start the spool's sync process now, not at the first charge (a serving replica, before its traffic)."""
         if self.spool is not None:

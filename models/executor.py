@@ -67,6 +67,9 @@ class ModelExecutor:
         # An image model's seconds per denoising step by size, measured at start-up (serving/warmup.py); read by
         # the ingress to refuse requests past the compute limit (models/compute_estimate.py).
         self.step_cost: StepCost | None = None
+        # Seconds the warm-up's batch of two took, its last run (serving/warmup.py): what a batch takes once warm,
+        # before any request's batch says so.
+        self.warm_batch_s: float | None = None
         log.info(
             "loaded %s (%s) on %s in %.1fs", spec.id, self.source.revision, self.device, self.load_seconds
         )

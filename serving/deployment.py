@@ -90,9 +90,15 @@ class ModelDeployment(HttpEntry):
             # wait for it (one short batch), but a thread's hand-over cost more CPU a request than metering itself
             # (benchmarks/metering_overhead.py: model CPU +0.10 ms a request against +0.02 ms on the loop).
             self.placement = LoopOrThread(batching.on_loop_below_s, busy=lambda: self.executor.busy)
+            # The warm-up's batch (its last run: on this loop's thread where batches may run on it) stands for the
+            # first request's, which would otherwise go to a thread, unknown, and pay the hop there and back.
+            self.placement.average_s = self.executor.warm_batch_s
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
         self._serve(loaded, self.local)
+        self.core.prepare(
+            self.spec, self.executor.tasks()
+        )  # the first request's metric series and price terms
 
     async def info(self) -> dict[str, Any]:
         return await self.local.info(self.spec.id)

@@ -156,6 +156,14 @@ class IngressCore:
         # Behind Ray Serve's proxy, the proxy itself answers with x-request-id (the client's, when it sent one).
         self.set_request_id_header = set_request_id_header
 
+    def prepare(self, spec: ModelSpec, tasks: tuple[str, ...]) -> None:
+        """What a model's first request would otherwise make on its way, made before the replica takes traffic: the
+        metric series of its answered and charged requests (at zero) and its profile's price terms. Never charged,
+        never counted."""
+        for task in tasks:
+            metrics.prepare(spec.id, task, spec.hardware_profile)
+        self.metering.prepare(spec.hardware_profile)
+
     # Looking things up
 
     def spec(self, model_id: str) -> ModelSpec:

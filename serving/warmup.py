@@ -162,7 +162,9 @@ def warm_up(executor: Any, *, calibrate_steps: bool = True) -> float | None:
         if not parsed.stream:  # the response's encoding (JSON, PNG, WAV) has first calls too
             adapter.render(result, parsed, ctx)
         if spec.batching is not None and executor.runner.batchable:  # batched requests take their own path
+            batch_started = time.perf_counter()
             executor.run_batch([parsed.request, parsed.request], [0, 0])
+            executor.warm_batch_s = time.perf_counter() - batch_started
     except Exception as err:
         log.warning("%s: the warm-up request failed (serving anyway): %s", spec.id, err)
         return None

@@ -63,3 +63,47 @@ def test_render_is_prometheus_text_from_our_registry_only() -> None:
     assert 'hfi_metering_errors_total{stage="spool"}' in text
     assert "python_gc_objects_collected_total" not in text  # the default registry is not mixed in
     assert GLOBAL_REGISTRY.get_sample_value("hfi_requests_total") is None
+
+
+def test_a_replica_prepares_its_models_series_at_zero_before_any_request(tmp_path) -> None:
+    """`prepare` (a replica's constructor, via IngressCore.prepare) makes the answered and charged series of a model
+    at zero: scrapeable before traffic, and the first request's observe finds them made. It counts nothing, and
+    pricing a request of the profile ahead records nothing either."""
+    from metering.config import MeteringSettings
+    from metering.service import MeteringService
+
+    labels = {"model": "org/prepared", "task": "text-classification", "hardware_profile": "cpu-basic"}
+    text = metrics.render()[0].decode()
+    assert 'model="org/prepared"' not in text
+    metrics.prepare("org/prepared", "text-classification", "cpu-basic")
+    metrics.prepare("org/prepared", "text-classification", "cpu-basic")  # again: nothing changes
+    text = metrics.render()[0].decode()
+    assert (
+        'hfi_requests_total{hardware_profile="cpu-basic",model="org/prepared",status="200",task="text-classification"} 0.0'
+        in text
+    )
+    assert (
+        'hfi_charges_total{hardware_profile="cpu-basic",model="org/prepared",status="ok",task="text-classification"} 0.0'
+        in text
+    )
+    assert sample("hfi_billed_compute_seconds_total", **labels) == 0.0
+    metrics.observe_request(
+        model_id="org/prepared",
+        task="text-classification",
+        hardware_profile="cpu-basic",
+        status=200,
+        total_seconds=0.1,
+    )
+    assert sample("hfi_requests_total", **labels, status="200") == 1
+
+    svc = MeteringService(
+        MeteringSettings(spool_dir=str(tmp_path / "spool"), database_url=f"sqlite:///{tmp_path}/l.db"),
+        load_profiles(),
+    )
+    try:
+        before = metrics.render()[0]
+        svc.prepare("cpu-basic")
+        assert svc.spool is not None and svc.spool.pending("ledger") == 0
+        assert metrics.render()[0] == before
+    finally:
+        svc.close()

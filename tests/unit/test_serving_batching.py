@@ -283,6 +283,11 @@ def test_short_batches_run_on_the_loop_and_long_ones_on_a_thread():
     asyncio.run(scenario())
     assert where == ["thread", "loop", "loop", "loop", "loop", "thread", "thread", "loop"]
     assert placement.on_loop == 5
+    seeded = LoopOrThread(0.05)
+    seeded.average_s = 0.001  # a replica's, from its warm-up's batch (serving/deployment.py): known at once
+    where.clear()
+    asyncio.run(seeded.run(batch, 0.0))
+    assert where == ["loop"]
     never = LoopOrThread(0.0)  # 0: always a thread
     where.clear()
     asyncio.run(never.run(batch, 0.0))

@@ -72,6 +72,7 @@ def test_on_an_event_loop_the_warm_up_runs_on_the_thread_that_runs_the_first_req
     class Recording:
         spec = executor.spec
         runner = executor.runner
+        warm_batch_s = None
 
         def run(self, request):
             threads.append(threading.current_thread().name)
@@ -92,12 +93,21 @@ def test_on_an_event_loop_the_warm_up_runs_on_the_thread_that_runs_the_first_req
     # A batched model whose short batches run on the loop: its thread is warmed too.
     threads.clear()
 
+    recording = Recording()
+
     async def loop_too() -> str:
-        warm_up_where_served(Recording(), here_too=True)
+        warm_up_where_served(recording, here_too=True)
         return threading.current_thread().name
 
     loop_thread = asyncio.run(loop_too())
     assert len(set(threads)) == 2 and threads[-1] == loop_thread, threads
+    # ... and its batch's time, the last run's (the loop's), is the executor's: a replica places its first batch
+    # by it (on the loop when quick) instead of sending it to a thread unknown
+    assert (
+        Recording.warm_batch_s is None
+        and isinstance(recording.warm_batch_s, float)
+        and recording.warm_batch_s > 0
+    )
     # Without a loop it warms this thread, where the caller then runs the model.
     threads.clear()
     assert warm_up_where_served(Recording()) is not None
