@@ -8,7 +8,9 @@ measures:
   inference sent after it;
 - warm-up: each model's first request after the ready line against the p50 of the `--rounds` that follow (the
   target is first <= 2x p50: the replica's warm-up request took the first-call costs; `--baseline` runs once
-  without warm-up first, to compare);
+  without warm-up first, to compare), and against one request after an idle pause of IDLE_PAUSE_S (what any
+  request pays after a pause, caches gone cold, which no warm-up can take); each also inside the service
+  (`x-total-time`);
 - the stop: SIGINT to the process group (what Ctrl-C does in a terminal), the time until `hfi serve` exits and until
   every process it started (Ray's daemons and workers, HAProxy) is gone, and whether Serve's "Controller failed to
   shut down" warning was printed;
@@ -50,6 +52,9 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+IDLE_PAUSE_S = 5.0  # the pause before the after-idle reference requests
 
 
 def post(url: str, body: Any, timeout: float = 60) -> float:
@@ -215,6 +220,17 @@ def run(catalog: str | None, rounds: int, timeout_s: float, warmup: bool = True)
             "first_inside_s": first_inside,
             "p50_inside_s": statistics.median(i for _, i in times),
         }
+    # A reference for the first request: one request to each model after an idle pause (IDLE_PAUSE_S), as a
+    # client that comes back later sends it. What a replica pays after any pause (its caches gone cold to the
+    # other processes on the cores) is no first-call cost a warm-up can take.
+    time.sleep(IDLE_PAUSE_S)
+    for model_id, figures in warm.items():
+        after_idle, after_idle_inside = timed_post(f"{base}/models/{model_id}", BODIES[models[model_id]])
+        figures.update(
+            after_idle_s=round(after_idle, 4),
+            after_idle_inside_s=after_idle_inside,
+            first_over_after_idle=round(figures["first_s"] / after_idle, 2),
+        )
     result: dict[str, Any] = {
         "ready_line_s": round(ready, 2),
         "first_inference_answered_s": round(first_answer or 0, 2),
@@ -234,7 +250,7 @@ def run(catalog: str | None, rounds: int, timeout_s: float, warmup: bool = True)
     gone = time.perf_counter() - stop_started
     text = "\n".join(line for _, line in lines)
     spool = work / "spool"
-    sent = sum(1 + rounds for _ in warm)
+    sent = sum(2 + rounds for _ in warm)  # the first, the rounds, the one after the idle pause
     result["charges"] = {"requests_answered": sent, "in_ledger": _ledger_rows(work / "ledger.db")}
     result["stop"] = {
         "exit_s": round(exited, 2),
