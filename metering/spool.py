@@ -783,6 +783,9 @@ class Spool:
                 else:
                     seg.close()
             self._segments.clear()
+            if self._direct_buffer is not None:
+                self._direct_buffer.close()
+                self._direct_buffer = None
             self._changed.notify_all()
 
 

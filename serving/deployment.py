@@ -96,9 +96,8 @@ class ModelDeployment(HttpEntry):
         batchers = {self.spec.id: self.batcher} if self.batcher is not None else {}
         self.local = LocalBackend({self.spec.id: self.executor}, batchers)
         self._serve(loaded, self.local)
-        self.core.prepare(
-            self.spec, self.executor.tasks()
-        )  # the first request's metric series and price terms
+        # the first request's metric series and price terms, made now
+        self.core.prepare(self.spec, self.executor.tasks())
 
     async def info(self) -> dict[str, Any]:
         return await self.local.info(self.spec.id)
