@@ -38,8 +38,9 @@ class MeteringSettings(BaseModel):
     # a slower disk (a network volume) goes to the child, and the loop retries its own twice a second. 0: never.
     spool_inline_sync_below_s: float = Field(default=0.001, ge=0)
     # A write that must be on disk before it returns (the loop's own, a thread's `record`) is one write with direct
-    # I/O (O_DIRECT | O_DSYNC: no page cache, no separate fdatasync) where the filesystem takes it: about 0.09 ms
-    # instead of 0.14 ms on the test VM's disk, half the CPU. False, or a filesystem without it: write + fdatasync.
+    # I/O (O_DIRECT | O_DSYNC: no page cache, no separate fdatasync) where the filesystem takes it: on the test VM's
+    # disk about half the CPU, and back to back 0.09 ms instead of 0.14 ms (writes milliseconds apart: about the
+    # same time either way). False, or a filesystem without it: write + fdatasync.
     spool_direct_io: bool = True
     # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 800 bytes
     # each); a closed file is deleted once delivered.

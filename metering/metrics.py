@@ -151,12 +151,14 @@ def prepare(model_id: str, task: str, hardware_profile: str) -> None:
     """Make the series of a model's answered and charged requests now, at zero: a replica calls it before its
     traffic, so that its first request does not make them (a few hundred microseconds, measured in process), and
     the series are there to scrape before any request."""
-    for key, made, make in (
-        ((model_id, task, hardware_profile, "200"), _REQUEST_CHILDREN, _request_children),
-        ((model_id, task, hardware_profile, STATUS_OK), _CHARGE_CHILDREN, _charge_children),
-    ):
-        if key not in made:
-            make(key)
+    answered, charged = (
+        (model_id, task, hardware_profile, "200"),
+        (model_id, task, hardware_profile, STATUS_OK),
+    )
+    if answered not in _REQUEST_CHILDREN:
+        _request_children(answered)
+    if charged not in _CHARGE_CHILDREN:
+        _charge_children(charged)
 
 
 def observe_charge(charge: Charge) -> None:

@@ -158,9 +158,8 @@ class Batcher:
             # too, so batches still grow with the load), or a full batch before there were any. Never more: with
             # fewer callers than the maximum, a wait for a full batch lasted the whole timeout every time
             # (8 closed-loop clients: about 40 % of the replica's time waiting, batches of 8 either way).
-            return (
-                max(peak, 2) if peak else self.max_batch_size
-            )  # no batch exceeds the maximum, which is > 1 here
+            # (no batch exceeds the maximum, which is > 1 here: no min needed)
+            return max(peak, 2) if peak else self.max_batch_size
         if ready * 2 <= peak:
             return peak if self._wait_for_company() else 0
         self._fruitless = 0  # many callers arrived together

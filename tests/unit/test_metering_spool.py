@@ -668,7 +668,7 @@ def test_a_spool_that_syncs_on_its_loop_times_the_disk_at_start_and_starts_a_chi
     file still reads as its records."""
     import os
 
-    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=0.01)
+    spool = Spool(tmp_path, ["ledger"], inline_sync_below_s=0.01, direct_io=False)
     spool.append({"request_id": "before"})
     if slow:
         real_sync = os.fdatasync
@@ -812,4 +812,24 @@ def test_a_filesystem_without_direct_io_gets_write_and_fdatasync(
     asyncio.run(main())
     assert not spool.direct_io and spool.direct_writes == 0 and len(calls) == 2
     assert records_in(spool.active_path) == ["a", "b", "c"]
+    spool.close()
+
+
+@pytest.mark.parametrize("records", [0, 1])
+def test_with_direct_io_the_start_up_probe_times_a_direct_write_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, records: int
+) -> None:
+    """The quick-disk probe of `start_sync_process` times the write the loop will make (direct, no fdatasync):
+    the last block again, or a block of zeros at an empty file's start; the file reads as before."""
+    spool = direct_spool(tmp_path)
+    for i in range(records):
+        spool.append({"request_id": f"r{i}"})
+    before = spool.active_path.read_bytes()
+    writes = spool.direct_writes
+    calls = count_syncs(monkeypatch)
+    spool.start_sync_process()
+    assert calls == [] and spool._syncer is None and spool.inline_sync_s is not None
+    assert spool.direct_writes == writes  # a probe, not a record's write
+    assert spool.active_path.read_bytes() == before
+    assert records_in(spool.active_path) == [f"r{i}" for i in range(records)]
     spool.close()
