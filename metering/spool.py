@@ -45,9 +45,11 @@ import logging
 import mmap
 import os
 import socket
+import statistics
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +65,12 @@ log = logging.getLogger(__name__)
 SUFFIX = ".jsonl"
 DRAINER_LOCK = ".drainer.lock"  # held by the node drainer of the directory (metering/node_drain.py)
 DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
-INLINE_WEIGHT = 0.2  # of the newest of the loop's own syncs in their average (one slow sync is no slow disk)
-INLINE_PROBE_S = 0.5  # once they are slow on average, how often the loop tries one again
+# The loop's own syncs are quick while the median of its last INLINE_WINDOW is: a spike (on the test VM's disk under
+# load, 1-2 % of them over 1 ms, up to 5 ms, the median 0.3 ms) is no slow disk, and a moving average that one spike
+# pulled over the threshold sent the loop's lines to the sync process for a while each time, which cost 6 % of
+# throughput (benchmarks/README).
+INLINE_WINDOW = 15
+INLINE_PROBE_S = 0.5  # once they are slow, how often the loop tries one again
 # A durable write with direct I/O (`Spool._write_direct`) covers whole blocks of this many bytes, at offsets that are
 # multiples of it: the logical block size of every disk and filesystem that takes O_DIRECT, and a page.
 DIRECT_BLOCK = 4096
@@ -138,7 +144,8 @@ class Spool:
         """`writer` False: a node drainer's spool, which writes nothing and reads every file in the directory,
         the live ones too. `hand_off` False: a writer that drains its own files even while a drainer runs (its
         consumers are not all the drainer's). `inline_sync_below_s` > 0: an event loop's appends are fdatasync'd
-        on the loop itself while that takes less than this on average (`append_async`); 0: never. `direct_io`: a
+        on the loop itself while that typically takes less than this (the median of the last INLINE_WINDOW:
+        `append_async`); 0: never. `direct_io`: a
         write that must be on disk before it returns (`append`, the loop's own) is one write with O_DIRECT and
         O_DSYNC where the filesystem takes them (`_write_direct`), instead of a write and an fdatasync."""
         self.directory = Path(directory).expanduser()
@@ -172,7 +179,8 @@ class Spool:
         self.sync_process = sync_process
         # ... unless the disk is quick: then the loop syncs them itself (`_sync_inline`)
         self.inline_sync_below_s = inline_sync_below_s
-        self.inline_sync_s: float | None = None  # moving average of the loop's own fdatasyncs
+        self.inline_sync_s: float | None = None  # the median of the loop's last INLINE_WINDOW own syncs
+        self._inline_times: deque[float] = deque(maxlen=INLINE_WINDOW)
         self.inline_syncs = 0  # how many (for tests and diagnostics)
         self._inline_probe_at = 0.0
         self._syncer: SyncProcess | None = None
@@ -407,9 +415,9 @@ class Spool:
         synced.add_done_callback(lambda f: settle(waiters, None if f.cancelled() else f.exception()))
 
     def _sync_here(self) -> bool:
-        """Whether the loop syncs this iteration's lines itself: while its syncs took less than
-        `inline_sync_below_s` on average; once they took longer, one sync every INLINE_PROBE_S (`_timed`) finds out
-        whether the disk is quick again."""
+        """Whether the loop syncs this iteration's lines itself: while the median of its last syncs is under
+        `inline_sync_below_s`; once it is not, one sync every INLINE_PROBE_S (`_timed`) finds out whether the disk is
+        quick again."""
         if self.inline_sync_below_s <= 0:
             return False
         if self.inline_sync_s is None or self.inline_sync_s < self.inline_sync_below_s:
@@ -430,10 +438,10 @@ class Spool:
             self.inline_syncs += 1
 
     def _timed(self, took: float) -> None:
-        """Count one of this process's own fdatasyncs into `inline_sync_s`; slow on average, the next probe is
-        INLINE_PROBE_S away."""
-        average = self.inline_sync_s
-        self.inline_sync_s = took if average is None else average + INLINE_WEIGHT * (took - average)
+        """Count one of this process's own syncs into `inline_sync_s`; slow, the next probe is INLINE_PROBE_S
+        away."""
+        self._inline_times.append(took)
+        self.inline_sync_s = statistics.median(self._inline_times)
         if self.inline_sync_s >= self.inline_sync_below_s:
             self._inline_probe_at = time.monotonic() + INLINE_PROBE_S
 
