@@ -262,6 +262,44 @@ def _request_id(row: dict[str, Any]) -> str:
     return row["request_id"]
 
 
+def _sqlite_datetime(value: dt.datetime | None) -> str | None:
+    """A UTCDateTime as SQLite stores it (naive UTC, `YYYY-MM-DD HH:MM:SS.ffffff`), written by datetime's C code."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.isoformat(value, " ", "microseconds")
+
+
+def _sqlite_date(value: dt.date | None) -> str | None:
+    """A Date as SQLite stores it (`YYYY-MM-DD`; a datetime's date part), written by date's C code."""
+    return None if value is None else dt.date.isoformat(value)
+
+
+_QUICK_SAMPLES: dict[type, tuple[Any, ...]] = {
+    UTCDateTime: (
+        dt.datetime(2026, 3, 1, 12, 0, 0, 5, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 3, 1, 23, 59, 59, tzinfo=dt.timezone(dt.timedelta(hours=-2))),
+        dt.datetime(999, 1, 2, 3, 4, 5, 6),
+        None,
+    ),
+    Date: (dt.date(2026, 3, 1), dt.date(5, 1, 1), dt.datetime(2026, 3, 1, 12, 30), None),
+}
+
+
+def _quick_processor(column_type: Any, dialect: Any) -> Any:
+    """On SQLite, the bind processor of a date or time column done by the datetime module's C code instead of
+    SQLAlchemy's string formatting in Python (about 6 us a charge of the drain's ~30): the same text, checked here
+    against SQLAlchemy's own on a few values, or None (its own is used)."""
+    quick = {UTCDateTime: _sqlite_datetime, Date: _sqlite_date}.get(type(column_type))
+    if dialect.name != "sqlite" or quick is None:
+        return None
+    own = column_type._cached_bind_processor(dialect)
+    if own is None or any(quick(v) != own(v) for v in _QUICK_SAMPLES[type(column_type)]):
+        return None
+    return quick
+
+
 def _first(values: list[Any]) -> Any:
     return values[0]
 
@@ -359,7 +397,11 @@ class Ledger:
                 f"INSERT INTO {quote(charges_table.name)} ({', '.join(quote(n) for n in _ROW_COLUMNS)}) "
                 f"VALUES ({', '.join([mark] * len(_ROW_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
             )
-            processors = [charges_table.c[n].type._cached_bind_processor(dialect) for n in _ROW_COLUMNS]
+            processors = [
+                _quick_processor(charges_table.c[n].type, dialect)
+                or charges_table.c[n].type._cached_bind_processor(dialect)
+                for n in _ROW_COLUMNS
+            ]
             converters = [(i, p) for i, p in enumerate(processors) if p is not None and i != _RECORDED_AT]
             self._driver_stmt = (sql, converters, processors[_RECORDED_AT])
         return self._driver_stmt

@@ -185,3 +185,24 @@ def test_header_and_amount_formats() -> None:
     assert usd_str(12_345_678_901) == "12.345678901"
     assert usd_str(-5) == "-0.000000005"
     assert seconds_str(1_234_567_891, 3) == "1.234"
+
+
+@given(
+    when=st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)),
+    zone=st.sampled_from([None, dt.timezone.utc, dt.timezone(dt.timedelta(hours=5, minutes=30))]),
+)
+def test_the_drains_quick_sqlite_processors_write_what_sqlalchemys_write(when: dt.datetime, zone) -> None:
+    """On SQLite the drain formats started_at, day and the price date with the datetime module's C code
+    (`_quick_processor`): the same text as SQLAlchemy's own bind processors, or the ledger's range queries and
+    reports would compare strings of two shapes."""
+    from sqlalchemy import Date
+    from sqlalchemy.dialects import sqlite
+
+    from metering.ledger import UTCDateTime, _quick_processor
+
+    dialect = sqlite.dialect()
+    stamp = when.replace(tzinfo=zone)
+    for column_type, value in ((UTCDateTime(), stamp), (Date(), stamp.date()), (Date(), stamp)):
+        quick = _quick_processor(column_type, dialect)
+        assert quick is not None
+        assert quick(value) == column_type._cached_bind_processor(dialect)(value)
