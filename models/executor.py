@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from core.errors import ServiceError
-from core.ids import uuid4
+from core.ids import uuid7
 from core.timing import Stopwatch, Timings, split_batch_ns
 from models.base import TaskRunner
 from models.catalog import ModelSpec
@@ -186,7 +186,7 @@ class ModelExecutor:
             batch_ns = watch.elapsed_ns()
         weights = [self.runner.work_units(r) for r in batch]
         shares = split_batch_ns(batch_ns, weights)
-        batch_id = uuid4().hex
+        batch_id = uuid7().hex
         offset_ns = 0
         for i, (output, usage), share, weight in zip(valid, outputs, shares, weights, strict=True):
             timings = Timings(

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from billing.ratelimit import RateLimiter
 from billing.service import Admission, BillingService, estimate_nanousd
-from core.ids import uuid4
+from core.ids import uuid7
 from metering import metrics
 from metering.pricing import usd_per_second
 from metering.records import (
@@ -203,7 +203,7 @@ class IngressCore:
         trace_id = _client_header(headers, "x-amzn-trace-id")
         client_id = None if GENERATED_ID_HEADER in headers else _client_header(headers, "x-request-id")
         client_id = client_id or trace_id
-        inference_id = str(uuid4())
+        inference_id = str(uuid7())
         ctx = RequestContext(
             request_id=client_id or inference_id,
             inference_id=inference_id,

@@ -225,21 +225,32 @@ def test_service_errors_pickle_with_their_subclass_and_fields():
         assert (back.message, back.extra, back.status_code) == (err.message, err.extra, err.status_code)
 
 
-def test_uuid4_from_the_buffer_is_a_version_4_uuid_unique_and_fresh_in_a_forked_child():
+def test_uuid7_is_a_version_7_uuid_unique_time_ordered_and_fresh_in_a_forked_child():
     import os
+    import time
     import uuid
 
-    from core.ids import uuid4
+    from core.ids import uuid7
 
-    ids = [uuid4() for _ in range(2000)]  # several draws of the buffer
+    before = time.time_ns() // 1_000_000
+    ids = [uuid7() for _ in range(2000)]  # several draws of the buffer
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
-    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in ids)
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
+    millis = [u.int >> 80 for u in ids]  # RFC 9562: the first 48 bits are the Unix time in milliseconds
+    assert before <= millis[0] and millis == sorted(millis) and millis[-1] <= after
+    time.sleep(0.002)
+    later = uuid7()
+    assert all(str(u) < str(later) for u in ids)  # as text too: the ledger's index orders the strings
+    # the random bits differ within a millisecond
+    assert len({u.int & ((1 << 74) - 1) for u in ids}) == len(ids)
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child must not hand out the ids its parent's buffer holds next
-        os.write(write, uuid4().bytes)
+    if pid == 0:  # the child must not hand out the random bits its parent's buffer holds next
+        os.write(write, uuid7().bytes)
         os._exit(0)
     os.waitpid(pid, 0)
     child = uuid.UUID(bytes=os.read(read, 16))
     os.close(read), os.close(write)
-    assert child not in {uuid4() for _ in range(300)}
+    random_bits = (1 << 62) - 1
+    assert child.int & random_bits not in {u.int & random_bits for u in (uuid7() for _ in range(500))}
