@@ -34,8 +34,9 @@ class MeteringSettings(BaseModel):
     # worker thread runs that fdatasync.
     spool_sync_process: bool = True
     # ... unless the disk is quick: while the loop's own syncs typically take less than this (the median of its last
-    # 15: a spike is no slow disk; the test VM's local disk: 0.2-0.3 ms), the loop runs them itself, which costs a request less than the hand-over to the child and back;
-    # a slower disk (a network volume) goes to the child, and the loop retries its own twice a second. 0: never.
+    # 15: a spike is no slow disk; the test VM's local disk: 0.2-0.3 ms), the loop runs them itself, which costs a
+    # request less than the hand-over to the child and back; a slower disk (a network volume) goes to the child, and
+    # the loop retries its own twice a second. 0: never.
     spool_inline_sync_below_s: float = Field(default=0.001, ge=0)
     # A write that must be on disk before it returns (the loop's own, a thread's `record`) is one write with direct
     # I/O (O_DIRECT | O_DSYNC: no page cache, no separate fdatasync) where the filesystem takes it: on the test VM's

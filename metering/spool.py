@@ -145,9 +145,9 @@ class Spool:
         the live ones too. `hand_off` False: a writer that drains its own files even while a drainer runs (its
         consumers are not all the drainer's). `inline_sync_below_s` > 0: an event loop's appends are fdatasync'd
         on the loop itself while that typically takes less than this (the median of the last INLINE_WINDOW:
-        `append_async`); 0: never. `direct_io`: a
-        write that must be on disk before it returns (`append`, the loop's own) is one write with O_DIRECT and
-        O_DSYNC where the filesystem takes them (`_write_direct`), instead of a write and an fdatasync."""
+        `append_async`); 0: never. `direct_io`: a write that must be on disk before it returns (`append`, the loop's
+        own) is one write with O_DIRECT and O_DSYNC where the filesystem takes them (`_write_direct`), instead of a
+        write and an fdatasync."""
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.consumers = list(consumers)
