@@ -57,11 +57,6 @@ def free_port() -> int:
 IDLE_PAUSE_S = 5.0  # the pause before the after-idle reference requests
 
 
-def post(url: str, body: Any, timeout: float = 60) -> float:
-    """Seconds one request took; raises on anything but a 2xx."""
-    return timed_post(url, body, timeout)[0]
-
-
 def timed_post(url: str, body: Any, timeout: float = 60) -> tuple[float, float]:
     """Seconds one request took from here, and inside the service (its `x-total-time`, from the request's
     arrival at the replica to its answer); raises on anything but a 2xx."""

@@ -601,9 +601,8 @@ class Spool:
         coherent. Raises OSError for a write that failed otherwise (the caller clears what it left)."""
         start = seg.size - len(seg.tail)
         end = len(seg.tail) + len(data)
-        length = (
-            _blocks(end) or DIRECT_BLOCK
-        )  # no data at a block's start (`_disk_is_quick`): one block of zeros
+        # no data at a block's start (`_disk_is_quick`): one block of zeros
+        length = _blocks(end) or DIRECT_BLOCK
         buf = self._direct_buffer
         if buf is None or len(buf) < length:
             if buf is not None:
