@@ -7,7 +7,7 @@ the service reads is listed in core.settings.ENV_VARS.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -19,6 +19,11 @@ from metering.config import MeteringSettings
 from models.catalog import CatalogError, ModelCatalog, load_catalog, parse_catalog
 from models.loading import LoadOptions
 from serving.security import SecuritySettings
+
+if TYPE_CHECKING:
+    from serving.warmup import CalibrationCache
+
+CALIBRATION_DIR = ".calibration"  # in the model store
 
 
 class Settings(BaseModel):
@@ -45,6 +50,10 @@ class Settings(BaseModel):
     model_wait_timeout_s: float = Field(default=300, gt=0)
     # Each replica runs one internal request on a model it loaded before it takes traffic (serving/warmup.py).
     warmup: bool = True
+    # An image model's measured seconds a denoising step (the warm-up's calibration) are kept in the model store
+    # for this many days and reused by a later replica of the same model on the same hardware; 0: measure at
+    # every start.
+    calibration_cache_days: float = Field(default=7, ge=0)
     # Where the service is mounted: "/" (the default), or a path such as "/blue" to run a second copy beside
     # another on one Serve instance (routes then live under it: /blue/models/{id}, /blue/v1/...).
     route_prefix: str = Field(default="/", pattern=r"^/([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?$")
@@ -124,6 +133,15 @@ class Settings(BaseModel):
         if profile is not None:
             return profiles.ray_actor_options(profile, strict_cpu_placement=strict)
         return {"num_cpus": self.ingress_num_cpus, **off_gpu_nodes(profiles.gpu_types(), strict=strict)}
+
+    def calibration_cache(self) -> CalibrationCache | None:
+        """Where replicas keep and find their image models' step calibrations; None when turned off."""
+        if self.calibration_cache_days <= 0:
+            return None
+        from serving.warmup import CalibrationCache
+
+        directory = Path(self.model_store).expanduser() / CALIBRATION_DIR
+        return CalibrationCache(directory, self.calibration_cache_days * 86400)
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(

@@ -80,7 +80,9 @@ class ModelDeployment(HttpEntry):
         if loaded.warmup:
             # Before Serve sends it traffic, on the threads that run its requests' model calls; never charged.
             warm_up_where_served(
-                self.executor, here_too=batching is not None and batching.on_loop_below_s > 0
+                self.executor,
+                here_too=batching is not None and batching.on_loop_below_s > 0,
+                calibrations=loaded.calibration_cache(),
             )
         self.batcher: Batcher | None = None
         if batching is not None:

@@ -39,11 +39,13 @@ class PoolDeployment(HttpEntry):
         self.profile = HardwareProfile.model_validate(profile)
         options = loaded.load_options()
         threads = self.profile.torch_threads
+        calibrations = loaded.calibration_cache()
 
         def load(spec: ModelSpec) -> ModelExecutor:
             executor = ModelExecutor(spec, options, threads)
             if loaded.warmup:
-                warm_up(executor)  # before its first request runs on it: never charged (serving/warmup.py)
+                # before its first request runs on it: never charged (serving/warmup.py)
+                warm_up(executor, calibrations=calibrations)
             return executor
 
         self.pool = ModelPool(

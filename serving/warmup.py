@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hashlib
+import importlib.metadata
 import io
+import json
 import logging
+import os
+import platform
+import tempfile
 import time
 import uuid
 import wave
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from models.compute_estimate import IMAGE_TASKS, StepCost
@@ -142,10 +151,13 @@ def internal_context(model_id: str, kind: str) -> Any:
     return RequestContext(request_id=request_id, inference_id=request_id, model_id=model_id, started_at=None)
 
 
-def warm_up(executor: Any, *, calibrate_steps: bool = True) -> float | None:
+def warm_up(
+    executor: Any, *, calibrate_steps: bool = True, calibrations: CalibrationCache | None = None
+) -> float | None:
     """Run the warm-up request of `executor`'s model (its catalog task) on it; the seconds it took, or None when
     the task has none or the warm-up failed (logged). `calibrate_steps`: an image model then times its denoising
-    steps (False: a further warm-up, of another thread, which has nothing new to measure)."""
+    steps (False: a further warm-up, of another thread, which has nothing new to measure), or takes them from
+    `calibrations` where an earlier replica measured them on the same hardware."""
     from serving.routes.registry import ADAPTERS
 
     spec = executor.spec
@@ -172,13 +184,15 @@ def warm_up(executor: Any, *, calibrate_steps: bool = True) -> float | None:
     log.info("%s: warmed up in %.2f s", spec.id, took)
     if calibrate_steps and spec.task in IMAGE_TASKS:
         try:
-            executor.step_cost = calibrate(executor)
+            executor.step_cost = step_cost(executor, calibrations)
         except Exception as err:  # the replica serves anyway, under its static caps only
             log.warning("%s: the calibration failed (static caps only): %s", spec.id, err)
     return took
 
 
-def warm_up_where_served(executor: Any, *, here_too: bool = False) -> float | None:
+def warm_up_where_served(
+    executor: Any, *, here_too: bool = False, calibrations: CalibrationCache | None = None
+) -> float | None:
     """`warm_up` on a thread of the event loop's default thread pool, when called on a running loop's thread (a
     Serve replica's constructor runs on its user-code loop, whose pool runs the model for its requests): the first
     requests then find that thread started and warmed. Part of a model's first-call costs is per thread (torch's
@@ -189,16 +203,16 @@ def warm_up_where_served(executor: Any, *, here_too: bool = False) -> float | No
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return warm_up(executor)
+        return warm_up(executor, calibrations=calibrations)
     # CPython's default executor of the loop: Serve sets its own; else made here, as asyncio would.
     threads = getattr(loop, "_default_executor", None)
     if not isinstance(threads, ThreadPoolExecutor):
         if threads is not None:  # some other executor: leave it alone
-            return warm_up(executor)
+            return warm_up(executor, calibrations=calibrations)
         threads = ThreadPoolExecutor(thread_name_prefix="asyncio")
         loop.set_default_executor(threads)
     # Blocking this thread is what the constructor does anyway: Serve sends nothing until it returns.
-    took = threads.submit(warm_up, executor).result()
+    took = threads.submit(warm_up, executor, calibrations=calibrations).result()
     if here_too and took is not None:
         warm_up(executor, calibrate_steps=False)
     return took
@@ -271,9 +285,134 @@ def calibrate(executor: Any) -> StepCost | None:
         "%s: calibrated in %.2f s (megapixels, seconds a step): %s",
         spec.id,
         time.perf_counter() - started,
-        ", ".join(f"({mp:.4g}, {s:.4g})" for mp, s in cost.points),
+        _points(cost),
     )
     return cost
+
+
+def step_cost(executor: Any, calibrations: CalibrationCache | None = None) -> StepCost | None:
+    """An image model's seconds a step: from `calibrations` where a replica of the same model on the same hardware
+    measured them within its age, else measured now (`calibrate`) and kept there."""
+    if calibrations is not None:
+        kept = calibrations.get(executor)
+        if kept is not None:
+            return kept
+    cost = calibrate(executor)
+    if cost is not None and calibrations is not None:
+        calibrations.put(executor, cost)
+    return cost
+
+
+# What makes a calibration valid for another replica: what it ran (the model's revision, dtype, the sizes and steps
+# it may time), where (the device's model, the torch threads on the CPU) and with what (the libraries' versions,
+# CALIBRATION_VERSION for this code's way of timing).
+CALIBRATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationCache:
+    """Step calibrations kept as files in `directory`, one a model and hardware (named by a digest of
+    `calibration_key`), reused for `max_age_s` seconds. A replica that cannot read or write them measures."""
+
+    directory: Path
+    max_age_s: float
+
+    def _path(self, key: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return self.directory / f"{digest}.json"
+
+    def get(self, executor: Any) -> StepCost | None:
+        spec = executor.spec
+        key = calibration_key(executor)
+        try:
+            kept = json.loads(self._path(key).read_text())
+            age = time.time() - float(kept["measured_at"])
+            if kept["key"] != key or not -60 <= age <= self.max_age_s:
+                return None
+            cost = StepCost(tuple((float(mp), float(s)) for mp, s in kept["points"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, or written by something else
+            log.info("%s: the kept calibration is not usable (measuring): %s", spec.id, err)
+            return None
+        log.info(
+            "%s: calibration measured %.1f hours ago on this hardware (megapixels, seconds a step): %s",
+            spec.id,
+            age / 3600,
+            _points(cost),
+        )
+        return cost
+
+    def put(self, executor: Any, cost: StepCost) -> None:
+        key = calibration_key(executor)
+        path = self._path(key)
+        kept = {"key": key, "measured_at": time.time(), "points": [list(p) for p in cost.points]}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        except OSError as err:
+            log.info("%s: the calibration is not kept (%s): %s", executor.spec.id, self.directory, err)
+            return
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump(kept, out)
+            os.replace(temporary, path)  # whole or not at all, whichever replica writes last
+        except OSError as err:
+            log.info("%s: the calibration is not kept (%s): %s", executor.spec.id, path, err)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
+def calibration_key(executor: Any) -> dict[str, Any]:
+    """What a kept calibration must match to be reused (see CALIBRATION_VERSION)."""
+    import torch
+
+    spec, runner = executor.spec, executor.runner
+    device = str(executor.device)
+    key: dict[str, Any] = {
+        "version": CALIBRATION_VERSION,
+        "model": spec.id,
+        "task": spec.task,
+        "revision": executor.revision,
+        "dtype": str(getattr(runner, "dtype", spec.dtype)),
+        "device": device,
+        "hardware": _device_model(device),
+        "torch_threads": torch.get_num_threads() if device == "cpu" else None,
+        "size_multiple": int(getattr(runner, "size_multiple", 8) or 8),
+        "width": spec.defaults.get("width"),
+        "height": spec.defaults.get("height"),
+        "max_pixels": spec.limits.max_pixels,
+        "max_steps": spec.limits.max_steps,
+        "libraries": {name: _version(name) for name in ("torch", "diffusers", "transformers")},
+    }
+    return key
+
+
+def _device_model(device: str) -> str:
+    """The GPU's name, or on the CPU the processor's model name (Linux) and the cores this process may use."""
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cores} cores)"
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _points(cost: StepCost) -> str:
+    return ", ".join(f"({mp:.4g}, {s:.4g})" for mp, s in cost.points)
 
 
 def _timed_steps(

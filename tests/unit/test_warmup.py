@@ -131,3 +131,136 @@ def test_the_warm_up_of_the_loops_thread_does_not_time_an_image_models_steps_aga
 
     assert asyncio.run(replica()) is not None
     assert timed == ["local/tiny-flux"]
+
+
+# Kept calibrations (serving.warmup.CalibrationCache): a later replica of the same model on the same hardware takes
+# the figure instead of timing steps again (seconds of every start of an image model).
+
+
+def _counting_calibrate(monkeypatch, points=((0.004096, 0.01), (0.016384, 0.03))):
+    """`calibrate` replaced by one that counts its calls and returns a fixed measurement."""
+    import serving.warmup as warmup
+    from models.compute_estimate import StepCost
+
+    calls: list[str] = []
+
+    def calibrate(executor):
+        calls.append(executor.spec.id)
+        return StepCost(points)
+
+    monkeypatch.setattr(warmup, "calibrate", calibrate)
+    return calls
+
+
+def test_a_kept_calibration_is_reused_by_the_next_replica_on_the_same_hardware(
+    executors, tmp_path, monkeypatch
+):
+    from serving.warmup import CalibrationCache, step_cost
+
+    executor = executors["local/tiny-flux"]
+    calls = _counting_calibrate(monkeypatch)
+    cache = CalibrationCache(tmp_path / "calibration", 3600)
+    first = step_cost(executor, cache)
+    assert calls == ["local/tiny-flux"]
+    (kept,) = (tmp_path / "calibration").iterdir()
+    assert kept.suffix == ".json"
+    assert step_cost(executor, cache) == first  # from the file
+    assert calls == ["local/tiny-flux"]
+    assert step_cost(executor, None) == first  # no cache: measured again
+    assert len(calls) == 2
+    # warm_up takes it from there too
+    assert warm_up(executor, calibrations=cache) is not None and executor.step_cost == first
+    assert len(calls) == 2
+
+
+def test_a_calibration_is_measured_again_when_anything_it_depends_on_differs(
+    executors, tmp_path, monkeypatch
+):
+    import torch
+
+    from serving.warmup import CalibrationCache, calibration_key, step_cost
+
+    executor = executors["local/tiny-flux"]
+    calls = _counting_calibrate(monkeypatch)
+    cache = CalibrationCache(tmp_path, 3600)
+    step_cost(executor, cache)
+    key = calibration_key(executor)
+    assert key["model"] == "local/tiny-flux" and key["revision"] == executor.revision
+    assert key["device"] == "cpu" and "cores)" in key["hardware"]
+    assert (
+        key["torch_threads"] == torch.get_num_threads()
+        and key["max_pixels"] == executor.spec.limits.max_pixels
+    )
+    # other limits: another key, measured
+    spec = executor.spec
+    monkeypatch.setattr(
+        executor,
+        "spec",
+        spec.model_copy(update={"limits": spec.limits.model_copy(update={"max_pixels": 128 * 128})}),
+    )
+    step_cost(executor, cache)
+    assert len(calls) == 2
+    monkeypatch.setattr(executor, "spec", spec)
+    # other torch threads: measured
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        step_cost(executor, cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3
+    step_cost(executor, cache)  # the first one's still there
+    assert len(calls) == 3
+
+
+def test_an_old_or_broken_kept_calibration_is_measured_again_and_replaced(
+    executors, tmp_path, monkeypatch, caplog
+):
+    import json
+
+    from serving.warmup import CalibrationCache, step_cost
+
+    executor = executors["local/tiny-flux"]
+    calls = _counting_calibrate(monkeypatch)
+    cache = CalibrationCache(tmp_path, 3600)
+    step_cost(executor, cache)
+    (path,) = tmp_path.iterdir()
+    kept = json.loads(path.read_text())
+    path.write_text(json.dumps({**kept, "measured_at": kept["measured_at"] - 3601}))  # past its age
+    step_cost(executor, cache)
+    assert len(calls) == 2
+    assert json.loads(path.read_text())["measured_at"] > kept["measured_at"]  # replaced
+    caplog.set_level(logging.INFO, logger="serving.warmup")
+    for broken in (
+        "{not json",
+        json.dumps({**kept, "points": [[0.01, -1]]}),
+        json.dumps({"key": kept["key"]}),
+    ):
+        path.write_text(broken)
+        step_cost(executor, cache)
+    assert len(calls) == 5
+    assert "not usable" in caplog.text
+    assert step_cost(executor, cache) is not None and len(calls) == 5  # the last measurement, kept
+
+
+def test_a_store_that_cannot_keep_calibrations_still_measures(executors, tmp_path, monkeypatch, caplog):
+    from serving.warmup import CalibrationCache, step_cost
+
+    executor = executors["local/tiny-flux"]
+    calls = _counting_calibrate(monkeypatch)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # where the directory would be
+    caplog.set_level(logging.INFO, logger="serving.warmup")
+    cache = CalibrationCache(blocked / "calibration", 3600)
+    assert step_cost(executor, cache) is not None
+    assert step_cost(executor, cache) is not None
+    assert len(calls) == 2
+    assert "not kept" in caplog.text
+
+
+def test_the_settings_keep_calibrations_in_the_model_store_unless_turned_off(tmp_path):
+    from serving.config import Settings
+
+    cache = Settings.load({"model_store": str(tmp_path)}, env={}).calibration_cache()
+    assert cache is not None and cache.directory == tmp_path / ".calibration" and cache.max_age_s == 7 * 86400
+    assert Settings.load({"calibration_cache_days": 0}, env={}).calibration_cache() is None
