@@ -39,6 +39,7 @@ IMAGE_TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE)
 ESTIMATE_MARGIN = 2.0  # refuse only an estimate past this many times the compute limit (module docstring)
 DEFAULT_SIZE_MULTIPLE = 16  # sizes suggested when the model did not say (a multiple for FLUX, 16, and SD, 8)
 MEASURED = "measured on this replica"
+KEPT = "measured on this hardware by an earlier replica"  # serving.warmup.CalibrationCache
 OVERRIDE = "limits.image_megapixel_steps_per_s"
 
 

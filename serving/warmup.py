@@ -36,7 +36,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from models.compute_estimate import IMAGE_TASKS, StepCost
+from models.compute_estimate import IMAGE_TASKS, KEPT, StepCost
 from models.types import (
     AUDIO_CLASSIFICATION,
     AUDIO_TO_AUDIO,
@@ -329,7 +329,7 @@ class CalibrationCache:
             age = time.time() - float(kept["measured_at"])
             if kept["key"] != key or not -60 <= age <= self.max_age_s:
                 return None
-            cost = StepCost(tuple((float(mp), float(s)) for mp, s in kept["points"]))
+            cost = StepCost(tuple((float(mp), float(s)) for mp, s in kept["points"]), KEPT)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, or written by something else

@@ -155,6 +155,7 @@ def _counting_calibrate(monkeypatch, points=((0.004096, 0.01), (0.016384, 0.03))
 def test_a_kept_calibration_is_reused_by_the_next_replica_on_the_same_hardware(
     executors, tmp_path, monkeypatch
 ):
+    from models.compute_estimate import KEPT, MEASURED
     from serving.warmup import CalibrationCache, step_cost
 
     executor = executors["local/tiny-flux"]
@@ -164,12 +165,14 @@ def test_a_kept_calibration_is_reused_by_the_next_replica_on_the_same_hardware(
     assert calls == ["local/tiny-flux"]
     (kept,) = (tmp_path / "calibration").iterdir()
     assert kept.suffix == ".json"
-    assert step_cost(executor, cache) == first  # from the file
+    kept_cost = step_cost(executor, cache)  # from the file
     assert calls == ["local/tiny-flux"]
+    assert kept_cost is not None and first is not None
+    assert kept_cost.points == first.points and (first.source, kept_cost.source) == (MEASURED, KEPT)
     assert step_cost(executor, None) == first  # no cache: measured again
     assert len(calls) == 2
     # warm_up takes it from there too
-    assert warm_up(executor, calibrations=cache) is not None and executor.step_cost == first
+    assert warm_up(executor, calibrations=cache) is not None and executor.step_cost == kept_cost
     assert len(calls) == 2
 
 
