@@ -36,13 +36,15 @@ BODIES: dict[str, Any] = {
 }
 
 
-def measure(model_id: str, pauses: list[float], repeats: int, warm_runs: int) -> dict[str, Any]:
+def measure(
+    model_id: str, pauses: list[float], repeats: int, warm_runs: int, store: str | None = None
+) -> dict[str, Any]:
     from models.executor import ModelExecutor
     from serving.config import Settings
     from serving.routes.registry import ADAPTERS
     from serving.warmup import internal_context, warm_up
 
-    settings = Settings.load({}, env={})
+    settings = Settings.load({"model_store": store} if store else {}, env={})
     spec = settings.catalog().get(model_id)
     if spec is None:
         raise SystemExit(f"{model_id} is not in the default catalog")
@@ -76,11 +78,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--warmup-runs", type=int, default=50, help="runs back to back, after the warm-up")
     parser.add_argument("--busy", action="store_true", help="one other process spins meanwhile")
+    parser.add_argument("--store", help="the model store (default: the settings' own)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
-        result = measure(args.model, args.pauses, args.repeats, args.warmup_runs)
+        result = measure(args.model, args.pauses, args.repeats, args.warmup_runs, args.store)
     finally:
         if spinner is not None:
             spinner.kill()
