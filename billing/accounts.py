@@ -29,6 +29,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TOKEN_CACHE_ENTRIES = 100_000
 UNKNOWN_TOKEN_CACHE_ENTRIES = 10_000  # refusals: bounded apart, so made-up tokens never evict good ones
 POLICY_CACHE_ENTRIES = 100_000
+MAX_NANOUSD = 2**63 - 1  # a spending limit, as the ledger's 64-bit integers hold it
+MAX_SEATS = (
+    1_000_000  # an organization's seats (the database's 32-bit integer, with room to multiply by a price)
+)
 INVALID_TOKEN = "Invalid credentials in Authorization header"
 
 
@@ -162,8 +166,17 @@ class AccountStore:
 
     @staticmethod
     def _check_limit(limit_nanousd: int | None) -> None:
-        if limit_nanousd is not None and (not isinstance(limit_nanousd, int) or limit_nanousd < 0):
-            raise InvalidRequest("spending_limit_nanousd: must be a whole number of nano-USD, 0 or more")
+        if limit_nanousd is not None and (
+            not isinstance(limit_nanousd, int) or not 0 <= limit_nanousd <= MAX_NANOUSD
+        ):
+            raise InvalidRequest(
+                f"spending_limit_nanousd: must be a whole number of nano-USD, 0 to {MAX_NANOUSD} (the ledger's range)"
+            )
+
+    @staticmethod
+    def _check_seats(seats: int) -> None:
+        if not isinstance(seats, int) or not 1 <= seats <= MAX_SEATS:
+            raise InvalidRequest(f"seats: must be 1 to {MAX_SEATS:,}")
 
     # --- users and organizations
 
@@ -200,8 +213,7 @@ class AccountStore:
         check_name(name)
         plan = plan or ("enterprise" if enterprise else "free")
         self._check_plan(plan)
-        if not isinstance(seats, int) or seats < 1:
-            raise InvalidRequest("seats: must be 1 or more")
+        self._check_seats(seats)
         self._check_limit(spending_limit_nanousd)
         with self._write() as s:
             self._name_free(s, name)
@@ -219,8 +231,8 @@ class AccountStore:
         """Change an organization's plan and/or seats."""
         if plan is not None:
             self._check_plan(plan)
-        if seats is not None and (not isinstance(seats, int) or seats < 1):
-            raise InvalidRequest("seats: must be 1 or more")
+        if seats is not None:
+            self._check_seats(seats)
         with self._write() as s:
             o = self._org(s, org)
             if plan is not None:

@@ -39,9 +39,9 @@ Group = tuple[str, str | None, str, int, int]
 
 
 def check_month(month: str) -> str:
-    """A month as YYYY-MM."""
-    if not isinstance(month, str) or not MONTH_RE.match(month):
-        raise InvalidRequest(f"month: {month!r} is not a month (YYYY-MM)")
+    """A month as YYYY-MM, from 0001-01 to 9999-11 (a month whose first instant and the next month's are dates)."""
+    if not isinstance(month, str) or not MONTH_RE.fullmatch(month) or not "0001-01" <= month <= "9999-11":
+        raise InvalidRequest(f"month: {month!r} is not a month (YYYY-MM, 0001-01 to 9999-11)")
     return month
 
 

@@ -102,7 +102,7 @@ def handled_response(err: Exception, request_id: str | None = None) -> JSONRespo
     """What the app's handlers answer an exception raised by a route with (see `install`)."""
     if isinstance(err, RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"  # the body as a whole
         return JSONResponse(
             {"error": f"{where}: {first.get('msg')}", "error_type": "validation"}, status_code=422
         )

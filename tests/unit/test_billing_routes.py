@@ -155,3 +155,47 @@ def test_open_mode_usage_needs_no_token(tmp_path):
     assert r.status_code == 200 and r.json()["account"] == "local" and r.json()["total_nanousd"] == 3
     assert r.json()["charges"][0]["request_id"] == "r1"
     billing.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("POST", "/admin/orgs", {"name": "big", "seats": 2**31}, "seats"),
+        ("POST", "/admin/orgs", {"name": "big", "spending_limit_nanousd": 2**63}, "spending_limit_nanousd"),
+        ("PUT", "/admin/orgs/acme/plan", {"seats": 10**30}, "seats"),
+        (
+            "PUT",
+            "/admin/accounts/acme/spending-limit",
+            {"spending_limit_nanousd": 2**64},
+            "spending_limit_nanousd",
+        ),
+        ("GET", "/billing/usage?month=0000-01", None, "month"),
+        ("GET", "/billing/usage?month=9999-12", None, "month"),
+    ],
+)
+def test_numbers_past_what_the_database_holds_are_a_400_naming_the_field(
+    app_and_billing, method, path, body, field
+):
+    app, billing = app_and_billing
+    billing.accounts.create_org("acme")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.request(method, path, json=body, headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith(f"{field}: ")
+    # the largest values that fit are taken
+    if path == "/admin/orgs":
+        fits = {"name": "fits", "seats": 1_000_000, "spending_limit_nanousd": 2**63 - 1}
+        with TestClient(app) as client:
+            assert (
+                client.post(path, json=fits, headers={"authorization": f"Bearer {ADMIN}"}).status_code == 201
+            )
+
+
+def test_a_missing_or_non_object_body_is_named_as_the_body(app_and_billing):
+    app, _ = app_and_billing
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for body in (None, [1], "x"):
+            r = client.put(
+                "/admin/accounts/acme/spending-limit", json=body, headers={"authorization": f"Bearer {ADMIN}"}
+            )
+            assert r.status_code == 422 and r.json()["error"].startswith("body: "), r.text

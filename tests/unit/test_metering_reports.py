@@ -8,6 +8,7 @@ import io
 import json
 from decimal import Decimal
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -56,3 +57,24 @@ def test_table_lists_rows_and_total() -> None:
     ]  # fmt: skip
     assert "2026-03-01" in lines[2] and "0.025000000" in lines[2] and "20.000" in lines[2]
     assert lines[-1].split() == ["TOTAL", "3", "20.010", "0.025000092"]
+
+
+@pytest.mark.parametrize(
+    "month", ["0000-01", "9999-12", "2026-13", "2026-00", "2026-1", "2026-12\n", " 2026-12", "26-12"]
+)
+def test_a_month_outside_the_calendar_is_a_400_naming_the_field(month):
+    from billing.errors import InvalidRequest
+    from billing.reports import check_month, month_bounds
+
+    with pytest.raises(InvalidRequest, match="month: "):
+        check_month(month)
+    with pytest.raises(InvalidRequest):
+        month_bounds(month)
+
+
+@pytest.mark.parametrize("month", ["0001-01", "1999-12", "2026-12", "9999-11"])
+def test_every_month_of_the_calendar_has_bounds(month):
+    from billing.reports import month_bounds
+
+    start, end = month_bounds(month)
+    assert f"{start.year:04d}-{start.month:02d}" == month and start < end and end.day == 1
