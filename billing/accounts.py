@@ -26,6 +26,7 @@ from billing.tokens import new_token, new_token_id, token_hint, token_sha256
 from core.utc import utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # as the catalog's ids
 TOKEN_CACHE_ENTRIES = 100_000
 UNKNOWN_TOKEN_CACHE_ENTRIES = 10_000  # refusals: bounded apart, so made-up tokens never evict good ones
 POLICY_CACHE_ENTRIES = 100_000
@@ -93,9 +94,16 @@ class AccountInfo:
 
 def check_name(name: str, what: str = "name") -> str:
     """Account names: letters, digits, `.`, `_`, `-`; up to 96 characters."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidRequest(f"{what}: {name!r} is not a valid account name (letters, digits, '.', '_', '-')")
     return name
+
+
+def check_label(label: str) -> str:
+    """A token's label: up to 100 printable characters."""
+    if not isinstance(label, str) or len(label) > 100 or not label.isprintable():
+        raise InvalidRequest(f"label: up to 100 printable characters, got {label[:120]!r}")
+    return label
 
 
 def included_for(policy: TierPolicy, seats: int = 1) -> int:
@@ -138,13 +146,13 @@ class AccountStore:
     # --- helpers
 
     def _user(self, s: Session, name: str) -> User:
-        user = s.scalar(select(User).where(User.name == name))
+        user = s.scalar(select(User).where(User.name == name)) if NAME_RE.fullmatch(name) else None
         if user is None:
             raise NotFound(f"no user named {name!r}")
         return user
 
     def _org(self, s: Session, name: str) -> Org:
-        org = s.scalar(select(Org).where(Org.name == name))
+        org = s.scalar(select(Org).where(Org.name == name)) if NAME_RE.fullmatch(name) else None
         if org is None:
             raise NotFound(f"no organization named {name!r}")
         return org
@@ -272,8 +280,8 @@ class AccountStore:
 
     def disable_model(self, org: str, model_id: str) -> None:
         """Refuse requests for `model_id` billed to `org`."""
-        if not model_id or len(model_id) > 200:
-            raise InvalidRequest("model_id: give a model id")
+        if not isinstance(model_id, str) or len(model_id) > 200 or not MODEL_ID_RE.fullmatch(model_id):
+            raise InvalidRequest(f"model_id: {model_id!r} is not a model id (ORG/NAME)")
         with self._write() as s:
             o = self._org(s, org)
             if s.get(DisabledModel, (o.id, model_id.lower())) is None:
@@ -303,7 +311,7 @@ class AccountStore:
                     user_id=u.id,
                     token_sha256=token_sha256(token),
                     hint=token_hint(token, self.settings.token_prefix),
-                    label=label[:100],
+                    label=check_label(label),
                     created_at=self.clock(),
                 )
             )

@@ -425,11 +425,13 @@ class Ledger:
         return insert
 
     def costs(self, request_ids: Iterable[str]) -> dict[str, int]:
-        """cost_nanousd by request id, for the ids that are in the ledger."""
+        """cost_nanousd by request id, for the ids that are in the ledger. An id that no row can hold (longer than
+        the column, or with a NUL, which PostgreSQL's text refuses) is not looked for: it is not in the ledger."""
         self.ensure_schema()
-        ids = list(dict.fromkeys(request_ids))
-        found: dict[str, int] = {}
         t = charges_table
+        longest = t.c.request_id.type.length
+        ids = [i for i in dict.fromkeys(request_ids) if len(i) <= longest and "\x00" not in i]
+        found: dict[str, int] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(ids), _LOOKUP_CHUNK_IDS):
                 chunk = ids[i : i + _LOOKUP_CHUNK_IDS]

@@ -230,6 +230,10 @@ class Guard:
     ) -> tuple[Caller | None, Ticket | None, Receive]:
         """Everything before the handler: origin, size announced, token, rate limit, and (API routes) the body."""
         sec = self.core.settings.security
+        if kind != "inference" and ("\x00" in path or b"%00" in scope.get("query_string", b"")):
+            # no name, month or id has one, and PostgreSQL refuses it in a query (an inference request's path only
+            # names a model, looked up in the catalog)
+            raise InvalidInput("the URL has a NUL character (%00)")
         if kind not in ("inference", "page", "health"):
             origin = cross_origin(headers, sec.trusted_origins)
             if origin is not None:

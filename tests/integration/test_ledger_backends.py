@@ -225,3 +225,12 @@ def test_price_change_old_and_new_charges_keep_their_prices(ledger: Ledger) -> N
         "7.20",
         2_000_000,
     )
+
+
+def test_ids_that_no_charge_can_have_are_unknown_not_an_error(ledger: Ledger) -> None:
+    """The cost look-up's ids come from outside: one with a NUL (PostgreSQL's text refuses it) or longer than the
+    column is in no row, so it is simply not found."""
+    cs = [charge(i) for i in range(2)]
+    ledger.insert(cs)
+    asked = ["a\x00b", "x" * 10_000, "é" * 200, cs[0].request_id, "", " "]
+    assert ledger.costs(asked) == {cs[0].request_id: cs[0].cost_nanousd}
