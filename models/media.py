@@ -21,6 +21,9 @@ from models.errors import InvalidInput
 MediaInput = bytes | str
 
 AUDIO_FORMATS = "WAV, FLAC, OGG (Vorbis/Opus), MP3, AIFF"
+# Shorter audio is refused: too short for any speech model's feature encoder (Wav2Vec2's first layers span 25 ms)
+# to make one frame, and too short to say anything.
+MIN_AUDIO_SECONDS = 0.1
 
 
 def remote_url_refused(field: str) -> InvalidInput:
@@ -187,6 +190,11 @@ def decode_audio(data: bytes, field: str, max_seconds: float, sampling_rate: int
         ) from None
     if samples.shape[0] == 0:
         raise InvalidInput(f"{field}: the audio has no samples")
+    if samples.shape[0] / rate < MIN_AUDIO_SECONDS:  # a speech model's first convolution needs 25 ms or so
+        raise InvalidInput(
+            f"{field}: the audio is {samples.shape[0] / rate * 1000:.1f} ms long, shorter than the "
+            f"{MIN_AUDIO_SECONDS * 1000:g} ms an audio model needs"
+        )
     if samples.shape[0] / rate > max_seconds:  # formats whose header does not tell the length
         raise InvalidInput(
             f"{field}: the audio is {samples.shape[0] / rate:.1f} s long, more than this model's limit of "
