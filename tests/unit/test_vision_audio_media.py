@@ -195,7 +195,7 @@ def test_audio_limits_and_garbage():
         decode_audio(b"ID3 not really an mp3", "inputs", max_seconds=10)
     # a truncated file that still has a header: a few samples, too short for any model's first frame (was a 500)
     with pytest.raises(InvalidInput, match=r"inputs: the audio is 1.0 ms long, shorter than the 100 ms"):
-        decode_audio(_wav(0.5, 8000)[:44 + 16], "inputs", max_seconds=10)
+        decode_audio(_wav(0.5, 8000)[: 44 + 16], "inputs", max_seconds=10)
     assert decode_audio(_wav(0.1, 8000), "inputs", max_seconds=10).seconds == pytest.approx(0.1)
 
 
