@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.base import TaskRunner, param_int
+from models.errors import InvalidInput
 from models.media import audio_format, encode_audio
 from models.tasks.image_classification import load_pipeline
 from models.tasks.image_to_text import generation_kwargs
@@ -24,6 +25,14 @@ class TextToSpeechRunner(TaskRunner):
     def validate(self, request: TaskRequest) -> None:
         super().validate(request)
         self.texts(request.inputs, allow_list=False)
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        # A character-level vocabulary (VITS, MMS-TTS) drops what it lacks: a text of only such characters ("123"
+        # for an English voice) leaves the model nothing to read.
+        if tokenizer is not None and len(tokenizer(request.inputs)["input_ids"]) == 0:
+            raise InvalidInput(
+                f"inputs: none of the characters of {request.inputs[:80]!r} are in this model's vocabulary"
+                " (spell numbers and symbols out)"
+            )
         generation_kwargs(request.parameters, self.spec.limits.max_new_tokens)
         param_int(request.parameters, "seed", lo=0, hi=2**63 - 1)
 

@@ -294,6 +294,9 @@ def test_raw_http_forms_and_headers(url):
             "parameters.target_size.width must be a multiple of",
         ),
         ("local/tiny-vits", {"json": {"inputs": ""}}, "inputs must not be empty"),
+        # characters the voice's vocabulary lacks (was a 500), and audio too short to make a frame (was a 500)
+        ("local/tiny-vits", {"json": {"inputs": "0 1 2"}}, "are in this model's vocabulary"),
+        ("local/tiny-wav2vec2-audio-classifier", {"content": _audio(0.01)}, "shorter than the 100 ms"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(url, model, kwargs, message):
