@@ -46,10 +46,14 @@ def word_boxes(params: dict[str, Any]) -> list[tuple[str, list[int]]] | None:
             and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1000 for x in item[1]
             )
+            # a box's width and height are embedded too: a negative one is no box
+            and item[1][0] <= item[1][2]
+            and item[1][1] <= item[1][3]
         )
         if not ok:
             raise InvalidInput(
-                f"parameters.word_boxes[{i}] must be [word, [x0, y0, x1, y1]] with coordinates in 0..1000"
+                f"parameters.word_boxes[{i}] must be [word, [x0, y0, x1, y1]] with coordinates in 0..1000,"
+                " x0 <= x1 and y0 <= y1"
             )
         out.append((item[0], [int(x) for x in item[1]]))
     return out

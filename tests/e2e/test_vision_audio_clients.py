@@ -136,6 +136,12 @@ def test_document_question_answering_with_word_boxes(url):
     assert isinstance(out[0].score, float) and isinstance(out[0].start, int) and isinstance(out[0].end, int)
     with pytest.raises(BadRequestError, match="word_boxes is required"):  # no OCR engine on this server
         c.document_question_answering(PNG, "Which animal?")
+    with pytest.raises(
+        BadRequestError, match=r"word_boxes\[1\] .* x0 <= x1"
+    ):  # a box of negative width: was a 500
+        c.document_question_answering(
+            PNG, "Which animal?", word_boxes=[boxes[0], ["dog", [200, 0, 100, 100]]]
+        )
 
 
 def test_image_to_image(url):

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from fixtures.fuzz import FUZZ, header_text, plausible, scalars, values
+from fixtures.fuzz import FUZZ, header_text, inprocess_settings, plausible, scalars, values
 from hypothesis import given
 from hypothesis import strategies as st
 
 from models.catalog import load_catalog
-from serving.config import Settings
 from serving.http import create_app
 from serving.ingress import IngressCore
 from serving.inprocess import InProcessBackend
+from serving.routes.generation import _PARAMS, _TGI_UNSUPPORTED
 
 FLUX, LLM = "local/tiny-flux", "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMB, CLS = "sentence-transformers/all-MiniLM-L6-v2", "local/tiny-sentiment"
@@ -94,25 +94,7 @@ PARAMETERS = {
         "negative_prompt",
         "scheduler",
     ],
-    LLM: [
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "repetition_penalty",
-        "do_sample",
-        "seed",
-        "stop",
-        "return_full_text",
-        "details",
-        "decoder_input_details",
-        "truncate",
-        "typical_p",
-        "watermark",
-        "frequency_penalty",
-        "stop_sequences",
-        "best_of",
-    ],
+    LLM: [*_PARAMS, *_TGI_UNSUPPORTED],  # what the generation route reads, and what it refuses
     EMB: ["normalize", "truncate", "prompt_name", "truncation_direction", "dimensions"],
     CLS: ["top_k", "function_to_apply", "truncation"],
 }
@@ -167,16 +149,7 @@ def client(model_store, tmp_path_factory):
         data = spec.model_dump(mode="json", exclude_none=True)
         data["limits"] = {**data.get("limits", {}), **cut[spec.id]}
         specs.append(data)
-    work = tmp_path_factory.mktemp("fuzz")
-    loaded = Settings.load(
-        {
-            "model_store": str(model_store),
-            "offline": True,
-            "models": specs,
-            "metering": {"database_url": f"sqlite:///{work / 'ledger.db'}", "spool_dir": str(work / "spool")},
-        },
-        env={},
-    )
+    loaded = inprocess_settings(model_store, tmp_path_factory.mktemp("fuzz"), specs)
     models, _ = loaded.validated()
     core = IngressCore(loaded, InProcessBackend(models, loaded.load_options(), torch_threads=1))
     with TestClient(create_app(core), raise_server_exceptions=False) as c:

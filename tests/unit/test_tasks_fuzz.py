@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
-from fixtures.fuzz import FUZZ, plausible
+from fixtures.fuzz import FUZZ, inprocess_settings, plausible
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 from models.catalog import load_catalog
-from serving.config import Settings
 from serving.http import create_app
 from serving.ingress import IngressCore
 from serving.inprocess import InProcessBackend
@@ -92,16 +91,7 @@ def fuzzed(model_store, tmp_path_factory):
                   "max_input_pixels": 256 * 256, "max_input_chars": 2000, "max_table_cells": 200}  # fmt: skip
         data["limits"] = {**data.get("limits", {}), **limits}
         specs.append(data)
-    work = tmp_path_factory.mktemp("tasks-fuzz")
-    loaded = Settings.load(
-        {
-            "model_store": str(model_store),
-            "offline": True,
-            "models": specs,
-            "metering": {"database_url": f"sqlite:///{work / 'ledger.db'}", "spool_dir": str(work / "spool")},
-        },
-        env={},
-    )
+    loaded = inprocess_settings(model_store, tmp_path_factory.mktemp("tasks-fuzz"), specs)
     catalog, _ = loaded.validated()
     backend = InProcessBackend(catalog, loaded.load_options(), torch_threads=1)
     bodies = {
