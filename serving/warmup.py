@@ -303,8 +303,8 @@ def step_cost(executor: Any, calibrations: CalibrationCache | None = None) -> St
     return cost
 
 
-# What makes a calibration valid for another replica: what it ran (the model's revision, dtype, the sizes and steps
-# it may time), where (the device's model, the torch threads on the CPU) and with what (the libraries' versions,
+# What makes a calibration valid for another replica: what it ran (the model's revision, dtype, load options, the
+# sizes and steps it may time), where (the device's model, the torch threads on the CPU) and with what (the libraries' versions,
 # CALIBRATION_VERSION for this code's way of timing).
 CALIBRATION_VERSION = 1
 
@@ -375,6 +375,9 @@ def calibration_key(executor: Any) -> dict[str, Any]:
         "task": spec.task,
         "revision": executor.revision,
         "dtype": str(getattr(runner, "dtype", spec.dtype)),
+        "options": json.loads(
+            json.dumps(spec.options, sort_keys=True, default=str)
+        ),  # the runner's load options
         "device": device,
         "hardware": _device_model(device),
         "torch_threads": torch.get_num_threads() if device == "cpu" else None,

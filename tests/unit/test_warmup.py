@@ -194,8 +194,14 @@ def test_a_calibration_is_measured_again_when_anything_it_depends_on_differs(
         key["torch_threads"] == torch.get_num_threads()
         and key["max_pixels"] == executor.spec.limits.max_pixels
     )
-    # other limits: another key, measured
+    # other limits, or other load options: another key, measured
     spec = executor.spec
+    monkeypatch.setattr(
+        executor, "spec", spec.model_copy(update={"options": {"optimize": {"compile": True}}})
+    )
+    step_cost(executor, cache)
+    assert len(calls) == 2
+    calls.pop()
     monkeypatch.setattr(
         executor,
         "spec",
