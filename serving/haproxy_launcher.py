@@ -18,6 +18,8 @@ and every other line is passed on unchanged.
    `X-Amzn-Trace-Id`. Here a request without `X-Request-Id` gets its `X-Amzn-Trace-Id` as its id (the wire
    contract: reuse either), and one with neither is marked (`x-hfi-generated-request-id`; a client's own copy of
    that header is removed) so that the service records no client id for it.
+3. HAProxy dies with the process that started it (Linux's parent-death signal, `die_with_parent`), so a killed
+   service never leaves it holding the port.
 
 Only the standard library is used: HAProxy is started on every reload, and this must stay quick.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +37,7 @@ REAL_BINARY_ENV = "HFI_HAPROXY_REAL_BINARY"
 RETRY_AFTER_S = 1
 GENERATED_ID_HEADER = "x-hfi-generated-request-id"
 FRONTEND = "http_frontend"  # Serve's HTTP frontend section
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 UNAVAILABLE = (
     "No replica of this model can answer right now (one stopped or is restarting): send the request again"
@@ -141,6 +145,25 @@ def real_binary() -> str:
     return path
 
 
+def die_with_parent() -> None:
+    """Linux: HAProxy gets SIGTERM when the process that started it (Serve's HAProxy manager) dies, however it
+    dies. Serve stops HAProxy itself when it stops; but a manager that is killed (`ray stop --force`, the OOM
+    killer, a SIGKILLed `hfi serve`) would leave HAProxy holding the port, and the next start could not bind it.
+    The setting survives the exec below."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    if parent == 1:  # orphaned already (Serve's manager is never init)
+        os._exit(1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not allowed here: HAProxy runs as before
+    if os.getppid() != parent:  # the parent died before the setting took: nothing would ever send it
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "-f" in args:
@@ -148,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         if i < len(args) and Path(args[i]).is_file():
             args[i] = prepare(args[i])
     binary = real_binary()
+    die_with_parent()
     os.execv(binary, [binary, *args])
 
 

@@ -8,6 +8,7 @@ and Serve's 500 page on every errorfile line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -225,3 +226,54 @@ def test_the_real_binary_is_never_the_launcher_itself(
     monkeypatch.setenv(haproxy_launcher.REAL_BINARY_ENV, str(launcher))
     with pytest.raises(SystemExit, match="this launcher"):
         haproxy_launcher.real_binary()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_haproxy_dies_with_the_process_that_started_it_and_frees_its_port(tmp_path: Path) -> None:
+    """A parent (Serve's HAProxy manager) that is SIGKILLed leaves no HAProxy holding the port: the next start can
+    bind it. Without the launcher's parent-death signal, HAProxy lives on, adopted by init."""
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        f"global\n    maxconn 8\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 5s\n"
+        f"    timeout server 5s\nfrontend http_frontend\n    bind 127.0.0.1:{port}\n"
+    )
+    env = {**os.environ, haproxy_launcher.REAL_BINARY_ENV: haproxy_launcher.bundled_binary()}
+    launcher = [sys.executable, "-m", "serving.haproxy_launcher", "-db", "-f", str(config)]
+    # the parent: starts HAProxy through the launcher, prints its pid, then waits to be killed
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys, time\np = subprocess.Popen({launcher!r})\n"
+         "print(p.pid, flush=True)\ntime.sleep(300)\n"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        haproxy = int(parent.stdout.readline())
+        deadline = time.monotonic() + 15
+        while not _listening(port):
+            assert time.monotonic() < deadline, "HAProxy did not start"
+            time.sleep(0.1)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _listening(port) or (Path(f"/proc/{haproxy}").exists() and "Z" not in _state(haproxy)):
+            assert time.monotonic() < deadline, "HAProxy outlived its parent and still holds the port"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        with contextlib.suppress(ProcessLookupError, ValueError, UnboundLocalError):
+            os.kill(haproxy, 9)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
