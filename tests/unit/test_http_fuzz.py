@@ -166,6 +166,10 @@ def check(client: TestClient, path: str, body: Any = None, raw: bytes | None = N
     if r.status_code >= 400:
         error = r.json()  # errors are JSON with one string
         assert isinstance(error.get("error"), str) and error["error"], r.text
+    if r.headers.get("content-type", "").startswith("text/event-stream"):  # a stream's error is an event
+        assert "unknown error" not in r.text, (
+            f"a stream of POST {path} {content[:500]!r} failed: {r.text[-500:]}"
+        )
 
 
 @pytest.mark.parametrize("model", [FLUX, LLM, EMB, CLS])
