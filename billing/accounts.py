@@ -31,9 +31,8 @@ TOKEN_CACHE_ENTRIES = 100_000
 UNKNOWN_TOKEN_CACHE_ENTRIES = 10_000  # refusals: bounded apart, so made-up tokens never evict good ones
 POLICY_CACHE_ENTRIES = 100_000
 MAX_NANOUSD = 2**63 - 1  # a spending limit, as the ledger's 64-bit integers hold it
-MAX_SEATS = (
-    1_000_000  # an organization's seats (the database's 32-bit integer, with room to multiply by a price)
-)
+# An organization's seats: the database's 32-bit integer, with room to multiply by a price.
+MAX_SEATS = 1_000_000
 INVALID_TOKEN = "Invalid credentials in Authorization header"
 
 
