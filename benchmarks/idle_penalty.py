@@ -28,17 +28,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BODIES: dict[str, Any] = {
-    "text-classification": {"inputs": "good"},
-    "feature-extraction": {"inputs": "hello"},
-    "text-generation": {"inputs": "Hello", "parameters": {"max_new_tokens": 2}},
-    "text-to-image": {"inputs": "a cat"},
-}
-
 
 def measure(
     model_id: str, pauses: list[float], repeats: int, warm_runs: int, store: str | None = None
 ) -> dict[str, Any]:
+    from benchmarks.cold_start import BODIES  # the same request as cold_start's first-request figures
     from models.executor import ModelExecutor
     from serving.config import Settings
     from serving.routes.registry import ADAPTERS

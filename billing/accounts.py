@@ -24,9 +24,10 @@ from billing.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauth
 from billing.schema import DisabledModel, Org, OrgMember, Token, User
 from billing.tokens import new_token, new_token_id, token_hint, token_sha256
 from core.utc import utcnow
+from models.catalog import MODEL_ID_PATTERN
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # as the catalog's ids
+MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 TOKEN_CACHE_ENTRIES = 100_000
 UNKNOWN_TOKEN_CACHE_ENTRIES = 10_000  # refusals: bounded apart, so made-up tokens never evict good ones
 POLICY_CACHE_ENTRIES = 100_000

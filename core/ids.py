@@ -6,8 +6,9 @@ millisecond), so the ledger's unique index on the request id, and its batch inde
 end instead of at a random place: measured with SQLite on the ledger's table and its six indexes, 10.5-11 us an
 insert at 100,000 and at 1,000,000 rows, against 16 and 32 us with random (version 4) ids, whose cost grows with
 the table as its index pages stop fitting in the cache (benchmarks/README.md); on PostgreSQL (the test cluster,
-200,000 rows, client and server) 24.8 us against 28.5, the indexes still in its buffers there. The ids stay unique by their random bits; they tell when a request started, to the millisecond, which
-the ledger records anyway.
+200,000 rows, client and server) 24.8 us against 28.5, the indexes still in its buffers there. The ids stay
+unique by their random bits; they tell when a request started, to the millisecond, which the ledger records
+anyway.
 
 The random bits: `os.urandom` lets go of the GIL around its `getrandom` call. On a model replica the event loop
 shares the GIL with the model's thread, so taking it back means waiting for that thread: profiled under load

@@ -12,6 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# A model id: NAME or ORG/NAME, as on the Hub (letters, digits, ".", "_", "-").
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+
 
 class CatalogError(ValueError):
     """The catalog is invalid; the message names the entry and the field."""
@@ -117,7 +120,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+    id: str = Field(pattern=MODEL_ID_PATTERN)
     task: str = Field(description="the Hub pipeline tag; selects the runner")
     tasks: list[str] | None = Field(
         default=None, description="operations served (default: all the runner supports)"

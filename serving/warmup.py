@@ -293,19 +293,21 @@ def calibrate(executor: Any) -> StepCost | None:
 def step_cost(executor: Any, calibrations: CalibrationCache | None = None) -> StepCost | None:
     """An image model's seconds a step: from `calibrations` where a replica of the same model on the same hardware
     measured them within its age, else measured now (`calibrate`) and kept there."""
-    if calibrations is not None:
-        kept = calibrations.get(executor)
-        if kept is not None:
-            return kept
+    if calibrations is None:
+        return calibrate(executor)
+    key = calibration_key(executor)  # once: it reads the processor's name and the libraries' versions
+    kept = calibrations.get(key, executor.spec.id)
+    if kept is not None:
+        return kept
     cost = calibrate(executor)
-    if cost is not None and calibrations is not None:
-        calibrations.put(executor, cost)
+    if cost is not None:
+        calibrations.put(key, executor.spec.id, cost)
     return cost
 
 
 # What makes a calibration valid for another replica: what it ran (the model's revision, dtype, load options, the
-# sizes and steps it may time), where (the device's model, the torch threads on the CPU) and with what (the libraries' versions,
-# CALIBRATION_VERSION for this code's way of timing).
+# sizes and steps it may time), where (the device's model, the torch threads on the CPU) and with what (the
+# libraries' versions, CALIBRATION_VERSION for this code's way of timing).
 CALIBRATION_VERSION = 1
 
 
@@ -321,9 +323,8 @@ class CalibrationCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         return self.directory / f"{digest}.json"
 
-    def get(self, executor: Any) -> StepCost | None:
-        spec = executor.spec
-        key = calibration_key(executor)
+    def get(self, key: dict[str, Any], model_id: str) -> StepCost | None:
+        """The figure kept under `key` (see `calibration_key`) within its age, else None."""
         try:
             kept = json.loads(self._path(key).read_text())
             age = time.time() - float(kept["measured_at"])
@@ -333,32 +334,32 @@ class CalibrationCache:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, or written by something else
-            log.info("%s: the kept calibration is not usable (measuring): %s", spec.id, err)
+            log.info("%s: the kept calibration is not usable (measuring): %s", model_id, err)
             return None
         log.info(
             "%s: calibration measured %.1f hours ago on this hardware (megapixels, seconds a step): %s",
-            spec.id,
+            model_id,
             age / 3600,
             _points(cost),
         )
         return cost
 
-    def put(self, executor: Any, cost: StepCost) -> None:
-        key = calibration_key(executor)
+    def put(self, key: dict[str, Any], model_id: str, cost: StepCost) -> None:
+        """Keep `cost` under `key`; a directory that cannot hold it is logged, and the replica goes on."""
         path = self._path(key)
         kept = {"key": key, "measured_at": time.time(), "points": [list(p) for p in cost.points]}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         except OSError as err:
-            log.info("%s: the calibration is not kept (%s): %s", executor.spec.id, self.directory, err)
+            log.info("%s: the calibration is not kept (%s): %s", model_id, self.directory, err)
             return
         try:
             with os.fdopen(handle, "w") as out:
                 json.dump(kept, out)
             os.replace(temporary, path)  # whole or not at all, whichever replica writes last
         except OSError as err:
-            log.info("%s: the calibration is not kept (%s): %s", executor.spec.id, path, err)
+            log.info("%s: the calibration is not kept (%s): %s", model_id, path, err)
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
 
@@ -375,9 +376,8 @@ def calibration_key(executor: Any) -> dict[str, Any]:
         "task": spec.task,
         "revision": executor.revision,
         "dtype": str(getattr(runner, "dtype", spec.dtype)),
-        "options": json.loads(
-            json.dumps(spec.options, sort_keys=True, default=str)
-        ),  # the runner's load options
+        # the runner's load options, as the kept file holds them
+        "options": json.loads(json.dumps(spec.options, sort_keys=True, default=str)),
         "device": device,
         "hardware": _device_model(device),
         "torch_threads": torch.get_num_threads() if device == "cpu" else None,
