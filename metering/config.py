@@ -50,6 +50,11 @@ class MeteringSettings(BaseModel):
     # the time the serving processes leave, never ahead of a request. Ray starts its workers (the replicas) at nice
     # 15 (Ray's `worker_niceness`), so only a value above that puts the drainer behind them. 0: normal.
     drainer_nice: int = Field(default=19, ge=0, le=19)
+    # While charges this process priced wait in memory because its spool could not write them (a full disk, an
+    # I/O error: retried every second), new requests get 503 with Retry-After instead of running, so no compute is
+    # given away without a durable charge. False: they run, and their charges wait in memory too (lost if the
+    # process dies before the disk is back; each is logged whole, to recover it from the log).
+    refuse_when_unspooled: bool = True
     # How often the background threads look for new charges, and how many they move at once.
     drain_interval_s: float = Field(default=1.0, gt=0)
     drain_batch_size: int = Field(default=500, ge=1)

@@ -32,3 +32,18 @@ class LedgerUnavailable(MeteringError):
     """503: the ledger database cannot be reached (reports and look-ups; recording never raises this)."""
 
     status_code = 503
+
+
+class ChargesNotRecorded(MeteringError):
+    """503: this process holds charges its spool could not write (a full or failing disk), so it runs no more
+    requests until they are on disk: none is answered without a durable charge. `retry_after_s` says when to
+    try again (the process retries the disk meanwhile)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.extra = {"retry_after_s": retry_after_s}
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.extra["retry_after_s"]))

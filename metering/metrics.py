@@ -88,6 +88,12 @@ METERING_ERRORS = Counter(
     ("stage",),
     registry=REGISTRY,
 )
+UNSPOOLED_CHARGES = Gauge(
+    "hfi_metering_unspooled_charges",
+    "Charges held in memory because the spool could not write them (a full or failing disk): while any are "
+    "held, the process refuses new requests (metering.refuse_when_unspooled)",
+    registry=REGISTRY,
+)
 # The last minute's requests per model in this process (`hfi status`: requests/s and p50).
 RECENT = RecentRequests()
 
@@ -174,6 +180,11 @@ def observe_charge(charge: Charge) -> None:
 def observe_error(stage: str, count: int = 1) -> None:
     """Count `count` metering failures at `stage` (the request itself went on)."""
     METERING_ERRORS.labels(stage).inc(count)
+
+
+def set_unspooled(count: int) -> None:
+    """How many charges this process holds in memory, waiting for its spool to take them."""
+    UNSPOOLED_CHARGES.set(count)
 
 
 def render() -> tuple[bytes, str]:

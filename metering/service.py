@@ -34,7 +34,7 @@ from metering.drain import (
     describe_error,
     record_request_id,
 )
-from metering.errors import InvalidLookup, LedgerUnavailable
+from metering.errors import ChargesNotRecorded, InvalidLookup, LedgerUnavailable
 from metering.events import EventSink, HttpCollectorSink, JsonLinesSink, PermanentDeliveryError, charge_event
 from metering.ledger import Ledger, is_data_error, spooled_row
 from metering.pricing import price_in_catalog
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 LEDGER = "ledger"
 EVENTS_FILE = "events-file"
 EVENTS_HTTP = "events-http"
+UNSPOOLED_RETRY_S = 1.0  # how often charges the spool could not write are offered to it again
+# Charges held in memory at most (about 800 bytes each); past it, only the log keeps one.
+MAX_UNSPOOLED = 100_000
 
 
 def configured_consumers(settings: MeteringSettings) -> list[str]:
@@ -81,6 +84,13 @@ class MeteringService:
         self._ledger_lock = threading.Lock()
         self._pending: dict[str, int] = {}  # request id -> cost of spooled charges not yet in the ledger
         self._pending_lock = threading.Lock()
+        # Charges the spool could not write (a full or failing disk), oldest first, offered to it again every
+        # UNSPOOLED_RETRY_S by a thread that runs while any are held (`_respool`).
+        self._unspooled: list[dict[str, Any]] = []
+        self._unspooled_lock = threading.Lock()
+        self._unspooled_error = ""
+        self._respooler: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._closed = False
         self.sinks: dict[str, EventSink] = {}
         self.spool: Spool | None = None
@@ -175,8 +185,8 @@ class MeteringService:
         if data is not None:
             try:
                 self.spool.append(data)  # type: ignore[union-attr]
-            except Exception:
-                self._spool_failed(data)
+            except Exception as err:
+                self._spool_failed(data, err)
         return charge
 
     async def record_async(self, usage: UsageRecord) -> Charge:
@@ -186,8 +196,8 @@ class MeteringService:
         if data is not None:
             try:
                 await self.spool.append_async(data)  # type: ignore[union-attr]
-            except Exception:
-                self._spool_failed(data)
+            except Exception as err:
+                self._spool_failed(data, err)
         return charge
 
     def _price(self, usage: UsageRecord) -> tuple[Charge, dict[str, Any] | None]:
@@ -219,9 +229,70 @@ class MeteringService:
         if self.spool is not None:
             self.spool.start_sync_process()
 
-    def _spool_failed(self, data: dict[str, Any]) -> None:
+    # A spool that cannot write
+
+    def check_recording(self) -> None:
+        """Raise ChargesNotRecorded (503) while this process holds charges its spool could not write and
+        `refuse_when_unspooled` is on: call it before a request runs, so that no compute is given away without a
+        durable charge. Free otherwise (one attribute read)."""
+        if self._unspooled and self.settings.refuse_when_unspooled:
+            raise ChargesNotRecorded(
+                "This server cannot record charges right now: the request was not run. Try again shortly.",
+                retry_after_s=UNSPOOLED_RETRY_S,
+            )
+
+    @property
+    def unspooled_charges(self) -> int:
+        """How many charges wait in memory for the spool (0 while it writes)."""
+        return len(self._unspooled)
+
+    def _spool_failed(self, data: dict[str, Any], err: BaseException) -> None:
+        """Keep a charge the spool could not write in memory, and offer it again until the spool takes it. Logged
+        whole as well: the log is what is left if the process dies before the disk is back."""
         metrics.observe_error("spool")
-        log.exception("metering: could not spool charge, recover it from this line: %s", data)
+        log.error(
+            "metering: could not spool charge (%s), held in memory and retried; recover it from this line: %s",
+            describe_error(err),
+            data,
+        )
+        with self._unspooled_lock:
+            self._unspooled_error = describe_error(err)
+            if len(self._unspooled) < MAX_UNSPOOLED:
+                self._unspooled.append(data)
+            else:
+                metrics.observe_error("spool-lost")
+                log.error("metering: %d charges held already: this one is only in the log", MAX_UNSPOOLED)
+            metrics.set_unspooled(len(self._unspooled))
+            if self._respooler is None and not self._closed:
+                self._respooler = threading.Thread(target=self._respool, name="metering-respool", daemon=True)
+                self._respooler.start()
+
+    def _respool(self) -> None:
+        """Offer the held charges to the spool every UNSPOOLED_RETRY_S until it takes all of them (or close)."""
+        while not self._stopping.wait(UNSPOOLED_RETRY_S):
+            if self._respool_once():
+                return
+
+    def _respool_once(self) -> bool:
+        """Write the held charges to the spool in one durable write; True once none is held (the thread ends
+        then: the next failure starts another)."""
+        with self._unspooled_lock:
+            held = list(self._unspooled)
+        if held:
+            try:
+                self.spool.append_many(held)  # type: ignore[union-attr]
+            except Exception as err:
+                with self._unspooled_lock:
+                    self._unspooled_error = describe_error(err)
+                return False
+            log.warning("metering: the spool takes charges again: %d held charges are on disk now", len(held))
+        with self._unspooled_lock:
+            del self._unspooled[: len(held)]  # failures meanwhile were appended after them
+            metrics.set_unspooled(len(self._unspooled))
+            if self._unspooled:
+                return False
+            self._respooler = None
+            return True
 
     def _deliver_to_ledger(self, records: list[dict[str, Any]]) -> None:
         """Insert the records' charges (idempotent). Raises what the ledger raised: the consumer retries the
@@ -362,6 +433,7 @@ class MeteringService:
             "pending_bytes": pending_bytes,
             "drain_lag_s": round(lag_s, 3),
             "node_drainer": handed_off,
+            "unspooled_charges": len(self._unspooled),
         }
 
     def check_provider_secret(self, presented: str | None) -> bool:
@@ -378,6 +450,13 @@ class MeteringService:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
+        if self._unspooled and not self._respool_once():
+            log.error(
+                "metering: closing with %d charges the spool could not write (%s): each is in this log, above",
+                len(self._unspooled),
+                self._unspooled_error,
+            )
         if self.spool is not None:
             # Handed off: the node drainer takes the files over once they are let go, with no wait here.
             if not self.spool.handed_off and not self.flush(self.settings.close_timeout_s):

@@ -23,6 +23,9 @@ the event id).
   process fdatasyncs a plain write (metering/syncer.py), so that a slow disk never stops the loop
   (`append_async`).
 - A torn last line (a crash mid-append, before record() returned) is skipped with a warning.
+- A full disk: appends go on into the active file's preallocated zeros; a new file that cannot be made leaves
+  the active one in use (`_rotate`), and an append that needs space the disk lacks fails whole (a write that
+  failed is cleared), for the caller to hold the record and offer it again (MeteringService).
 
 The node drainer (metering/node_drain.py): one process per spool directory may take its drainer lock
 (`.drainer.lock`) and deliver every file there, the live ones too (read without their lock, up to their last
@@ -71,6 +74,7 @@ DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
 # throughput (benchmarks/README).
 INLINE_WINDOW = 15
 INLINE_PROBE_S = 0.5  # once they are slow, how often the loop tries one again
+ROTATE_RETRY_S = 1.0  # a new file could not be made (a full disk): how soon the spool tries again
 # A durable write with direct I/O (`Spool._write_direct`) covers whole blocks of this many bytes, at offsets that are
 # multiples of it: the logical block size of every disk and filesystem that takes O_DIRECT, and a page.
 DIRECT_BLOCK = 4096
@@ -187,6 +191,7 @@ class Spool:
         self._syncer_failed = False
         self._syncer_file = 0  # which active file the sync process syncs (one more at each rotation)
         self._file_number = 0
+        self._rotate_retry_at = 0.0  # a new file could not be made: not tried again before this
         self._segments: list[_Segment] = self._adopt_orphans()
         self._active: _Segment | None = None
         if writer:
@@ -199,11 +204,16 @@ class Spool:
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp = self.directory / (name + ".creating")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before it gets a name others would adopt
-        seg = _Segment(tmp, fd, True, 0, dict.fromkeys(self.consumers, 0))
-        self._preallocate(seg, self.preallocate_bytes)
-        seg.path = self.directory / (name + SUFFIX)
-        os.rename(tmp, seg.path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before it gets a name others would adopt
+            seg = _Segment(tmp, fd, True, 0, dict.fromkeys(self.consumers, 0))
+            self._preallocate(seg, self.preallocate_bytes)  # ENOSPC on a full disk
+            seg.path = self.directory / (name + SUFFIX)
+            os.rename(tmp, seg.path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(self.directory)
         if self.direct_io:
             try:
@@ -356,6 +366,12 @@ class Spool:
     def append(self, record: dict[str, Any]) -> None:
         """Append one record; with fsync on, it is on disk on return (concurrent callers share fsyncs)."""
         self._write_durably(encode_line(record), 1)
+
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """`append` for several records, with one durable write: all of them are on disk on return, or none is
+        (a failed write is cleared)."""
+        if records:
+            self._write_durably(b"".join(encode_line(r) for r in records), len(records))
 
     async def append_async(self, record: dict[str, Any]) -> None:
         """`append` for an event loop: the line is on disk (fsync'd) when this returns.
@@ -630,13 +646,25 @@ class Spool:
 
     def _rotate(self) -> None:
         """A new active file in place of the current one, which is fdatasync'd first (so every line written to
-        it is on disk, whichever sync its callers wait for) and never written again. Under the lock."""
+        it is on disk, whichever sync its callers wait for) and never written again. Under the lock.
+
+        Where the new file cannot be made (a full disk), the current one stays active, and grows while it can:
+        the lines just written are good, so their callers are not told of a failure they did not have. Tried
+        again ROTATE_RETRY_S later."""
         old = self._active
         assert old is not None
+        if time.monotonic() < self._rotate_retry_at:
+            return
+        try:
+            new = self._create_active()
+        except OSError as err:
+            self._rotate_retry_at = time.monotonic() + ROTATE_RETRY_S
+            log.warning("metering spool: no new file (%s): %s stays in use", err, old.path.name)
+            return
         if self.fsync:
             os.fdatasync(old.fd)
         old.close_direct()
-        self._active = self._create_active()
+        self._active = new
         self._segments.append(self._active)
         self._file_number += 1
         old.active = False

@@ -2,7 +2,9 @@
 
 The service serves while the database is down: in open mode requests run and their charges wait in the spool;
 in tokens mode admission answers 503 until the database is back. So /health answers 200 either way, with
-`"status": "degraded"` and `"database": "unavailable"` while the database cannot be reached.
+`"status": "degraded"` and `"database": "unavailable"` while the database cannot be reached; likewise, with
+`"unspooled_charges"`, while this process holds charges its spool could not write (a full disk: requests get
+503 until the spool takes them).
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ async def health_report(core: Any, probe: DatabaseProbe) -> dict[str, Any]:
     spool = core.metering.spool
     if spool is not None:
         report["spool_pending_bytes"] = spool.pending(LEDGER)  # charges not yet in the ledger
+        unspooled = core.metering.unspooled_charges
+        if unspooled:  # the spool cannot write: those charges wait in memory
+            report["unspooled_charges"] = unspooled
+            report["status"] = "degraded"
+            if core.settings.metering.refuse_when_unspooled:
+                report["admission"] = UNAVAILABLE
     return report
 
 

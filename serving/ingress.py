@@ -323,7 +323,10 @@ class IngressCore:
     # Billing: admission before compute, settlement after
 
     async def admit(self, request: Request, ctx: RequestContext, spec: ModelSpec) -> Admission:
-        """Resolve the caller and the billed account, and reserve an estimate (401/402/403/503 raise here)."""
+        """Resolve the caller and the billed account, and reserve an estimate (401/402/403/503 raise here).
+
+        First of all: 503 while this process's spool cannot write its charges (`check_recording`)."""
+        self.metering.check_recording()
         token, bill_to = bearer_token(request), request.headers.get("x-hf-bill-to")
         if self.settings.billing.mode == "open":  # nothing to reserve, no database work: no thread hop either
             admission = self.billing.admit(token, bill_to, spec.id, 0, ctx.started_at)

@@ -80,7 +80,13 @@ def process_snapshot(actor: Any = None, cores: list[IngressCore] | None = None) 
         for w in metrics.RECENT.snapshot()
     }
     queued: dict[str, int] = {}
-    spool = {"pending_charges": 0, "pending_bytes": 0, "drain_lag_s": 0.0, "node_drainer": 0}
+    spool = {
+        "pending_charges": 0,
+        "pending_bytes": 0,
+        "drain_lag_s": 0.0,
+        "node_drainer": 0,
+        "unspooled_charges": 0,
+    }
     for core in cores if cores is not None else list(_cores):
         for model_id, n in _queued(core, ongoing).items():
             queued[model_id] = queued.get(model_id, 0) + n
@@ -92,6 +98,7 @@ def process_snapshot(actor: Any = None, cores: list[IngressCore] | None = None) 
         spool["pending_bytes"] += backlog["pending_bytes"]
         spool["drain_lag_s"] = max(spool["drain_lag_s"], backlog["drain_lag_s"])
         spool["node_drainer"] += int(bool(backlog.get("node_drainer")))
+        spool["unspooled_charges"] += backlog.get("unspooled_charges", 0)
     return {"tags": tags, "ongoing": ongoing, "window": window, "queued": queued, "spool": spool}
 
 
@@ -246,12 +253,19 @@ def collect_status(core: IngressCore) -> dict[str, Any]:
                 "price": _price(profile, now),
             }
         )
-    spool = {"pending_charges": 0, "pending_bytes": 0, "drain_lag_s": 0.0, "node_drainer_processes": 0}
+    spool = {
+        "pending_charges": 0,
+        "pending_bytes": 0,
+        "drain_lag_s": 0.0,
+        "node_drainer_processes": 0,
+        "unspooled_charges": 0,  # held in memory: a spool that cannot write (the processes refuse requests)
+    }
     for snap in snaps:
         spool["pending_charges"] += snap["spool"]["pending_charges"]
         spool["pending_bytes"] += snap["spool"]["pending_bytes"]
         spool["drain_lag_s"] = max(spool["drain_lag_s"], snap["spool"]["drain_lag_s"])
         spool["node_drainer_processes"] += int(snap["spool"].get("node_drainer", 0) > 0)
+        spool["unspooled_charges"] += snap["spool"].get("unspooled_charges", 0)
     router = replicas.get(app_name(None, settings)) if source == "ray-serve" else None
     billing = settings.billing
     return {

@@ -99,6 +99,11 @@ def render(status: dict[str, Any]) -> Any:
         + ("" if ledger.get("metering_enabled", True) else " (metering off)"),
     )
     summary.add_row("drain lag", f"{ledger['drain_lag_s']:.1f} s")
+    if ledger.get("unspooled_charges"):
+        summary.add_row(
+            "NOT ON DISK",
+            f"{ledger['unspooled_charges']} charges held in memory: the spool cannot write (see the log)",
+        )
     if ledger.get("node_drainer_processes"):
         summary.add_row(
             "delivered by",

@@ -310,6 +310,7 @@ def test_a_handed_off_backlog_counts_what_the_drainer_has_not_delivered_and_how_
             "pending_bytes": 0,
             "drain_lag_s": 0.0,
             "node_drainer": True,
+            "unspooled_charges": 0,
         }
         started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
         for i in range(3):
