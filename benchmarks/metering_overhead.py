@@ -10,6 +10,9 @@ Two questions, each answered by arms that differ in one setting only:
    drain to the SQLite ledger) and false (price only: the response headers still carry the charge). A third
    arm, metering on with the spool in memory (/dev/shm, where a durable write has no disk to wait for), splits that cost
    into what the spool's disk takes (on / in memory) and what the rest of metering takes (in memory / off).
+   `--metering-model minilm` runs these arms on all-MiniLM-L6-v2 embeddings as the catalog batches them (the data
+   plane's workload; `--clients 16` as in benchmarks/peers.py) instead: a model of a few milliseconds a batch, where
+   the 1 ms classifier shows metering's largest share.
 2. batching speed-up: feature-extraction throughput of all-MiniLM-L6-v2 at 16 concurrent clients with the
    catalog's dynamic batching and with `batching: null` for that model (each request its own forward pass).
 
@@ -630,9 +633,11 @@ def cost_percent(comparison: dict[str, Any]) -> tuple[float, list[float]]:
 
 
 def summarize(
-    arms: list[ArmResult], ledger_checks: list[dict[str, Any]], which: str
+    arms: list[ArmResult], ledger_checks: list[dict[str, Any]], which: str, kind: str = "cls"
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
-    """The summary of a run (the comparisons it ran, against the targets) and the comparisons to print."""
+    """The summary of a run (the comparisons it ran, against the targets) and the comparisons to print; `kind`:
+    the metering arms' model ("cls", the classifier, or "emb", MiniLM: `metering_arm_names`)."""
+    on, memory_arm, off = metering_arm_names(kind)
 
     def named(name: str) -> list[ArmResult]:
         return [a for a in arms if a.name == name]
@@ -646,7 +651,7 @@ def summarize(
     }
     comparisons = []
     if which in ("all", "metering"):
-        metering_cmp = compare(named("cls metering on"), named("cls metering off"))
+        metering_cmp = compare(named(on), named(off))
         comparisons.append(("metering on / off", metering_cmp))
         summary["metering_on_over_off"] = metering_cmp
         (
@@ -657,11 +662,11 @@ def summarize(
         summary["metering_machine_cpu_cost_percent"] = None if cpu is None else round(100 * (cpu - 1), 1)
         summary["metering_target_met"] = summary["metering_throughput_cost_percent"] < 5
         # The same charges with the spool in memory: what metering costs but for the disk's sync, and the disk's part
-        memory = named("cls spool in memory")
+        memory = named(memory_arm)
         if memory:
             for key, label, a, b in (
-                ("memory_spool", "spool in memory / off", memory, named("cls metering off")),
-                ("disk", "on / spool in memory", named("cls metering on"), memory),
+                ("memory_spool", "spool in memory / off", memory, named(off)),
+                ("disk", "on / spool in memory", named(on), memory),
             ):
                 c = compare(a, b)
                 comparisons.append((label, c))
@@ -678,6 +683,24 @@ def summarize(
     return summary, comparisons
 
 
+def metering_arm_names(kind: str) -> tuple[str, str, str]:
+    """The metering arms' names (on, spool in memory, off) for the model `kind` ("cls" or "emb")."""
+    return f"{kind} metering on", f"{kind} spool in memory", f"{kind} metering off"
+
+
+METERING_APPS = ("hfi", "hfi-memspool", "hfi-off")  # in the order of `metering_arm_names`
+
+
+def use_metering_model(model: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """Put the metering arms' applications on `model` ("sentiment" or "minilm"); their kind and (path, body)."""
+    if model == "sentiment":
+        return "cls", (CLS_PATH, CLS_BODY)
+    for app in METERING_APPS:
+        prefix, metering, _, batched = APPS[app]
+        APPS[app] = (prefix, metering, (MINILM,), batched)
+    return "emb", (EMB_PATH, EMB_BODY)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-store", default=os.environ.get("HFI_MODEL_STORE", "~/.cache/hfi/models"))
@@ -685,6 +708,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=3.0, help="seconds measured per arm")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load before each arm")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the metering arms")
+    p.add_argument(
+        "--metering-model",
+        choices=("sentiment", "minilm"),
+        default="sentiment",
+        help="the metering arms' model: local/tiny-sentiment (about 1 ms: metering's largest share) or "
+        "all-MiniLM-L6-v2 embeddings as the catalog batches them (the data plane's workload)",
+    )
     p.add_argument("--batch-clients", type=int, default=16, help="concurrent clients of the batching arms")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     p.add_argument(
@@ -794,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     model_store = str(Path(args.model_store).expanduser())
+    kind, (metering_path, metering_body) = use_metering_model(args.metering_model)
     work = Path(tempfile.mkdtemp(prefix="hfi-bench-metering-"))
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     configs = {app: app_args(app, work, port, model_store, args.torch_threads) for app in APPS}
@@ -830,13 +861,12 @@ def main(argv: list[str] | None = None) -> int:
         memspool_drainer = node_drain.spawn(Settings.load(configs["hfi-memspool"], env={}).metering)
         ok_by_app, failed_by_app = wait_ready(url, configs)
         print(f"{len(configs)} applications ready in {time.monotonic() - t0:.1f} s at {url}", flush=True)
-        cls = (CLS_PATH, CLS_BODY, args.clients)
+        metered = (metering_path, metering_body, args.clients)
         emb = (EMB_PATH, EMB_BODY, args.batch_clients)
         for rnd in range(args.rounds):
             metering = [
-                ("cls metering on", "hfi", *cls),
-                ("cls spool in memory", "hfi-memspool", *cls),
-                ("cls metering off", "hfi-off", *cls),
+                (name, app, *metered)
+                for name, app in zip(metering_arm_names(kind), METERING_APPS, strict=True)
             ]
             batching = [("emb batched", "hfi-batched", *emb), ("emb unbatched", "hfi-unbatched", *emb)]
             if rnd % 2:  # ABBA
@@ -855,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
             node_drain.finish(memspool_drainer)
         shutil.rmtree(memory, ignore_errors=True)
 
-    summary, comparisons = summarize(arms, ledger_checks, args.arms)
+    summary, comparisons = summarize(arms, ledger_checks, args.arms, kind)
     if "metering_on_over_off" in summary:  # Ray is gone: the disk is as idle as it gets
         hfi = Settings.load(configs["hfi"], env={}).metering
         floor = disk_sync_floor(hfi.resolved_spool_dir(), direct_io=hfi.spool_direct_io)

@@ -88,6 +88,7 @@ class MeteringService:
         # UNSPOOLED_RETRY_S by a thread that runs while any are held (`_respool`).
         self._unspooled: list[dict[str, Any]] = []
         self._unspooled_lock = threading.Lock()
+        self._respool_lock = threading.Lock()  # one retry at a time (the thread's, close()'s)
         self._unspooled_error = ""
         self._respooler: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -177,8 +178,8 @@ class MeteringService:
         """Price `usage` and spool the charge durably before returning it.
 
         Raises InvalidUsage (a caller bug: unknown profile, no price in force, negative time) and nothing
-        else: a failure to spool is logged with the whole charge and counted, and the charge is still
-        returned. Blocks for one fsync of the spool (about 0.1-2 ms on an SSD; concurrent callers share it):
+        else: a charge the spool cannot write (a full disk) is logged whole, counted, held in memory and written
+        once the spool takes it (`check_recording` refuses new requests meanwhile), and still returned. Blocks for one fsync of the spool (about 0.1-2 ms on an SSD; concurrent callers share it):
         in an event loop, use `record_async`.
         """
         charge, data = self._price(usage)
@@ -276,23 +277,26 @@ class MeteringService:
     def _respool_once(self) -> bool:
         """Write the held charges to the spool in one durable write; True once none is held (the thread ends
         then: the next failure starts another)."""
-        with self._unspooled_lock:
-            held = list(self._unspooled)
-        if held:
-            try:
-                self.spool.append_many(held)  # type: ignore[union-attr]
-            except Exception as err:
-                with self._unspooled_lock:
-                    self._unspooled_error = describe_error(err)
-                return False
-            log.warning("metering: the spool takes charges again: %d held charges are on disk now", len(held))
-        with self._unspooled_lock:
-            del self._unspooled[: len(held)]  # failures meanwhile were appended after them
-            metrics.set_unspooled(len(self._unspooled))
-            if self._unspooled:
-                return False
-            self._respooler = None
-            return True
+        with self._respool_lock:
+            with self._unspooled_lock:
+                held = list(self._unspooled)
+            if held:
+                try:
+                    self.spool.append_many(held)  # type: ignore[union-attr]
+                except Exception as err:
+                    with self._unspooled_lock:
+                        self._unspooled_error = describe_error(err)
+                    return False
+                log.warning(
+                    "metering: the spool takes charges again: %d held charges are on disk now", len(held)
+                )
+            with self._unspooled_lock:
+                del self._unspooled[: len(held)]  # failures meanwhile were appended after them
+                metrics.set_unspooled(len(self._unspooled))
+                if self._unspooled:
+                    return False
+                self._respooler = None
+                return True
 
     def _deliver_to_ledger(self, records: list[dict[str, Any]]) -> None:
         """Insert the records' charges (idempotent). Raises what the ledger raised: the consumer retries the
