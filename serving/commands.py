@@ -50,6 +50,31 @@ def _load(args: dict):
     return settings, catalog, profiles
 
 
+def unwritable_directories(settings) -> list[str]:
+    """What `hfi serve` must be able to write and cannot, each naming its setting: the spool (every charge is
+    written there before its response: without it no request could be answered) and a SQLite ledger's
+    directory. Checked before Ray starts, so a wrong path is one line, not a replica that fails to start."""
+    import tempfile
+
+    from sqlalchemy.engine import make_url
+
+    wanted: list[tuple[str, Path]] = []
+    if settings.metering.enabled:
+        wanted.append(("metering.spool_dir", settings.metering.resolved_spool_dir()))
+    url = make_url(settings.metering.resolved_database_url())
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        wanted.append(("metering.database_url", Path(url.database).parent))
+    problems = []
+    for setting, directory in wanted:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".hfi-write-check-"):
+                pass
+        except OSError as err:
+            problems.append(f"{setting}: {directory} cannot be written ({err.strerror or err})")
+    return problems
+
+
 def _first_start_tokens(settings) -> None:
     """In tokens mode, create an admin and a first user on the first start and print their tokens once."""
     if settings.billing.mode != "tokens":
@@ -96,6 +121,11 @@ def register(app: typer.Typer) -> None:
 
         args = _settings_args(config, host, port, catalog)
         settings, catalog_models, _ = _load(args)
+        problems = unwritable_directories(settings)
+        if problems:
+            for problem in problems:
+                typer.echo(f"error: {problem}", err=True)
+            raise typer.Exit(2)
         started = time.perf_counter()
         # One ready line below, not Serve's one per application.
         logging.getLogger("ray.serve").addFilter(lambda record: "is ready at" not in record.getMessage())

@@ -36,3 +36,35 @@ def test_prepare_builds_a_local_model_once(tmp_path, monkeypatch):
     )  # after any progress bar
     assert str(tmp_path / "store" / "s") in line
     assert again.output.strip() == line  # same directory, same revision, nothing rebuilt (no build output)
+
+
+def test_serve_refuses_a_spool_or_ledger_directory_it_cannot_write_before_starting_anything(
+    tmp_path, monkeypatch
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("HFI_SPOOL_DIR", str(blocker / "spool"))
+    monkeypatch.setenv("HFI_DATABASE_URL", f"sqlite:///{blocker}/ledger/ledger.db")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2, result.output
+    assert f"error: metering.spool_dir: {blocker / 'spool'} cannot be written" in result.output
+    assert f"error: metering.database_url: {blocker / 'ledger'} cannot be written" in result.output
+    import ray
+
+    assert not ray.is_initialized()  # refused before Ray
+
+
+def test_the_write_check_passes_on_writable_directories_and_leaves_nothing(tmp_path, monkeypatch):
+    from serving.commands import unwritable_directories
+    from serving.config import Settings
+
+    settings = Settings.load(
+        {"metering": {"spool_dir": str(tmp_path / "s"), "database_url": f"sqlite:///{tmp_path}/db/l.db"}},
+        env={},
+    )
+    assert unwritable_directories(settings) == []
+    assert list((tmp_path / "s").iterdir()) == [] and list((tmp_path / "db").iterdir()) == []
+    postgres = Settings.load(
+        {"metering": {"spool_dir": str(tmp_path / "s"), "database_url": "postgresql+psycopg://u@h/d"}}, env={}
+    )
+    assert unwritable_directories(postgres) == []
