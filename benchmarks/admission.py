@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,6 +233,13 @@ def check_books(core: Any, ok: int) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     backend = make_backend(args.model_store)
     work = Path(tempfile.mkdtemp(prefix="hfi-admission-bench-"))
+    try:
+        return await run_arms(args, backend, work)
+    finally:  # the arms' ledgers and spools
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def run_arms(args: argparse.Namespace, backend: Any, work: Path) -> dict[str, Any]:
     cores = {arm: make_core(work / arm.replace(" ", "-"), args.model_store, arm, backend) for arm in ARMS}
     tokens = {
         arm: None if arm == "open" else setup_tokens(cores[arm], capped="uncapped" not in arm) for arm in ARMS

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -153,8 +154,15 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def run(catalog: str | None, rounds: int, timeout_s: float, warmup: bool = True) -> dict[str, Any]:
-    port = free_port()
     work = Path(tempfile.mkdtemp(prefix="hfi-cold-"))
+    try:
+        return run_in(work, catalog, rounds, timeout_s, warmup)
+    finally:  # the run's settings, ledger and spool
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_in(work: Path, catalog: str | None, rounds: int, timeout_s: float, warmup: bool) -> dict[str, Any]:
+    port = free_port()
     config = work / "settings.yaml"
     config.write_text(
         f"warmup: {str(warmup).lower()}\n"

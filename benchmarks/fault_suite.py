@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -1391,6 +1392,7 @@ def main(argv: list[str] | None = None) -> int:
             local.stop()
         finally:
             pg.destroy()
+            shutil.rmtree(work, ignore_errors=True)  # the stack's spools
     failed = [r.name for r in results if r.problems]
     verdict = "all ok" if not failed else f"FAILED: {failed}"
     print(f"\n{len(results)} scenarios in {time.monotonic() - started:.0f} s: {verdict}")

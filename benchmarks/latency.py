@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,12 +140,15 @@ def main() -> None:
     )
     prepare_s = time.perf_counter() - prepare_started
     work = Path(tempfile.mkdtemp(prefix="hfi-latency-"))
-    seconds, proc = cold_start(args.store, args.port, work)
     try:
-        http = over_http(f"http://127.0.0.1:{args.port}", args.requests)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+        seconds, proc = cold_start(args.store, args.port, work)
+        try:
+            http = over_http(f"http://127.0.0.1:{args.port}", args.requests)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    finally:  # the service's settings, ledger and spool
+        shutil.rmtree(work, ignore_errors=True)
     local = in_process(args.store, args.requests)
     rows = []
     print(

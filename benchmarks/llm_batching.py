@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def run_arm(args: argparse.Namespace, arm: str, work: Path, index: int) -> dict:
             "spool_dir": str(work / f"spool-{arm}"),
         },
     }
-    url = local.start(settings, ray_temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    url = local.start(settings, ray_temp_dir=ray_tmp)
     try:
         out = work / f"bench-{index}-{arm}.json"
         cmd = [
@@ -99,6 +101,7 @@ def run_arm(args: argparse.Namespace, arm: str, work: Path, index: int) -> dict:
         return json.loads(out.read_text())
     finally:
         local.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's logs of the arm
         time.sleep(2)
 
 
@@ -125,7 +128,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="save the per-arm bench JSON here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llm-bench-"))
-    runs = [(arm, run_arm(args, arm, work, i)) for i, arm in enumerate(args.engines.split(","))]
+    try:
+        runs = [(arm, run_arm(args, arm, work, i)) for i, arm in enumerate(args.engines.split(","))]
+    finally:  # the arms' ledgers, spools and Ray's logs
+        shutil.rmtree(work, ignore_errors=True)
     if args.output:
         args.output.write_text(json.dumps([{"arm": arm, "bench": doc} for arm, doc in runs], indent=1))
     print(f"\nSmolLM2-135M-Instruct, chat, {args.max_tokens} new tokens, streaming, closed loop (hfi bench)")

@@ -746,6 +746,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metering_overhead.json"))
     p.add_argument("--allow-other-ray", action="store_true", help="run even if another Ray is running here")
+    p.add_argument("--keep-work", action="store_true", help="keep the run's ledgers, spools and Ray logs")
     args = p.parse_args(argv)
     import yaml
 
@@ -814,19 +815,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"another Ray instance is running on this machine (pids {others}): wait for it to finish")
         return 2
 
-    from metering import node_drain
-    from models.loading import resolve_source
-    from serving.config import Settings
-
     port = args.port
     if not port:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     model_store = str(Path(args.model_store).expanduser())
-    kind, (metering_path, metering_body) = use_metering_model(args.metering_model)
     work = Path(tempfile.mkdtemp(prefix="hfi-bench-metering-"))
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    try:
+        return run(args, port, model_store, work, ray_tmp)
+    finally:  # the run's ledgers, spools and Ray's session logs: tens of MB a run
+        if args.keep_work:
+            print(f"kept: {work} (ledgers, spools), {ray_tmp} (Ray's logs)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, port: int, model_store: str, work: Path, ray_tmp: str) -> int:
+    from metering import node_drain
+    from models.loading import resolve_source
+    from serving import local
+    from serving.config import Settings
+
+    kind, (metering_path, metering_body) = use_metering_model(args.metering_model)
     configs = {app: app_args(app, work, port, model_store, args.torch_threads) for app in APPS}
     memory = memory_dir()
     configs["hfi-memspool"]["metering"]["spool_dir"] = str(memory / "spool")
