@@ -295,8 +295,9 @@ class Scenario:
         via_second = [self.post(second, CPU_MODEL, f"second to CPU {i}") for i in range(3)]
         via_second_l4 = [self.post(second, L4_MODEL, f"second to L4 {i}") for i in range(2)]
         # Each node's HAProxy rewrites its configuration when Serve's routing table reaches it, which can trail
-        # the replicas' start on a loaded machine: read it once it names both replicas (or after 30 s).
-        deadline = time.monotonic() + 30
+        # the replicas' start on a loaded machine: read it once it names both replicas (or after 90 s; a full
+        # `make test` once had it unnamed after 30).
+        deadline = time.monotonic() + 90
         while True:
             configs = {node: _haproxy_config(node) for node in self.node_ids}
             named = _server_addresses(configs[head], replica_ids[self.l4_app]) and _server_addresses(

@@ -102,6 +102,7 @@ def test_haproxy_on_each_node_reaches_the_replicas_on_the_other(result: dict[str
     # The two ports are the two nodes' own HAProxy frontends (each node's HAProxy configuration binds its port).
     assert cross["head_haproxy_binds_head_port"] and cross["second_haproxy_binds_second_port"], cross
     # Each HAProxy forwards to the other node's replica at that node's address (not its own loopback) ...
+    assert len(cross["head_haproxy_to_l4_replica"]) == len(cross["second_haproxy_to_cpu_replica"]) == 1, cross
     [to_l4] = cross["head_haproxy_to_l4_replica"]
     [to_cpu] = cross["second_haproxy_to_cpu_replica"]
     assert to_l4.rpartition(":")[0] == ips[second] and to_cpu.rpartition(":")[0] == ips[head], cross

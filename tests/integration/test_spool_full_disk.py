@@ -14,9 +14,11 @@ from fixtures.full_disk import bad_disk
 from fixtures.inprocess import tokens_mode_sentiment
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
+from typer.testing import CliRunner
 
 import metering.service as service_module
 from metering.ledger import Ledger
+from serving.cli import app
 
 MODEL = "local/tiny-sentiment"
 
@@ -45,7 +47,8 @@ def test_a_failing_spool_disk_holds_the_charge_and_refuses_until_it_is_back(
     with tokens_mode_sentiment(model_store, tmp_path) as (base, core):
         accounts = core.billing.accounts
         accounts.create_user("ann", "pro")
-        token = accounts.issue_token("ann").token
+        accounts.create_user("root", "pro", is_admin=True)
+        token, root = accounts.issue_token("ann").token, accounts.issue_token("root").token
         url = f"{base}/models/{MODEL}"
         headers = {"authorization": f"Bearer {token}"}
         client = InferenceClient(base_url=url, api_key=token)
@@ -68,6 +71,12 @@ def test_a_failing_spool_disk_holds_the_charge_and_refuses_until_it_is_back(
             health = httpx.get(f"{base}/health", timeout=10).json()
             assert health["status"] == "degraded" and health["admission"] == "unavailable"
             assert health["unspooled_charges"] == 1
+            status = httpx.get(
+                f"{base}/admin/status", headers={"authorization": f"Bearer {root}"}, timeout=60
+            )
+            assert status.json()["ledger"]["unspooled_charges"] == 1
+            shown = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["status", "--url", base, "--token", root])
+            assert shown.exit_code == 0 and "NOT ON DISK" in shown.output, shown.output
             assert [post().status_code for _ in range(3)] == [503, 503, 503]
             assert disk.refused >= 2  # the held charge was offered to the disk again
             disk.heal()
