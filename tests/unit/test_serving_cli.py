@@ -41,6 +41,15 @@ def test_prepare_builds_a_local_model_once(tmp_path, monkeypatch):
 def test_serve_refuses_a_spool_or_ledger_directory_it_cannot_write_before_starting_anything(
     tmp_path, monkeypatch
 ):
+    from serving import local
+
+    started = []
+
+    def start(*args, **kwargs):  # Ray and Serve: must not be reached
+        started.append(args)
+        raise RuntimeError("Ray would start here")
+
+    monkeypatch.setattr(local, "start", start)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("HFI_SPOOL_DIR", str(blocker / "spool"))
@@ -49,9 +58,7 @@ def test_serve_refuses_a_spool_or_ledger_directory_it_cannot_write_before_starti
     assert result.exit_code == 2, result.output
     assert f"error: metering.spool_dir: {blocker / 'spool'} cannot be written" in result.output
     assert f"error: metering.database_url: {blocker / 'ledger'} cannot be written" in result.output
-    import ray
-
-    assert not ray.is_initialized()  # refused before Ray
+    assert started == []
 
 
 def test_the_write_check_passes_on_writable_directories_and_leaves_nothing(tmp_path, monkeypatch):
