@@ -71,6 +71,9 @@ def test_a_failing_spool_disk_holds_the_charge_and_refuses_until_it_is_back(
             health = httpx.get(f"{base}/health", timeout=10).json()
             assert health["status"] == "degraded" and health["admission"] == "unavailable"
             assert health["unspooled_charges"] == 1
+            # the model's own health, as its replica answers it (it meters its own requests)
+            model_health = httpx.get(f"{url}/health", headers=headers, timeout=10).json()
+            assert model_health == {"status": "degraded", "model": MODEL, "unspooled_charges": 1}
             status = httpx.get(
                 f"{base}/admin/status", headers={"authorization": f"Bearer {root}"}, timeout=60
             )
