@@ -43,33 +43,45 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def app_on_small_disk(hfi_service, small_disk: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny classifier alone at /fulldisk, its spool on the small disk, its ledger on the test's disk."""
+    """The tiny classifier's own application at /fulldisk (no router: HAProxy routes `/fulldisk/models/...`
+    straight to it), its spool on the small disk, its ledger on the test's disk. On a copy of cpu-basic that
+    reserves a twentieth of a logical CPU: the session's services hold the rest."""
     from ray import serve
 
-    from serving.app import applications
+    from hardware_profiles import load_profiles
+    from serving.app import MODEL_IMPORT_PATH, applications
 
     work = tmp_path_factory.mktemp("fulldisk")
+    profile = load_profiles().get("cpu-basic").model_dump(mode="json", exclude_none=True)
+    profile.update(name="cpu-basic-fulldisk-test", cpus=0.05)
     spec = {
         "id": MODEL,
         "task": "text-classification",
         "source": {"path": "tiny-sentiment", "prepare": "tiny-sentiment"},
-        "hardware_profile": "cpu-basic",
+        "hardware_profile": profile["name"],
         "dtype": "float32",
     }
     database_url = f"sqlite:///{work / 'ledger.db'}"
     args = {
         **hfi_service.args,
         "models": [spec],
+        "profiles": [profile],
         "route_prefix": MOUNT,
         "metering": {"database_url": database_url, "spool_dir": str(small_disk / "spool")},
     }
-    apps = applications(args)
-    serve.run_many([serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix) for a in apps])
+    (app,) = [a for a in applications(args) if a.import_path == MODEL_IMPORT_PATH]
+    serve.run_many(
+        [serve.RunTarget(app.build(), name=app.name, route_prefix=app.route_prefix)],
+        wait_for_applications_running=False,
+    )
     try:
+        deadline = time.monotonic() + 180
+        while serve.status().applications[app.name].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status().applications[app.name]
+            time.sleep(0.5)
         yield f"{hfi_service.url}{MOUNT}/models/{MODEL}", database_url
     finally:
-        for app in apps:
-            serve.delete(app.name)
+        serve.delete(app.name)
 
 
 async def post_many(url: str, n: int, clients: int = 8) -> list[httpx.Response]:
