@@ -658,9 +658,13 @@ class Spool:
         try:
             new = self._create_active()
         except OSError as err:
+            if not self._rotate_retry_at:  # once, not at every retry
+                log.warning("metering spool: no new file (%s): %s stays in use", err, old.path.name)
             self._rotate_retry_at = time.monotonic() + ROTATE_RETRY_S
-            log.warning("metering spool: no new file (%s): %s stays in use", err, old.path.name)
             return
+        if self._rotate_retry_at:
+            log.info("metering spool: a new file again, after %s grew past its size", old.path.name)
+            self._rotate_retry_at = 0.0
         if self.fsync:
             os.fdatasync(old.fd)
         old.close_direct()

@@ -142,9 +142,8 @@ def create_app(core: IngressCore, *, model_routes_only: bool = False) -> FastAPI
         if path.endswith("/health"):
             spec = core.spec(path.removesuffix("/health"))
             await core.model_info(spec)
-            held = (
-                core.metering.unspooled_charges
-            )  # this process's (a model's replica meters its own requests)
+            # This process's charges waiting for its spool (a model's replica meters its own requests).
+            held = core.metering.unspooled_charges
             if held:  # its spool cannot write: it refuses requests until these are on disk
                 return json_response({"status": "degraded", "model": spec.id, "unspooled_charges": held})
             return json_response({"status": "ok", "model": spec.id})
