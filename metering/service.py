@@ -40,7 +40,7 @@ from metering.ledger import Ledger, is_data_error, spooled_row
 from metering.pricing import price_in_catalog
 from metering.records import Charge, UsageRecord
 from metering.reports import UsageReport, UsageRow
-from metering.spool import Spool
+from metering.spool import Spool, encode_line
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,13 @@ class MeteringService:
 
     def _spool_failed(self, data: dict[str, Any], err: BaseException) -> None:
         """Keep a charge the spool could not write in memory, and offer it again until the spool takes it. Logged
-        whole as well: the log is what is left if the process dies before the disk is back."""
+        whole as well, as its spool line: the log is what is left if the process dies before the disk is back,
+        and those lines, put in a `.jsonl` file of the spool directory, are delivered at the next start."""
         metrics.observe_error("spool")
         log.error(
             "metering: could not spool charge (%s), held in memory and retried; recover it from this line: %s",
             describe_error(err),
-            data,
+            encode_line(data).decode().rstrip("\n"),
         )
         with self._unspooled_lock:
             self._unspooled_error = describe_error(err)

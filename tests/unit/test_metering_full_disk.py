@@ -184,3 +184,25 @@ def test_a_failure_during_a_retry_keeps_the_later_charges(
         assert svc.flush(10) and sorted(in_ledger(svc, ids)) == sorted(ids)
     finally:
         svc.close()
+
+
+def test_a_charge_left_only_in_the_log_is_recovered_from_its_line_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process stopped (or died) before the disk took the charge: its logged line, put in a `.jsonl` file of
+    the spool directory as docs/metering.md says, is delivered by the next start, cost and all, once."""
+    settings = make_settings(tmp_path, close_timeout_s=0.2)
+    svc = MeteringService(settings, load_profiles())
+    with bad_disk(monkeypatch, settings.resolved_spool_dir(), "failing"):
+        charge = svc.record(usage(7))
+        svc.close()
+    marker = "recover it from this line: "
+    lines = [r.getMessage().split(marker, 1)[1] for r in caplog.records if marker in r.getMessage()]
+    assert len(lines) == 1
+    (settings.resolved_spool_dir() / "recovered.jsonl").write_text(lines[0] + "\n")
+    again = MeteringService(settings, load_profiles())
+    try:
+        assert again.flush(10)
+        assert in_ledger(again, [charge.request_id]) == {charge.request_id: charge.cost_nanousd}
+    finally:
+        again.close()
