@@ -130,7 +130,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llm-bench-"))
     try:
         runs = [(arm, run_arm(args, arm, work, i)) for i, arm in enumerate(args.engines.split(","))]
-    finally:  # the arms' ledgers, spools and Ray's logs
+    finally:  # the arms' ledgers, spools and bench results
         shutil.rmtree(work, ignore_errors=True)
     if args.output:
         args.output.write_text(json.dumps([{"arm": arm, "bench": doc} for arm, doc in runs], indent=1))
