@@ -210,6 +210,7 @@ class SpoolConsumer:
         while not self._stop.is_set():
             if self.spool.handed_off_now():  # a node drainer delivers this process's files: stand by
                 self.caught_up_at = time.monotonic()
+                self._report_pending(handed_off=True)  # its progress on them, so a stuck drainer shows
                 self._sleep(self.interval_s)
                 continue
             self._adopt_when_due()
@@ -235,8 +236,19 @@ class SpoolConsumer:
             backoff_s = self.retry_initial_s
             if not delivered:
                 self.caught_up_at = time.monotonic()
-                metrics.SPOOL_PENDING_BYTES.labels(self.name).set(self.spool.pending(self.name))
+                self._report_pending(handed_off=False)
                 self._sleep(self.interval_s)
+
+    def _report_pending(self, *, handed_off: bool) -> None:
+        """`hfi_metering_spool_pending_bytes` of this consumer: what it has not delivered, or, while the node
+        drainer delivers this process's files, what the drainer has not (its saved offsets)."""
+        try:
+            pending = (
+                self.spool.pending_bytes_on_disk(self.name) if handed_off else self.spool.pending(self.name)
+            )
+        except OSError:  # a file rotated away and deleted meanwhile: the next interval reads again
+            return
+        metrics.SPOOL_PENDING_BYTES.labels(self.name).set(pending)
 
     def _adopt_when_due(self) -> None:
         if self.adopt_interval_s <= 0 or time.monotonic() < self._next_adopt_s:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hardware_profiles import load_profiles
-from metering import node_drain
+from metering import metrics, node_drain
 from metering.cli import drain_spool
 from metering.config import MeteringSettings
 from metering.drain import wait_until
@@ -320,11 +320,15 @@ def test_a_handed_off_backlog_counts_what_the_drainer_has_not_delivered_and_how_
         backlog = writer.backlog()
         assert backlog["pending_charges"] == 3 and backlog["pending_bytes"] > 0
         assert 5.0 <= backlog["drain_lag_s"] < 60
+        # Prometheus sees the same bytes (the replica's consumer reads the drainer's progress every interval)
+        gauge = metrics.SPOOL_PENDING_BYTES.labels("ledger")
+        assert wait_until(lambda: gauge._value.get() == backlog["pending_bytes"], 10), gauge._value.get()
         # the drainer saves its progress past them: nothing waits
         active = writer.spool.active_path
         size = writer.spool._active.size
         active.with_name(active.name + ".offsets.json").write_text(json.dumps({"ledger": size}))
         assert writer.backlog()["pending_charges"] == 0 and writer.backlog()["drain_lag_s"] == 0.0
+        assert wait_until(lambda: gauge._value.get() == 0, 10)
     finally:
         writer.close()
         os.close(lock)
