@@ -252,13 +252,14 @@ class MeteringService:
         whole as well, as its spool line: the log is what is left if the process dies before the disk is back,
         and those lines, put in a `.jsonl` file of the spool directory, are delivered at the next start."""
         metrics.observe_error("spool")
+        error = describe_error(err)
         log.error(
             "metering: could not spool charge (%s), held in memory and retried; recover it from this line: %s",
-            describe_error(err),
+            error,
             encode_line(data).decode().rstrip("\n"),
         )
         with self._unspooled_lock:
-            self._unspooled_error = describe_error(err)
+            self._unspooled_error = error
             if len(self._unspooled) < MAX_UNSPOOLED:
                 self._unspooled.append(data)
             else:

@@ -762,25 +762,30 @@ class Spool:
                 return False
             time.sleep(0.02)
 
+    def _undelivered_by_drainer(self, consumer: str) -> list[tuple[Path, int, int]]:
+        """While handed off: (file, start, end) of each of this process's files that the node drainer has not
+        delivered to `consumer` to its end, from the offsets it saved beside them."""
+        with self._lock:  # the reads below happen outside it: appends never wait for a status read
+            files = [(s.path, s.offsets_path, s.size) for s in self._segments]
+        ranges = []
+        for path, offsets_path, end in files:
+            start = min(_read_offsets(offsets_path).get(consumer, 0), end)
+            if start < end:
+                ranges.append((path, start, end))
+        return ranges
+
     def pending_bytes_on_disk(self, consumer: str) -> int:
         """While handed off: the bytes of this process's files that the node drainer has not delivered to
         `consumer` yet, from its saved offsets alone (no record is read: cheap enough for every drain interval)."""
-        with self._lock:
-            files = [(s.offsets_path, s.size) for s in self._segments]
-        return sum(end - min(_read_offsets(path).get(consumer, 0), end) for path, end in files)
+        return sum(end - start for _, start, end in self._undelivered_by_drainer(consumer))
 
     def pending_on_disk(self, consumer: str) -> tuple[int, int, float]:
         """While handed off: the records and bytes of this process's files that the node drainer has not
         delivered to `consumer` yet (from its saved offsets), and how long the oldest of them has waited (seconds
         since its request started; 0 when none waits): a drainer that is stuck, or gone, shows here."""
-        with self._lock:  # the reads below happen outside it: appends never wait for a status read
-            files = [(s.path, s.offsets_path, s.size) for s in self._segments]
         records = size = 0
         oldest: dt.datetime | None = None
-        for path, offsets_path, end in files:
-            start = min(_read_offsets(offsets_path).get(consumer, 0), end)
-            if start >= end:
-                continue
+        for path, start, end in self._undelivered_by_drainer(consumer):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # rotated away and delivered meanwhile

@@ -98,7 +98,7 @@ def process_snapshot(actor: Any = None, cores: list[IngressCore] | None = None) 
         spool["pending_bytes"] += backlog["pending_bytes"]
         spool["drain_lag_s"] = max(spool["drain_lag_s"], backlog["drain_lag_s"])
         spool["node_drainer"] += int(bool(backlog.get("node_drainer")))
-        spool["unspooled_charges"] += backlog.get("unspooled_charges", 0)
+        spool["unspooled_charges"] += backlog["unspooled_charges"]
     return {"tags": tags, "ongoing": ongoing, "window": window, "queued": queued, "spool": spool}
 
 
@@ -265,7 +265,7 @@ def collect_status(core: IngressCore) -> dict[str, Any]:
         spool["pending_bytes"] += snap["spool"]["pending_bytes"]
         spool["drain_lag_s"] = max(spool["drain_lag_s"], snap["spool"]["drain_lag_s"])
         spool["node_drainer_processes"] += int(snap["spool"].get("node_drainer", 0) > 0)
-        spool["unspooled_charges"] += snap["spool"].get("unspooled_charges", 0)
+        spool["unspooled_charges"] += snap["spool"]["unspooled_charges"]
     router = replicas.get(app_name(None, settings)) if source == "ray-serve" else None
     billing = settings.billing
     return {

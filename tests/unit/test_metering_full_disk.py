@@ -206,3 +206,22 @@ def test_a_charge_left_only_in_the_log_is_recovered_from_its_line_at_the_next_st
         assert in_ledger(again, [charge.request_id]) == {charge.request_id: charge.cost_nanousd}
     finally:
         again.close()
+
+
+def test_past_the_cap_a_charge_is_only_in_the_log_and_counted_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With refusal off, the memory held is bounded (MAX_UNSPOOLED): a charge past it is logged whole and counted
+    (`spool-lost`), never silently dropped."""
+    monkeypatch.setattr(service_module, "MAX_UNSPOOLED", 2)
+    lost_before = metrics.METERING_ERRORS.labels("spool-lost")._value.get()
+    svc = MeteringService(make_settings(tmp_path, refuse_when_unspooled=False), load_profiles())
+    try:
+        with bad_disk(monkeypatch, svc.settings.resolved_spool_dir(), "failing"):
+            charges = [svc.record(usage(i)) for i in range(1, 4)]
+            assert svc.unspooled_charges == 2
+            assert metrics.METERING_ERRORS.labels("spool-lost")._value.get() == lost_before + 1
+            assert "2 charges held already: this one is only in the log" in caplog.text
+            assert charges[2].request_id in caplog.text
+    finally:
+        svc.close()
