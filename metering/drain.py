@@ -208,6 +208,7 @@ class SpoolConsumer:
     def _run(self) -> None:
         backoff_s = self.retry_initial_s
         while not self._stop.is_set():
+            self.spool.keep_in_place()  # its files removed from under it: written again (at most every second)
             if self.spool.handed_off_now():  # a node drainer delivers this process's files: stand by
                 self.caught_up_at = time.monotonic()
                 self._report_pending(handed_off=True)  # its progress on them, so a stuck drainer shows

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDBY_POLL_S = 0.5
+LOCK_CHECK_S = 1.0  # how often the drainer looks whether its lock file is still there (`keep_lock`)
 
 
 def run(settings: MeteringSettings, stop: threading.Event, *, finish_timeout_s: float = 5.0) -> bool:
@@ -40,35 +41,88 @@ def run(settings: MeteringSettings, stop: threading.Event, *, finish_timeout_s: 
     process is), then deliver what is left for up to `finish_timeout_s`. True when nothing was left undelivered."""
     from hardware_profiles import ProfileCatalog
     from metering.service import MeteringService, configured_consumers
-    from metering.spool import take_drainer_lock
 
     directory = settings.resolved_spool_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     consumers = configured_consumers(settings)
+    settings = settings.model_copy(update={"enabled": True, "close_timeout_s": 0.0})
+    while True:
+        lock = _wait_for_lock(directory, consumers, stop)
+        if lock is None:
+            return True
+        log.info("metering: draining every spool file in %s", directory)
+        try:
+            svc = MeteringService(settings, ProfileCatalog(profiles={}), drainer=True)
+            try:
+                while not stop.wait(LOCK_CHECK_S):
+                    lock = keep_lock(directory, lock, consumers)
+                    if lock is None:
+                        break
+                if lock is None:  # another drainer holds the directory now: stand by again
+                    continue
+                svc.spool.adopt_orphans()  # type: ignore[union-attr]  # the files let go since the last re-scan
+                delivered = svc.flush(finish_timeout_s)
+                if not delivered:
+                    log.warning(
+                        "metering: the drainer stops with charges undelivered; they wait in %s", directory
+                    )
+                return delivered
+            finally:
+                svc.close()
+        finally:
+            if lock is not None:
+                os.close(lock)  # the writers drain their own files again
+
+
+def _wait_for_lock(directory: Path, consumers: list[str], stop: threading.Event) -> int | None:
+    """The drainer lock of `directory` once this process has it (standing by while another has it), or None when
+    `stop` was set first."""
+    from metering.spool import take_drainer_lock
+
+    directory.mkdir(parents=True, exist_ok=True)
     lock = take_drainer_lock(directory, consumers)
     if lock is None:
         log.info("metering: another process drains %s; standing by", directory)
     while lock is None:
         if stop.wait(STANDBY_POLL_S):
-            return True
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
         lock = take_drainer_lock(directory, consumers)
-    log.info("metering: draining every spool file in %s", directory)
-    settings = settings.model_copy(update={"enabled": True, "close_timeout_s": 0.0})
+    return lock
+
+
+def keep_lock(directory: Path, lock: int, consumers: list[str]) -> int | None:
+    """The drainer lock to hold from now on: `lock`, or, where its file was removed (the spool directory deleted or
+    replaced while this process runs), a new one in the directory made again, so that the writers still find a
+    drainer there (they would drain their own files meanwhile). None when another process took the new one first
+    (`lock` is closed then)."""
+    from metering.spool import DRAINER_LOCK, take_drainer_lock
+
     try:
-        svc = MeteringService(settings, ProfileCatalog(profiles={}), drainer=True)
-        try:
-            stop.wait()
-            svc.spool.adopt_orphans()  # type: ignore[union-attr]  # the files let go since the last re-scan
-            delivered = svc.flush(finish_timeout_s)
-            if not delivered:
-                log.warning(
-                    "metering: the drainer stops with charges undelivered; they wait in %s", directory
-                )
-            return delivered
-        finally:
-            svc.close()
-    finally:
-        os.close(lock)  # the writers drain their own files again
+        there = os.stat(directory / DRAINER_LOCK)
+        ours = os.fstat(lock)
+        if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+            return lock
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:  # cannot tell: keep it
+        return lock
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        new = take_drainer_lock(directory, consumers)
+    except OSError as err:
+        log.warning(
+            "metering: the drainer's lock file in %s is gone and cannot be made again yet: %s", directory, err
+        )
+        return lock
+    os.close(lock)
+    if new is None:
+        log.warning(
+            "metering: the drainer's lock file in %s was removed, and another drainer holds the new one",
+            directory,
+        )
+    else:
+        log.warning("metering: the drainer's lock file in %s was removed; made again", directory)
+    return new
 
 
 def yield_cpu(settings: MeteringSettings) -> int:

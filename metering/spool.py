@@ -23,6 +23,12 @@ the event id).
   process fdatasyncs a plain write (metering/syncer.py), so that a slow disk never stops the loop
   (`append_async`).
 - A torn last line (a crash mid-append, before record() returned) is skipped with a warning.
+- Files removed from under it (the directory deleted or replaced, a file deleted, while the process runs): the
+  spool looks at most every FILES_CHECK_S (`keep_in_place`, at a write and from the consumers' loops) whether each
+  of its files is still at its path, and where one is not, makes the directory again and writes what its consumers
+  had not delivered into a new file there (`_recover`), and a new active file for a lost active one; so a crash
+  later still leaves every charge on disk for the next start. Counted in `hfi_metering_errors{stage=
+  "spool-removed"}`. A consumer ahead of another gets that stretch again (idempotent, as every replay).
 - A full disk: appends go on into the active file's preallocated zeros; a new file that cannot be made leaves
   the active one in use (`_rotate`), and an append that needs space the disk lacks fails whole (a write that
   failed is cleared), for the caller to hold the record and offer it again (MeteringService).
@@ -75,6 +81,9 @@ DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
 INLINE_WINDOW = 15
 INLINE_PROBE_S = 0.5  # once they are slow, how often the loop tries one again
 ROTATE_RETRY_S = 1.0  # a new file could not be made (a full disk): how soon the spool tries again
+FILES_CHECK_S = (
+    1.0  # how often the spool looks whether its files are still in its directory (`keep_in_place`)
+)
 # A durable write with direct I/O (`Spool._write_direct`) covers whole blocks of this many bytes, at offsets that are
 # multiples of it: the logical block size of every disk and filesystem that takes O_DIRECT, and a page.
 DIRECT_BLOCK = 4096
@@ -192,6 +201,9 @@ class Spool:
         self._syncer_file = 0  # which active file the sync process syncs (one more at each rotation)
         self._file_number = 0
         self._rotate_retry_at = 0.0  # a new file could not be made: not tried again before this
+        self._next_files_check = time.monotonic() + FILES_CHECK_S  # `keep_in_place`
+        self._warned_recover = False
+        self.recovered_files = 0  # files written again after theirs was removed (for tests and diagnostics)
         self._segments: list[_Segment] = self._adopt_orphans()
         self._active: _Segment | None = None
         if writer:
@@ -360,6 +372,114 @@ class Spool:
         """Let go of a file this process no longer writes (its lock with it), for the drainer to take over."""
         seg.close()
         self._segments.remove(seg)
+
+    # Files removed from under the spool
+
+    def keep_in_place(self) -> int:
+        """Where a file of this spool is no longer at its path (the directory deleted or replaced, the file
+        deleted) while the process runs: make the directory again, and write the lines its consumers had not all
+        delivered into a new file there (a new active file too, for a lost active one). Until then those lines
+        were only in a file nobody else can find: a crash would lose them, and a node drainer cannot see them.
+        Looks at most every FILES_CHECK_S (called by each write and by the consumers' loops); returns how many
+        files were written again."""
+        if time.monotonic() < self._next_files_check:
+            return 0
+        with self._lock:
+            if self._closed:
+                return 0
+            return self._keep_in_place_locked()
+
+    def _keep_in_place_locked(self) -> int:
+        self._next_files_check = time.monotonic() + FILES_CHECK_S
+        lost = [seg for seg in self._segments if _moved(seg)]
+        if not lost:
+            return 0
+        old = self._active if self._active in lost else None
+        recovered = 0
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for seg in lost:
+                if seg is not old:
+                    recovered += self._recover(seg)
+            if old is not None:  # last, so that a failure before leaves it in use
+                new = self._create_active()
+                try:
+                    recovered += self._recover(old)
+                except BaseException:
+                    new.close()
+                    new.path.unlink(missing_ok=True)
+                    raise
+                old.close_direct()
+                self._active = (
+                    new  # (the sync process of the old one is retired at its next tick, as at a rotation)
+                )
+                self._segments.append(new)
+                self._file_number += 1
+                self._segments.remove(old)
+                old.close()
+        except OSError as err:  # a full disk, a directory that cannot be made: tried again at the next look
+            if not self._warned_recover:
+                self._warned_recover = True
+                log.error(
+                    "metering spool: files of %s were removed and cannot be written again yet: %s",
+                    self.directory,
+                    err,
+                )
+        else:
+            self._warned_recover = False
+        self._changed.notify_all()
+        return recovered
+
+    def _recover(self, seg: _Segment) -> int:
+        """Write what the consumers of lost `seg` have not all delivered (complete lines) into a new file of the
+        directory, in its place in the order of delivery, and let `seg` go (never deleting its path: something
+        else may be there now). A file another live process writes is that process's to recover. Under the
+        lock; raises OSError when the new file cannot be made."""
+        if seg.live:
+            if not _try_lock(seg.fd):  # its writer still holds it: it writes it again itself
+                seg.close()
+                self._segments.remove(seg)
+                return 0
+            seg.live = False  # its writer let go of it meanwhile: ours now
+            seg.size = max(seg.size, _scan(seg.fd)[0])
+        start = min((seg.offsets[c] for c in self.consumers), default=seg.size)
+        data = os.pread(seg.fd, seg.size - start, start) if seg.size > start else b""
+        data = data[: data.rfind(b"\n") + 1]  # (a torn last line: its append never returned)
+        at = self._segments.index(seg)
+        if data:
+            name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = self.directory / (name + ".creating")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _write_all(fd, data, 0)
+                if self.fsync:
+                    os.fsync(fd)
+                path = self.directory / (name + SUFFIX)
+                os.rename(tmp, path)
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.directory)
+            new = _Segment(path, fd, False, len(data), dict.fromkeys(self.consumers, 0), allocated=len(data))
+            self._segments.insert(at, new)
+            if self.handed_off:
+                self._release(new)  # the node drainer takes it up at its next look at the directory
+        metrics.observe_error("spool-removed")
+        self.recovered_files += 1
+        log.warning(
+            "metering spool: %s was removed from %s while in use; %s",
+            seg.path.name,
+            self.directory,
+            f"its {len(data)} undelivered bytes are written again in {path.name}"
+            if data
+            else "all was delivered",
+        )
+        if seg is not self._active:  # (the active one is let go by the caller, once a new one is in place)
+            seg.close()
+            self._segments.remove(seg)
+        return 1
 
     # Writing
 
@@ -578,6 +698,8 @@ class Spool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("spool is closed")
+            if self._active is not None and time.monotonic() >= self._next_files_check:
+                self._keep_in_place_locked()
             seg = self._active
             if seg is None:
                 raise RuntimeError("a node drainer's spool takes no records")
@@ -710,7 +832,12 @@ class Spool:
             if seg is None:  # deleted, or let go to a node drainer, meanwhile
                 return
             seg.offsets[consumer] = max(seg.offsets[consumer], cursor.offset)
-            _write_offsets(seg)
+            try:
+                _write_offsets(seg)
+            except (FileNotFoundError, NotADirectoryError):  # the directory was removed: its files with it
+                self._keep_in_place_locked()
+                self._changed.notify_all()
+                return
             if not seg.active and not seg.live and all(seg.offsets[c] >= seg.size for c in self.consumers):
                 self._remove(seg)
             self._changed.notify_all()
@@ -832,6 +959,7 @@ class Spool:
         # Under the sync lock: a worker thread's fdatasync still to come finds everything synced here and never
         # touches a file this closes.
         with self._sync_lock, self._lock:
+            self._keep_in_place_locked()  # a file removed meanwhile: its lines on disk again, for the next start
             if self.fsync and self._synced_seq < self._write_seq and self._active is not None:
                 os.fdatasync(self._active.fd)
                 self._synced_seq = self._write_seq
@@ -1017,6 +1145,18 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _moved(seg: _Segment) -> bool:
+    """Whether `seg`'s path no longer leads to its open file (deleted, its directory removed or replaced)."""
+    try:
+        there = os.stat(seg.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:  # cannot tell (permissions): leave it
+        return False
+    ours = os.fstat(seg.fd)
+    return (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino)
 
 
 def _mtime(path: Path) -> float:
