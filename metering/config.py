@@ -43,8 +43,8 @@ class MeteringSettings(BaseModel):
     # disk about half the CPU, and back to back 0.09 ms instead of 0.14 ms (writes milliseconds apart: about the
     # same time either way). False, or a filesystem without it: write + fdatasync.
     spool_direct_io: bool = True
-    # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 800 bytes
-    # each); a closed file is deleted once delivered.
+    # A spool file is closed, and a new one started, once it holds this many bytes of charges (about 640 bytes
+    # each, measured); a closed file is deleted once delivered.
     spool_rotate_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
     # The node drainer's CPU priority (`nice`, 0-19): it delivers charges that are on disk already, so it runs in
     # the time the serving processes leave, never ahead of a request. Ray starts its workers (the replicas) at nice
