@@ -22,7 +22,8 @@ the event id).
   write and an fdatasync. The loop does it itself while the disk is quick (a local disk), else a small child
   process fdatasyncs a plain write (metering/syncer.py), so that a slow disk never stops the loop
   (`append_async`).
-- A torn last line (a crash mid-append, before record() returned) is skipped with a warning.
+- A torn last line (a crash mid-append, before record() returned) is skipped with a warning. Any other line that
+  is not JSON is read as a record that only names it (`unreadable_line`), which each consumer dead-letters.
 - Files removed from under it (the directory deleted or replaced, a file deleted, while the process runs): the
   spool looks at most every FILES_CHECK_S (`keep_in_place`, at a write and from the consumers' loops) whether each
   of its files is still at its path, and where one is not, makes the directory again and writes what its consumers
@@ -1006,6 +1007,16 @@ def decode_line(line: bytes) -> Any:
         return json.loads(line)
 
 
+UNREADABLE_LINE = "unreadable_spool_line"
+
+
+def unreadable_line(line: bytes, file: str, offset: int) -> dict[str, Any]:
+    """The record that stands for a spool line that is not JSON: its text (undecodable bytes escaped), the file and
+    the byte offset it was at. No consumer takes it as a charge or an event (no request id), so each dead-letters
+    it."""
+    return {UNREADABLE_LINE: line.decode("utf-8", errors="backslashreplace"), "file": file, "offset": offset}
+
+
 def _settle_on(
     loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]], error: BaseException | None
 ) -> None:
@@ -1037,7 +1048,11 @@ def _read_lines(seg: _Segment, start: int, max_records: int) -> tuple[list[dict[
         try:
             records.append(decode_line(line))
         except ValueError:
-            log.error("metering spool: skipping a corrupt line in %s at byte %d", seg.path.name, start + pos)
+            # Not JSON (the disk, or an edit by hand): no charge can be read from it, and dropping it would drop
+            # whatever it was without trace. Its consumers refuse it, so it lands in their dead letters whole.
+            at = start + pos - len(line) - 1
+            log.error("metering spool: a corrupt line in %s at byte %d, dead-lettered", seg.path.name, at)
+            records.append(unreadable_line(line, seg.path.name, at))
     end = start + pos
     if not records and pos == 0 and start + len(data) >= seg.size and not seg.active:
         # a torn last line left by a crash mid-append: that record() never returned, so nothing was promised

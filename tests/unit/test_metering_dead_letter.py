@@ -30,7 +30,7 @@ from metering.ledger import Ledger, UnstorableCharge, is_data_error, safe_text
 from metering.pricing import price_in_catalog
 from metering.records import UsageRecord
 from metering.service import LEDGER, MeteringService
-from metering.spool import Spool, encode_line
+from metering.spool import UNREADABLE_LINE, Spool, encode_line
 
 UTC = dt.timezone.utc
 CATALOG = load_profiles()
@@ -327,3 +327,28 @@ def test_unreadable_spooled_records_are_dead_lettered_not_blocking(tmp_path: Pat
         "event" not in d and d["file"] == str(tmp_path / "spool" / DEAD_LETTER_DIR / "mem.jsonl")
         for d in in_file
     )
+
+
+def test_a_spool_line_that_is_not_json_is_dead_lettered_whole_by_every_consumer(tmp_path: Path) -> None:
+    # A line the disk (or a hand) spoiled, in a file left by a process that is gone: never dropped silently.
+    good = usage(1)
+    with MeteringService(settings(tmp_path), CATALOG) as svc:
+        line = encode_line(svc.record(good).spool_record())
+    spool_dir = tmp_path / "spool"
+    (spool_dir / "deadhost-9-abc.jsonl").write_bytes(line[:40] + b"\xff garbage\n" + line)
+    sink = InMemorySink()
+    with MeteringService(settings(tmp_path), CATALOG, sinks={"mem": sink}) as svc:
+        assert svc.flush(15)
+        assert {c.request_id for c in svc.charges()} == {good.request_id}
+        in_ledger = svc.ledger.dead_letters()
+    assert len(in_ledger) == 1 and in_ledger[0]["request_id"] is None
+    assert in_ledger[0]["record"] == {
+        UNREADABLE_LINE: line[:40].decode() + "\\xff garbage",
+        "file": "deadhost-9-abc.jsonl",
+        "offset": 0,
+    }
+    assert in_ledger[0]["error"].startswith("unreadable charge: ")
+    assert sink.ids == [good.request_id]
+    assert [d["record"][UNREADABLE_LINE] for d in read_dead_letter_files(spool_dir)] == [
+        line[:40].decode() + "\\xff garbage"
+    ]

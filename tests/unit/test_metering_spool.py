@@ -227,13 +227,15 @@ def test_lines_keep_what_json_can_hold_and_write_other_values_as_text(tmp_path: 
     spool.close()
 
 
-def test_a_line_only_the_json_module_reads_is_replayed_and_a_corrupt_one_skipped(tmp_path: Path) -> None:
+def test_a_line_only_the_json_module_reads_is_replayed_and_a_corrupt_one_named(tmp_path: Path) -> None:
     orphan = tmp_path / "deadhost-4-abc.jsonl"  # NaN: written by an older version's json.dumps
-    orphan.write_bytes(b'{"request_id":"n","x":NaN}\n{"request_id":"bad"\n{"request_id":"ok"}\n')
+    orphan.write_bytes(b'{"request_id":"n","x":NaN}\n{"request_id":"bad\xff"\n{"request_id":"ok"}\n')
     spool = Spool(tmp_path, ["ledger"])
     got = drain(spool, "ledger")
-    assert [r["request_id"] for r in got] == ["n", "ok"]
+    assert [r.get("request_id") for r in got] == ["n", None, "ok"]
     assert math.isnan(got[0]["x"])
+    # the corrupt line, whole, for its consumers to dead-letter (not a charge: no request id)
+    assert got[1] == {"unreadable_spool_line": '{"request_id":"bad\\xff"', "file": orphan.name, "offset": 27}
     spool.close()
 
 
