@@ -82,9 +82,8 @@ DRAINER_CHECK_S = 0.5  # how often a writer's consumers look for one
 INLINE_WINDOW = 15
 INLINE_PROBE_S = 0.5  # once they are slow, how often the loop tries one again
 ROTATE_RETRY_S = 1.0  # a new file could not be made (a full disk): how soon the spool tries again
-FILES_CHECK_S = (
-    1.0  # how often the spool looks whether its files are still in its directory (`keep_in_place`)
-)
+# How often the spool looks whether its files are still in its directory (`keep_in_place`).
+FILES_CHECK_S = 1.0
 # A durable write with direct I/O (`Spool._write_direct`) covers whole blocks of this many bytes, at offsets that are
 # multiples of it: the logical block size of every disk and filesystem that takes O_DIRECT, and a page.
 DIRECT_BLOCK = 4096
@@ -203,6 +202,7 @@ class Spool:
         self._file_number = 0
         self._rotate_retry_at = 0.0  # a new file could not be made: not tried again before this
         self._next_files_check = time.monotonic() + FILES_CHECK_S  # `keep_in_place`
+        self._directory_id = _file_id(self.directory)  # ... which tells a directory made again from ours
         self._warned_recover = False
         self.recovered_files = 0  # files written again after theirs was removed (for tests and diagnostics)
         self._segments: list[_Segment] = self._adopt_orphans()
@@ -392,13 +392,17 @@ class Spool:
 
     def _keep_in_place_locked(self) -> int:
         self._next_files_check = time.monotonic() + FILES_CHECK_S
-        lost = [seg for seg in self._segments if _moved(seg)]
+        # Another process's file (a drainer's view) that is gone from a directory still in place was deleted by its
+        # writer once it had delivered it (a writer that keeps draining its own files): nothing to write again.
+        replaced = _file_id(self.directory) != self._directory_id
+        lost = [seg for seg in self._segments if (replaced or not seg.live) and _moved(seg)]
         if not lost:
             return 0
         old = self._active if self._active in lost else None
         recovered = 0
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._directory_id = _file_id(self.directory)
             for seg in lost:
                 if seg is not old:
                     recovered += self._recover(seg)
@@ -410,10 +414,9 @@ class Spool:
                     new.close()
                     new.path.unlink(missing_ok=True)
                     raise
+                # (the sync process of the old one is retired at its next tick, as at a rotation)
                 old.close_direct()
-                self._active = (
-                    new  # (the sync process of the old one is retired at its next tick, as at a rotation)
-                )
+                self._active = new
                 self._segments.append(new)
                 self._file_number += 1
                 self._segments.remove(old)
@@ -1160,6 +1163,15 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The device and inode of `path` (None: it is not there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _moved(seg: _Segment) -> bool:

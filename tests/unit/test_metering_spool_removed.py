@@ -108,6 +108,26 @@ def test_a_deleted_rotated_file_is_written_again_and_the_active_one_stays(tmp_pa
         spool.close()
 
 
+def test_a_file_its_writer_deleted_once_delivered_is_no_loss_for_a_drainer(tmp_path: Path) -> None:
+    # A writer that drains its own files (its consumers are not all the drainer's) deletes each rotated file once it
+    # delivered it; the drainer, which reads it too, must not take that for a removal and write it again.
+    writer = Spool(tmp_path, ["ledger"], rotate_bytes=200, hand_off=False, direct_io=False)
+    drainer = Spool(tmp_path, ["ledger"], writer=False)
+    try:
+        for i in range(6):
+            writer.append({"request_id": f"r{i}", "pad": "x" * 60})
+        drainer.adopt_orphans()  # it reads the writer's files, the rotated ones too
+        assert len(drainer._segments) >= 2
+        drain(writer, "ledger")  # the writer's rotated files are delivered, then deleted
+        before = sorted(tmp_path.glob("*.jsonl"))
+        assert look_now(drainer) == 0
+        assert drainer.recovered_files == 0
+        assert sorted(tmp_path.glob("*.jsonl")) == before
+    finally:
+        drainer.close()
+        writer.close()
+
+
 def test_close_writes_again_what_a_removed_directory_held(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
     spool = Spool(directory, ["ledger"], direct_io=False)
